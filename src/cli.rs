@@ -1,0 +1,372 @@
+//! Command-line interface: argument types (clap derive) and one function per command.
+
+use crate::config::{EngineConfig, GenerationParams, SamplingParams};
+use crate::engine::chat::Message;
+use crate::engine::generate::{Completion, Engine, Request};
+use crate::engine::weights::WeightFormat;
+use crate::models;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "wildlong",
+    version,
+    about = "Long-context instruction data synthesis, RoPE-scaled fine-tuning and RULER evaluation on local hardware",
+    after_help = "Examples:\n  wildlong models fetch\n  wildlong models info default\n  wildlong generate --model default --chat --prompt \"What is the capital of France?\"\n  wildlong bench --model default --threads 2"
+)]
+pub struct Cli {
+    /// CPU threads for candle (0 = all physical cores). Sets RAYON_NUM_THREADS.
+    #[arg(long, global = true, default_value_t = 0)]
+    pub threads: usize,
+    /// Folder holding fetched models.
+    #[arg(long, global = true, default_value = "models", env = "WILDLONG_MODELS_DIR")]
+    pub models_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Fetch or inspect models.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Generate text from prompts with the local engine.
+    #[command(after_help = "Examples:\n  wildlong generate --model default --chat --prompt \"Name three primary colors.\"\n  wildlong generate --model default --chat --prompt \"Give a city and its country.\" --json-schema city.json\n  wildlong generate --model default --chat --batch-file prompts.jsonl --output out.jsonl\n\nA batch file has one JSON object per line: {\"id\": \"q1\", \"prompt\": \"...\"} or {\"id\": \"q2\", \"messages\": [{\"role\": \"user\", \"content\": \"...\"}]};\noptional per-line keys: max_tokens, temperature, top_p, top_k, seed. With --output, finished lines are appended\nand a rerun skips the ids already there.")]
+    Generate(GenerateArgs),
+    /// Measure prefill, decode, batched and shared-prefix throughput.
+    Bench(BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelsCommand {
+    /// Install the default model (SmolLM2-135M-Instruct Q4_1 GGUF) under the models folder,
+    /// or download a Hugging Face model id into the HF cache.
+    #[command(after_help = "Examples:\n  wildlong models fetch\n  wildlong models fetch HuggingFaceTB/SmolLM2-360M-Instruct")]
+    Fetch {
+        /// `default`, or a Hugging Face model id (owner/name).
+        #[arg(default_value = "default")]
+        model: String,
+    },
+    /// Print architecture, sizes, context length, RoPE, tokenizer and chat template of a model.
+    #[command(after_help = "Examples:\n  wildlong models info default\n  wildlong models info path/to/model-folder\n  wildlong models info meta-llama/Llama-3.1-8B-Instruct")]
+    Info {
+        #[arg(default_value = "default")]
+        model: String,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// `default`, a .gguf file, an HF folder (config.json + safetensors + tokenizer.json), or an HF model id.
+    #[arg(long, default_value = "default")]
+    pub model: String,
+    /// In-memory format of GGUF weights.
+    #[arg(long, value_enum, default_value_t = WeightFormat::F32)]
+    pub weights: WeightFormat,
+    /// Compute dtype for safetensors models (f32, f16, bf16).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Rows decoded together.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Prompt tokens per prefill step.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// Override the checkpoint's rope_theta.
+    #[arg(long)]
+    pub rope_theta: Option<f64>,
+    /// Longest prompt + generation accepted (default: the model's context).
+    #[arg(long)]
+    pub max_context: Option<usize>,
+    /// cpu, cuda[:N] or metal[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl EngineArgs {
+    pub fn engine_config(&self, threads: usize) -> EngineConfig {
+        EngineConfig {
+            prefill_chunk: self.prefill_chunk,
+            max_batch: self.batch_size,
+            weight_format: self.weights,
+            dtype: self.dtype.clone(),
+            rope_theta: self.rope_theta,
+            max_context: self.max_context,
+            threads,
+            device: self.device.clone(),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// The prompt (plain text, or the user message with --chat).
+    #[arg(long, required_unless_present = "batch_file")]
+    pub prompt: Option<String>,
+    /// Render prompts with the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message (with --chat).
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Constrain the output to JSON valid against this JSON schema file.
+    #[arg(long)]
+    pub json_schema: Option<PathBuf>,
+    /// JSONL file of prompts (see below).
+    #[arg(long, conflicts_with = "prompt")]
+    pub batch_file: Option<PathBuf>,
+    /// Append results as JSONL here (resumable); default: print to stdout.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
+    /// Rows of the batched-decode measurement.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Document length of the shared-prefix measurement (0 = skip).
+    #[arg(long, default_value_t = 4096)]
+    pub prefix_tokens: usize,
+    #[arg(long, default_value_t = 8)]
+    pub continuations: usize,
+    /// Repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Write the JSON result here as well.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Models(ModelsCommand::Fetch { model }) => fetch(&model, &cli.models_dir),
+        Command::Models(ModelsCommand::Info { model }) => {
+            let files = models::resolve(&model, &cli.models_dir)?;
+            let located = models::locate(files, &EngineConfig::default())?;
+            print!("{}", located.describe());
+            Ok(())
+        }
+        Command::Generate(args) => generate(args, cli.threads, &cli.models_dir),
+        Command::Bench(args) => crate::bench::run(&args, cli.threads, &cli.models_dir),
+    }
+}
+
+fn fetch(model: &str, models_dir: &Path) -> Result<()> {
+    if model == "default" {
+        let m = models::default_manifest()?;
+        let p = models::fetch_manifest(&m, models_dir)?;
+        println!("{} ready at {} (sha256 verified)", m.name, p.display());
+        return Ok(());
+    }
+    let files = models::resolve_hub(model)?;
+    println!("{model} ready: {files:?}");
+    Ok(())
+}
+
+/// One prompt of a batch file.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchLine {
+    id: Option<serde_json::Value>,
+    prompt: Option<String>,
+    messages: Option<Vec<Message>>,
+    max_tokens: Option<usize>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<usize>,
+    seed: Option<u64>,
+}
+
+struct Job {
+    id: String,
+    prompt_text: String,
+    request: Request,
+}
+
+fn id_string(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn generate(args: GenerateArgs, threads: usize, models_dir: &Path) -> Result<()> {
+    let schema = match &args.json_schema {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            Some(serde_json::from_str::<serde_json::Value>(&text).with_context(|| format!("{}: invalid JSON", p.display()))?)
+        }
+        None => None,
+    };
+    let base = GenerationParams {
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
+        stop: args.stop.clone(),
+        eos_token_ids: vec![],
+        json_schema: schema,
+        ignore_eos: false,
+    };
+    let lines: Vec<(String, BatchLine)> = match &args.batch_file {
+        Some(path) => read_batch_file(path)?,
+        None => vec![(
+            "0".into(),
+            BatchLine { id: None, prompt: args.prompt.clone(), messages: None, max_tokens: None, temperature: None, top_p: None, top_k: None, seed: None },
+        )],
+    };
+    let done_ids = match &args.output {
+        Some(out) if out.exists() => completed_ids(out)?,
+        _ => Default::default(),
+    };
+    let engine = models::load_engine(&args.engine.model, models_dir, &args.engine.engine_config(threads))?;
+    let mut jobs = Vec::new();
+    for (id, line) in lines {
+        if done_ids.contains(&id) {
+            continue;
+        }
+        let mut params = base.clone();
+        params.max_tokens = line.max_tokens.unwrap_or(params.max_tokens);
+        params.sampling.temperature = line.temperature.unwrap_or(params.sampling.temperature);
+        params.sampling.top_p = line.top_p.or(params.sampling.top_p);
+        params.sampling.top_k = line.top_k.or(params.sampling.top_k);
+        params.sampling.seed = line.seed.unwrap_or(params.sampling.seed);
+        let (prompt_text, prompt) = build_prompt(&engine, &args, line.prompt, line.messages).with_context(|| format!("prompt `{id}`"))?;
+        jobs.push(Job { id, prompt_text, request: Request { prompt, params } });
+    }
+    if jobs.is_empty() {
+        eprintln!("nothing to do: every prompt already has a result in the output file");
+        return Ok(());
+    }
+    let bar = (jobs.len() > 1).then(|| {
+        let pb = indicatif::ProgressBar::new(jobs.len() as u64);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} prompts [{elapsed_precise} < {eta_precise}, {per_sec}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb
+    });
+    let mut out: Box<dyn Write> = match &args.output {
+        Some(p) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p).with_context(|| format!("opening {}", p.display()))?),
+        None => Box::new(std::io::stdout()),
+    };
+    let requests: Vec<Request> = jobs.iter().map(|j| j.request.clone()).collect();
+    let single = jobs.len() == 1 && args.output.is_none() && args.batch_file.is_none();
+    let mut write_err = None;
+    engine.generate(&requests, |i, c: &Completion| {
+        if let Some(b) = &bar {
+            b.inc(1);
+        }
+        let r = if single {
+            writeln!(out, "{}", c.text)
+        } else {
+            let rec = serde_json::json!({
+                "id": jobs[i].id, "prompt": jobs[i].prompt_text, "completion": c.text,
+                "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens, "completion_tokens": c.tokens.len(),
+            });
+            writeln!(out, "{rec}").and_then(|_| out.flush())
+        };
+        if let Err(e) = r {
+            write_err.get_or_insert(e);
+        }
+    })?;
+    if let Some(b) = bar {
+        b.finish();
+    }
+    if let Some(e) = write_err {
+        return Err(e).context("writing results");
+    }
+    Ok(())
+}
+
+fn build_prompt(engine: &Engine, args: &GenerateArgs, prompt: Option<String>, messages: Option<Vec<Message>>) -> Result<(String, Vec<u32>)> {
+    let messages = match (messages, prompt) {
+        (Some(m), None) => Some(m),
+        (None, Some(p)) if args.chat => {
+            let mut m = Vec::new();
+            if let Some(s) = &args.system {
+                m.push(Message::new("system", s.clone()));
+            }
+            m.push(Message::new("user", p));
+            Some(m)
+        }
+        (None, Some(p)) => return Ok((p.clone(), engine.tokenizer.encode(&p, true)?)),
+        (Some(_), Some(_)) => bail!("give either `prompt` or `messages`, not both"),
+        (None, None) => bail!("needs `prompt` or `messages`"),
+    };
+    let messages = messages.unwrap_or_default();
+    let text = messages.last().map(|m| m.content.clone()).unwrap_or_default();
+    Ok((text, engine.chat_prompt(&messages)?))
+}
+
+fn read_batch_file(path: &Path) -> Result<Vec<(String, BatchLine)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let l: BatchLine = serde_json::from_str(line).with_context(|| format!("{}:{}: invalid batch line", path.display(), n + 1))?;
+        if l.prompt.is_none() && l.messages.is_none() {
+            bail!("{}:{}: needs `prompt` or `messages`", path.display(), n + 1);
+        }
+        let id = l.id.as_ref().map(id_string).unwrap_or_else(|| (n + 1).to_string());
+        if !seen.insert(id.clone()) {
+            bail!("{}:{}: duplicate id `{id}`", path.display(), n + 1);
+        }
+        out.push((id, l));
+    }
+    if out.is_empty() {
+        bail!("{}: no prompts", path.display());
+    }
+    Ok(out)
+}
+
+/// Ids already present in an append-only output file; a torn last line (killed run) is ignored.
+fn completed_ids(path: &Path) -> Result<std::collections::HashSet<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut ids = std::collections::HashSet::new();
+    let lines: Vec<&str> = text.lines().collect();
+    for (n, line) in lines.iter().enumerate() {
+        match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(v) => {
+                if let Some(id) = v.get("id") {
+                    ids.insert(id_string(id));
+                }
+            }
+            Err(_) if n + 1 == lines.len() && !text.ends_with('\n') => {
+                // Truncate the torn line so appends start on a fresh line.
+                let keep = text.len() - line.len();
+                let f = std::fs::OpenOptions::new().write(true).open(path)?;
+                f.set_len(keep as u64)?;
+            }
+            Err(e) => bail!("{}:{}: not a result line ({e})", path.display(), n + 1),
+        }
+    }
+    Ok(ids)
+}

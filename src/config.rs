@@ -1,0 +1,82 @@
+//! Every configuration type of the project, in one place. TOML files deserialize into these
+//! with unknown keys rejected; the CLI fills the same types.
+
+use crate::engine::weights::WeightFormat;
+use serde::{Deserialize, Serialize};
+
+/// How one continuation is sampled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingParams {
+    /// 0 = greedy.
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_k: None, top_p: None, seed: 42 }
+    }
+}
+
+/// What to generate for one prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenerationParams {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation ends when the text contains one of these (the stop string is cut off).
+    pub stop: Vec<String>,
+    /// Extra token ids that end generation, besides the tokenizer's EOS set.
+    pub eos_token_ids: Vec<u32>,
+    /// Constrain the output to JSON matching this schema.
+    pub json_schema: Option<serde_json::Value>,
+    /// Keep generating past EOS tokens (benchmarks).
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        Self { max_tokens: 256, sampling: SamplingParams::default(), stop: vec![], eos_token_ids: vec![], json_schema: None, ignore_eos: false }
+    }
+}
+
+/// How the local engine runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Prompt tokens per prefill step (long prompts are prefilled in chunks of this size).
+    pub prefill_chunk: usize,
+    /// Rows decoded together.
+    pub max_batch: usize,
+    /// In-memory format of GGUF weights.
+    pub weight_format: WeightFormat,
+    /// Compute dtype for safetensors checkpoints: f32, f16 or bf16.
+    pub dtype: String,
+    /// Overrides the checkpoint's rope_theta.
+    pub rope_theta: Option<f64>,
+    /// Longest prompt + generation accepted; defaults to the model's context length
+    /// (times the RoPE scaling factor when one is configured).
+    pub max_context: Option<usize>,
+    /// CPU threads (0 = candle's default: all physical cores).
+    pub threads: usize,
+    /// `cpu`, `cuda[:N]` or `metal[:N]`.
+    pub device: String,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            prefill_chunk: 512,
+            max_batch: 16,
+            weight_format: WeightFormat::default(),
+            dtype: "f32".into(),
+            rope_theta: None,
+            max_context: None,
+            threads: 0,
+            device: "cpu".into(),
+        }
+    }
+}

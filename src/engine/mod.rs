@@ -1,0 +1,12 @@
+//! The engine under all stages: model, weights, RoPE, tokenizer, chat template, sampling,
+//! constrained decoding and the generation loop. Stages call [`generate::Engine`]; nothing
+//! above this layer runs a model directly.
+
+pub mod chat;
+pub mod constrained;
+pub mod generate;
+pub mod llama;
+pub mod rope;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;

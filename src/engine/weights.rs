@@ -1,0 +1,270 @@
+//! Where model weights come from (HF safetensors or GGUF) and the linear layer they fill.
+//!
+//! Tensors are always requested by their Hugging Face name (`model.layers.3.self_attn.q_proj.weight`);
+//! for GGUF files the one mapping to llama.cpp names lives in [`gguf_name`]. This file does not
+//! know the model's structure; `llama.rs` does.
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// How GGUF weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightFormat {
+    /// Dequantized to f32: gemm-backed, the fastest prefill on CPU, and exact w.r.t. the file.
+    #[default]
+    F32,
+    /// Re-quantized to Q8_0: SIMD vec-dot kernels, ~4x fewer bytes per decoded token than f32.
+    Q8_0,
+    /// Kept as stored in the file (Q4_1 runs on candle's scalar path: slow).
+    Native,
+    /// f32 for many-row matmuls (prefill) and Q8_0 for few-row matmuls (decode). Faster decode,
+    /// but Q8_0 activations can flip near-tied greedy choices (seen on SmolLM2-135M).
+    Hybrid,
+}
+
+/// Row count at or below which a hybrid linear uses its quantized copy.
+const HYBRID_QUANT_MAX_ROWS: usize = 8;
+
+/// `y = x W^T (+ b)` over dense and/or quantized copies of `W` (out, in).
+#[derive(Clone)]
+pub struct Linear {
+    dense: Option<Tensor>,
+    quant: Option<Arc<QMatMul>>,
+    bias: Option<Tensor>,
+    out_dim: usize,
+    in_dim: usize,
+}
+
+impl Linear {
+    pub fn from_dense(w: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_dim, in_dim) = w.dims2()?;
+        Ok(Self { dense: Some(w), quant: None, bias, out_dim, in_dim })
+    }
+
+    fn from_parts(dense: Option<Tensor>, quant: Option<QMatMul>, out_dim: usize, in_dim: usize) -> Self {
+        Self { dense, quant: quant.map(Arc::new), bias: None, out_dim, in_dim }
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
+    /// The dense weight `(out, in)`, dequantizing when only a quantized copy is held.
+    pub fn weight(&self) -> Result<Tensor> {
+        match (&self.dense, &self.quant) {
+            (Some(w), _) => Ok(w.clone()),
+            (None, Some(q)) => match q.as_ref() {
+                QMatMul::QTensor(t) => Ok(t.dequantize(&t.device())?),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Ok(t.to_dtype(DType::F32)?),
+            },
+            (None, None) => bail!("linear layer without weights"),
+        }
+    }
+
+    /// x `(.., in)` → `(.., out)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.elem_count() / self.in_dim.max(1);
+        let y = match (&self.dense, &self.quant) {
+            (Some(w), Some(q)) if rows <= HYBRID_QUANT_MAX_ROWS => forward_quant(q, x, w.dtype())?,
+            (Some(w), _) => candle_nn::Linear::new(w.clone(), None).forward(&x.to_dtype(w.dtype())?)?,
+            (None, Some(q)) => forward_quant(q, x, x.dtype())?,
+            (None, None) => bail!("linear layer without weights"),
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+fn forward_quant(q: &QMatMul, x: &Tensor, out_dtype: DType) -> Result<Tensor> {
+    // Quantized matmuls take f32 rows and need them contiguous.
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    Ok(q.forward(&x)?.to_dtype(out_dtype)?)
+}
+
+/// A source of named tensors.
+pub enum WeightSource {
+    Safetensors { vb: VarBuilder<'static>, files: Vec<PathBuf> },
+    Gguf { content: gguf_file::Content, reader: BufReader<File>, path: PathBuf, format: WeightFormat, device: Device },
+}
+
+/// llama.cpp's name for a Hugging Face Llama tensor name.
+pub fn gguf_name(hf: &str) -> Result<String> {
+    let simple = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(s) = simple {
+        return Ok(s.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.").with_context(|| format!("no GGUF name for `{hf}`"))?;
+    let (idx, tail) = rest.split_once('.').with_context(|| format!("no GGUF name for `{hf}`"))?;
+    let (module, kind) = tail.rsplit_once('.').with_context(|| format!("no GGUF name for `{hf}`"))?;
+    let g = match module {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        _ => bail!("no GGUF name for `{hf}`"),
+    };
+    Ok(format!("blk.{idx}.{g}.{kind}"))
+}
+
+impl WeightSource {
+    /// Memory-maps safetensors shards (never pickles) as `dtype` on `device`.
+    pub fn safetensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        for f in files {
+            if !f.is_file() {
+                bail!("{}: no such safetensors file", f.display());
+            }
+        }
+        // SAFETY: candle maps the files read-only and validates each header and tensor extent.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(|e| {
+            let names = files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
+            anyhow::anyhow!("{names}: not a valid safetensors checkpoint ({e})")
+        })?;
+        Ok(Self::Safetensors { vb, files: files.to_vec() })
+    }
+
+    /// Opens a GGUF file and checks that every tensor lies inside it.
+    pub fn gguf(path: &Path, format: WeightFormat, device: &Device) -> Result<Self> {
+        let (content, reader) = read_gguf(path)?;
+        Ok(Self::Gguf { content, reader, path: path.to_path_buf(), format, device: device.clone() })
+    }
+
+    pub fn has(&self, hf: &str) -> bool {
+        match self {
+            Self::Safetensors { vb, .. } => vb.contains_tensor(hf),
+            Self::Gguf { content, .. } => gguf_name(hf).is_ok_and(|g| content.tensor_infos.contains_key(&g)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Safetensors { files, .. } => files.first().map(|f| f.display().to_string()).unwrap_or_default(),
+            Self::Gguf { path, .. } => path.display().to_string(),
+        }
+    }
+
+    fn gguf_qtensor(&mut self, hf: &str) -> Result<QTensor> {
+        let Self::Gguf { content, reader, device, .. } = self else { unreachable!() };
+        let g = gguf_name(hf)?;
+        content.tensor(reader, &g, device).with_context(|| format!("reading tensor `{g}`"))
+    }
+
+    /// A dense tensor of the given shape, in the source's compute dtype.
+    pub fn tensor(&mut self, hf: &str, shape: &[usize]) -> Result<Tensor> {
+        let what = self.describe();
+        let t = match self {
+            Self::Safetensors { vb, .. } => vb.get(shape, hf).with_context(|| format!("{what}: tensor `{hf}`"))?,
+            Self::Gguf { device, .. } => {
+                let device = device.clone();
+                let q = self.gguf_qtensor(hf).with_context(|| format!("{what}: tensor `{hf}`"))?;
+                let t = q.dequantize(&device)?;
+                // GGUF stores dims innermost-first; candle already reverses them.
+                if t.dims() != shape {
+                    bail!("{what}: tensor `{hf}` has shape {:?}, expected {shape:?}", t.dims());
+                }
+                t
+            }
+        };
+        Ok(t)
+    }
+
+    /// A GGUF tensor that may be absent (e.g. `rope_freqs.weight`), by its GGUF name.
+    pub fn gguf_raw(&mut self, name: &str) -> Result<Option<Tensor>> {
+        let Self::Gguf { content, reader, device, .. } = self else { return Ok(None) };
+        if !content.tensor_infos.contains_key(name) {
+            return Ok(None);
+        }
+        let q = content.tensor(reader, name, device).with_context(|| format!("reading tensor `{name}`"))?;
+        Ok(Some(q.dequantize(device)?))
+    }
+
+    /// A linear layer `(out, in)` named `prefix.weight` (+ optional `prefix.bias`).
+    pub fn linear(&mut self, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
+        let wname = format!("{prefix}.weight");
+        let mut lin = match self {
+            Self::Safetensors { .. } => Linear::from_dense(self.tensor(&wname, &[out_dim, in_dim])?, None)?,
+            Self::Gguf { format, device, .. } => {
+                let (format, device) = (*format, device.clone());
+                let what = self.describe();
+                let q = self.gguf_qtensor(&wname).with_context(|| format!("{what}: tensor `{wname}`"))?;
+                if q.shape().dims() != [out_dim, in_dim] {
+                    bail!("{what}: tensor `{wname}` has shape {:?}, expected [{out_dim}, {in_dim}]", q.shape().dims());
+                }
+                quantized_linear(q, format, &device, out_dim, in_dim)?
+            }
+        };
+        if bias {
+            lin.bias = Some(self.tensor(&format!("{prefix}.bias"), &[out_dim])?);
+        }
+        Ok(lin)
+    }
+}
+
+/// Builds a linear from a GGUF tensor in the requested in-memory format.
+pub fn quantized_linear(q: QTensor, format: WeightFormat, device: &Device, out_dim: usize, in_dim: usize) -> Result<Linear> {
+    let dense = match format {
+        WeightFormat::F32 | WeightFormat::Hybrid => Some(q.dequantize(device)?),
+        WeightFormat::Q8_0 | WeightFormat::Native => None,
+    };
+    let quant = match format {
+        WeightFormat::F32 => None,
+        WeightFormat::Native => Some(QMatMul::from_qtensor(q)?),
+        WeightFormat::Q8_0 | WeightFormat::Hybrid => Some(if q.dtype() == GgmlDType::Q8_0 {
+            QMatMul::from_qtensor(q)?
+        } else if in_dim % GgmlDType::Q8_0.block_size() == 0 {
+            let w = match &dense {
+                Some(w) => w.clone(),
+                None => q.dequantize(device)?,
+            };
+            QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?
+        } else {
+            QMatMul::Tensor(q.dequantize(device)?)
+        }),
+    };
+    Ok(Linear::from_parts(dense, quant, out_dim, in_dim))
+}
+
+/// Reads a GGUF header and validates tensor extents against the file size.
+pub fn read_gguf(path: &Path) -> Result<(gguf_file::Content, BufReader<File>)> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let file_len = file.metadata()?.len();
+    let mut reader = BufReader::new(file);
+    let content = gguf_file::Content::read(&mut reader)
+        .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file ({e})", path.display()))?;
+    for (name, info) in &content.tensor_infos {
+        let elems = info.shape.elem_count();
+        let bs = info.ggml_dtype.block_size();
+        let bytes = elems / bs * info.ggml_dtype.type_size();
+        let end = content.tensor_data_offset + info.offset + bytes as u64;
+        if end > file_len {
+            bail!(
+                "{}: truncated GGUF file: tensor `{name}` ends at byte {end} but the file has {file_len} bytes",
+                path.display()
+            );
+        }
+    }
+    Ok((content, reader))
+}

@@ -1,0 +1,8 @@
+//! wildlong: long-context instruction data synthesis (WildLong recipe), RoPE-scaled
+//! fine-tuning and RULER evaluation with open models on local hardware, through candle.
+
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod models;
