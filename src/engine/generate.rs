@@ -66,8 +66,19 @@ struct Row {
 }
 
 impl Engine {
-    pub fn new(model: Llama, tokenizer: Tokenizer, chat_template: Option<ChatTemplate>, config: EngineConfig) -> Self {
-        Self { model, tokenizer, chat_template, config, constraints: OnceLock::new() }
+    pub fn new(
+        model: Llama,
+        tokenizer: Tokenizer,
+        chat_template: Option<ChatTemplate>,
+        config: EngineConfig,
+    ) -> Self {
+        Self {
+            model,
+            tokenizer,
+            chat_template,
+            config,
+            constraints: OnceLock::new(),
+        }
     }
 
     /// Longest prompt + generation this engine accepts.
@@ -78,11 +89,20 @@ impl Engine {
         let cfg = self.model.config();
         let factor = match &cfg.rope.scaling {
             RopeScaling::Default => 1.0,
-            RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor } | RopeScaling::Yarn { factor, .. } | RopeScaling::Llama3 { factor, .. } => *factor,
+            RopeScaling::Linear { factor }
+            | RopeScaling::Dynamic { factor }
+            | RopeScaling::Yarn { factor, .. }
+            | RopeScaling::Llama3 { factor, .. } => *factor,
         };
         let base = match &cfg.rope.scaling {
-            RopeScaling::Llama3 { original_max_position_embeddings, .. } => (*original_max_position_embeddings as f64 * factor) as usize,
-            RopeScaling::Yarn { original_max_position_embeddings: Some(o), .. } => (*o as f64 * factor) as usize,
+            RopeScaling::Llama3 {
+                original_max_position_embeddings,
+                ..
+            } => (*original_max_position_embeddings as f64 * factor) as usize,
+            RopeScaling::Yarn {
+                original_max_position_embeddings: Some(o),
+                ..
+            } => (*o as f64 * factor) as usize,
             RopeScaling::Default => cfg.context_length,
             _ => (cfg.context_length as f64 * factor) as usize,
         };
@@ -100,7 +120,9 @@ impl Engine {
     }
 
     fn constraint(&self, schema: &serde_json::Value) -> Result<Constraint> {
-        let f = self.constraints.get_or_init(|| ConstraintFactory::new(&self.tokenizer).map_err(|e| format!("{e:#}")));
+        let f = self
+            .constraints
+            .get_or_init(|| ConstraintFactory::new(&self.tokenizer).map_err(|e| format!("{e:#}")));
         match f {
             Ok(f) => f.json_schema(schema),
             Err(e) => bail!("{e}"),
@@ -118,8 +140,15 @@ impl Engine {
             if n >= max {
                 bail!("request {i}: prompt has {n} tokens but the model's context holds {max} (prompt + generated tokens)");
             }
-            if let Some(&bad) = r.prompt.iter().find(|&&t| t as usize >= self.model.config().vocab_size) {
-                bail!("request {i}: token id {bad} is outside the vocabulary ({})", self.model.config().vocab_size);
+            if let Some(&bad) = r
+                .prompt
+                .iter()
+                .find(|&&t| t as usize >= self.model.config().vocab_size)
+            {
+                bail!(
+                    "request {i}: token id {bad} is outside the vocabulary ({})",
+                    self.model.config().vocab_size
+                );
             }
             if let Some(s) = &r.params.json_schema {
                 self.constraint(s).with_context(|| format!("request {i}"))?;
@@ -129,7 +158,11 @@ impl Engine {
     }
 
     /// Generates a completion for every request, `max_batch` rows at a time, in input order.
-    pub fn generate(&self, reqs: &[Request], mut on_done: impl FnMut(usize, &Completion)) -> Result<Vec<Completion>> {
+    pub fn generate(
+        &self,
+        reqs: &[Request],
+        mut on_done: impl FnMut(usize, &Completion),
+    ) -> Result<Vec<Completion>> {
         self.validate(reqs, 0)?;
         let mut out = Vec::with_capacity(reqs.len());
         for (bi, chunk) in reqs.chunks(self.config.max_batch.max(1)).enumerate() {
@@ -148,7 +181,11 @@ impl Engine {
             bail!("empty shared prefix");
         }
         if tokens.len() >= self.max_context() {
-            bail!("shared prefix has {} tokens but the model's context holds {}", tokens.len(), self.max_context());
+            bail!(
+                "shared prefix has {} tokens but the model's context holds {}",
+                tokens.len(),
+                self.max_context()
+            );
         }
         let mut cache = Cache::new(self.model.config(), 1);
         let pos: Vec<i64> = (0..tokens.len() as i64).collect();
@@ -157,7 +194,11 @@ impl Engine {
     }
 
     /// Continues every request's prompt after `prefix` (prompts hold only the suffix).
-    pub fn generate_with_prefix(&self, prefix: &Arc<SharedPrefix>, reqs: &[Request]) -> Result<Vec<Completion>> {
+    pub fn generate_with_prefix(
+        &self,
+        prefix: &Arc<SharedPrefix>,
+        reqs: &[Request],
+    ) -> Result<Vec<Completion>> {
         self.validate(reqs, prefix.len())?;
         let mut out = Vec::with_capacity(reqs.len());
         for chunk in reqs.chunks(self.config.max_batch.max(1)) {
@@ -167,14 +208,22 @@ impl Engine {
     }
 
     /// Runs left-padded prompts through the model in chunks; returns the last position's logits `(b, vocab)`.
-    fn prefill(&self, cache: &mut Cache, tokens: &[Vec<u32>], positions: &[Vec<i64>]) -> Result<Tensor> {
+    fn prefill(
+        &self,
+        cache: &mut Cache,
+        tokens: &[Vec<u32>],
+        positions: &[Vec<i64>],
+    ) -> Result<Tensor> {
         let len = tokens[0].len();
         let chunk = self.config.prefill_chunk.max(1);
         let mut last = None;
         let mut start = 0;
         while start < len {
             let end = (start + chunk).min(len);
-            let ids: Vec<u32> = tokens.iter().flat_map(|r| r[start..end].iter().copied()).collect();
+            let ids: Vec<u32> = tokens
+                .iter()
+                .flat_map(|r| r[start..end].iter().copied())
+                .collect();
             let ids = Tensor::from_vec(ids, (tokens.len(), end - start), self.model.device())?;
             let pos: Vec<Vec<i64>> = positions.iter().map(|p| p[start..end].to_vec()).collect();
             let hidden = self.model.forward(&ids, &pos, cache)?;
@@ -186,7 +235,11 @@ impl Engine {
         last.context("prefill of an empty batch")
     }
 
-    fn run_batch(&self, prefix: Option<Arc<SharedPrefix>>, reqs: &[Request]) -> Result<Vec<Completion>> {
+    fn run_batch(
+        &self,
+        prefix: Option<Arc<SharedPrefix>>,
+        reqs: &[Request],
+    ) -> Result<Vec<Completion>> {
         let cfg = self.model.config();
         let b = reqs.len();
         let max_len = reqs.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
@@ -220,12 +273,29 @@ impl Engine {
                 Ok(Row {
                     idx: i,
                     sampler: Sampler::new(&r.params.sampling),
-                    constraint: r.params.json_schema.as_ref().map(|s| self.constraint(s)).transpose()?,
+                    constraint: r
+                        .params
+                        .json_schema
+                        .as_ref()
+                        .map(|s| self.constraint(s))
+                        .transpose()?,
                     tokens: Vec::new(),
                     eos,
                     max_new: r.params.max_tokens,
-                    stop: r.params.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
-                    max_stop_chars: r.params.stop.iter().map(|s| s.chars().count()).max().unwrap_or(0),
+                    stop: r
+                        .params
+                        .stop
+                        .iter()
+                        .filter(|s| !s.is_empty())
+                        .cloned()
+                        .collect(),
+                    max_stop_chars: r
+                        .params
+                        .stop
+                        .iter()
+                        .map(|s| s.chars().count())
+                        .max()
+                        .unwrap_or(0),
                     done: None,
                     next_pos: start_pos + r.prompt.len() as i64,
                 })
@@ -247,7 +317,8 @@ impl Engine {
                     Some(c) => {
                         let mask = c.mask()?;
                         let n = mask.len();
-                        row.sampler.sample(l, Some(&|i: usize| i < n && mask.is_allowed(i as u32)))?
+                        row.sampler
+                            .sample(l, Some(&|i: usize| i < n && mask.is_allowed(i as u32)))?
                     }
                     None => row.sampler.sample(l, None)?,
                 };
@@ -255,7 +326,9 @@ impl Engine {
                 next.push(tok);
             }
             // Rows that finished leave the batch.
-            let keep: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].done.is_none()).collect();
+            let keep: Vec<usize> = (0..rows.len())
+                .filter(|&i| rows[i].done.is_none())
+                .collect();
             let next_tokens: Vec<u32> = keep.iter().map(|&i| next[i]).collect();
             let mut still = Vec::with_capacity(keep.len());
             for (i, row) in rows.into_iter().enumerate() {
@@ -310,7 +383,9 @@ impl Engine {
     /// Checks the recent text of a row for a stop string (looking at enough trailing tokens).
     fn stop_hit(&self, row: &Row) -> Result<Option<usize>> {
         let window = (row.max_stop_chars + 8).min(row.tokens.len());
-        let tail = self.tokenizer.decode(&row.tokens[row.tokens.len() - window..], false)?;
+        let tail = self
+            .tokenizer
+            .decode(&row.tokens[row.tokens.len() - window..], false)?;
         Ok(row.stop.iter().filter_map(|s| tail.find(s.as_str())).min())
     }
 
@@ -322,6 +397,11 @@ impl Engine {
                 text.truncate(cut);
             }
         }
-        Ok(Completion { text, tokens: row.tokens, prompt_tokens, finish_reason: reason })
+        Ok(Completion {
+            text,
+            tokens: row.tokens,
+            prompt_tokens,
+            finish_reason: reason,
+        })
     }
 }

@@ -94,7 +94,10 @@ pub struct Config {
 fn ids_from_value(v: &Option<Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
         _ => vec![],
     }
 }
@@ -103,7 +106,10 @@ impl Config {
     pub fn from_hf(cfg: &LlamaConfig, rope_theta_override: Option<f64>) -> Result<Self> {
         let arch = cfg.model_type.clone().unwrap_or_else(|| "llama".into());
         let arch_ok = LLAMA_FAMILY.contains(&arch.as_str())
-            || cfg.architectures.iter().any(|a| a == "LlamaForCausalLM" || a == "MistralForCausalLM");
+            || cfg
+                .architectures
+                .iter()
+                .any(|a| a == "LlamaForCausalLM" || a == "MistralForCausalLM");
         if !arch_ok {
             bail!(
                 "unsupported architecture `{arch}` ({}); wildlong runs Llama-family models (llama, mistral)",
@@ -115,16 +121,25 @@ impl Config {
                 bail!("unsupported hidden_act `{act}` (Llama-family models use silu)");
             }
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 && cfg.head_dim.is_none() {
-            bail!("hidden_size {} is not divisible by num_attention_heads {}", cfg.hidden_size, cfg.num_attention_heads);
+        if cfg.num_attention_heads == 0
+            || cfg.hidden_size % cfg.num_attention_heads != 0 && cfg.head_dim.is_none()
+        {
+            bail!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                cfg.hidden_size,
+                cfg.num_attention_heads
+            );
         }
-        let head_dim = cfg.head_dim.unwrap_or(cfg.hidden_size / cfg.num_attention_heads);
+        let head_dim = cfg
+            .head_dim
+            .unwrap_or(cfg.hidden_size / cfg.num_attention_heads);
         let num_kv_heads = cfg.num_key_value_heads.unwrap_or(cfg.num_attention_heads);
         let rope = RopeConfig {
             theta: rope_theta_override.unwrap_or(cfg.rope_theta),
             dim: head_dim,
             max_position_embeddings: cfg.max_position_embeddings,
-            scaling: RopeScaling::from_hf_json(cfg.rope_scaling.as_ref()).context("config.json: rope_scaling")?,
+            scaling: RopeScaling::from_hf_json(cfg.rope_scaling.as_ref())
+                .context("config.json: rope_scaling")?,
             layout: RopeLayout::HalfSplit,
             freq_factors: None,
         };
@@ -166,8 +181,13 @@ impl Config {
             let v = get(k).with_context(|| format!("GGUF metadata has no `{arch}.{k}`"))?;
             Ok(v.to_u64().or_else(|_| v.to_u32().map(u64::from))? as usize)
         };
-        let opt_u = |k: &str| get(k).and_then(|v| v.to_u64().or_else(|_| v.to_u32().map(u64::from)).ok()).map(|x| x as usize);
-        let opt_f = |k: &str| get(k).and_then(|v| v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok());
+        let opt_u = |k: &str| {
+            get(k)
+                .and_then(|v| v.to_u64().or_else(|_| v.to_u32().map(u64::from)).ok())
+                .map(|x| x as usize)
+        };
+        let opt_f =
+            |k: &str| get(k).and_then(|v| v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok());
         let hidden = req_u("embedding_length")?;
         let heads = req_u("attention.head_count")?;
         let head_dim = opt_u("attention.key_length").unwrap_or(hidden / heads.max(1));
@@ -176,7 +196,9 @@ impl Config {
             bail!("partial rotary embeddings ({rope_dim} of {head_dim} dims) are not supported");
         }
         let context = opt_u("context_length").unwrap_or(4096);
-        let scaling_type = get("rope.scaling.type").and_then(|v| v.to_string().ok()).cloned();
+        let scaling_type = get("rope.scaling.type")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
         let factor = opt_f("rope.scaling.factor").unwrap_or(1.0);
         let orig_ctx = opt_u("rope.scaling.original_context_length");
         let scaling = match scaling_type.as_deref() {
@@ -196,11 +218,17 @@ impl Config {
             Some(other) => bail!("unsupported GGUF rope scaling type `{other}`"),
         };
         let vocab = opt_u("vocab_size")
-            .or_else(|| md.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok()).map(Vec::len))
+            .or_else(|| {
+                md.get("tokenizer.ggml.tokens")
+                    .and_then(|v| v.to_vec().ok())
+                    .map(Vec::len)
+            })
             .context("GGUF metadata has neither a vocab size nor a token list")?;
         let tok_u32 = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
         let rope = RopeConfig {
-            theta: rope_theta_override.or_else(|| opt_f("rope.freq_base")).unwrap_or(10_000.0),
+            theta: rope_theta_override
+                .or_else(|| opt_f("rope.freq_base"))
+                .unwrap_or(10_000.0),
             dim: head_dim,
             max_position_embeddings: orig_ctx.unwrap_or(context),
             scaling,
@@ -232,7 +260,11 @@ impl Config {
 
     fn validate(&self) -> Result<()> {
         if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
-            bail!("num_attention_heads {} is not a multiple of num_key_value_heads {}", self.num_heads, self.num_kv_heads);
+            bail!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_heads,
+                self.num_kv_heads
+            );
         }
         if self.num_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
             bail!("model config has zero layers, hidden size or vocabulary");
@@ -319,7 +351,8 @@ impl Cache {
     /// Position the next token of `row` takes.
     pub fn next_position(&self, row: usize) -> i64 {
         let own = self.slot_pos[row].iter().copied().max().map(|p| p + 1);
-        own.or_else(|| self.prefix.as_ref().map(|p| p.next_position())).unwrap_or(0)
+        own.or_else(|| self.prefix.as_ref().map(|p| p.next_position()))
+            .unwrap_or(0)
     }
 
     /// Turns a batch-1 cache into a prefix other caches can share.
@@ -334,7 +367,10 @@ impl Cache {
             let v = l.v.narrow(2, 0, self.len)?.squeeze(0)?.contiguous()?;
             layers.push((k, v));
         }
-        Ok(SharedPrefix { layers, positions: self.slot_pos.into_iter().next().unwrap_or_default() })
+        Ok(SharedPrefix {
+            layers,
+            positions: self.slot_pos.into_iter().next().unwrap_or_default(),
+        })
     }
 
     /// Keeps only the given rows (finished rows leave the batch).
@@ -342,9 +378,18 @@ impl Cache {
         if rows.len() == self.batch() {
             return Ok(());
         }
-        let dev = self.layers.iter().flatten().next().map(|l| l.k.device().clone());
+        let dev = self
+            .layers
+            .iter()
+            .flatten()
+            .next()
+            .map(|l| l.k.device().clone());
         if let Some(dev) = dev {
-            let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &dev)?;
+            let idx = Tensor::from_vec(
+                rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                rows.len(),
+                &dev,
+            )?;
             for l in self.layers.iter_mut().flatten() {
                 l.k = l.k.index_select(&idx, 0)?;
                 l.v = l.v.index_select(&idx, 0)?;
@@ -384,13 +429,20 @@ impl Cache {
     }
 
     fn capacity_of(&self, layer: usize) -> usize {
-        self.layers[layer].as_ref().map_or(0, |l| l.k.dim(2).unwrap_or(0))
+        self.layers[layer]
+            .as_ref()
+            .map_or(0, |l| l.k.dim(2).unwrap_or(0))
     }
 }
 
 /// Additive mask `(b, 1, t, kv)`: 0 where query i of row r may see key j, -inf elsewhere.
 /// Padding queries (position -1) see every key so their (ignored) outputs stay finite.
-pub fn attention_mask(q_pos: &[Vec<i64>], k_pos: &[Vec<i64>], window: Option<usize>, device: &Device) -> Result<Tensor> {
+pub fn attention_mask(
+    q_pos: &[Vec<i64>],
+    k_pos: &[Vec<i64>],
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
     let b = q_pos.len();
     let t = q_pos.first().map_or(0, Vec::len);
     let kv = k_pos.first().map_or(0, Vec::len);
@@ -439,14 +491,36 @@ impl Attention {
     }
 
     /// x `(b, t, hidden)` → `(b, t, hidden)`.
-    fn forward(&self, x: &Tensor, rope: &Rot, mask: &Tensor, cache: &mut Cache, layer: usize) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rot,
+        mask: &Tensor,
+        cache: &mut Cache,
+        layer: usize,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let g = h / kvh;
-        let q = self.q_proj.forward(x)?.reshape((b, t, h, hd))?.transpose(1, 2)?; // (b, h, t, d)
-        let k = self.k_proj.forward(x)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?; // (b, kvh, t, d)
-        let v = self.v_proj.forward(x)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?;
-        let q = rope.cfg.apply(&q, &rope.cos, &rope.sin)?.to_dtype(DType::F32)?;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, h, hd))?
+            .transpose(1, 2)?; // (b, h, t, d)
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, kvh, hd))?
+            .transpose(1, 2)?; // (b, kvh, t, d)
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, kvh, hd))?
+            .transpose(1, 2)?;
+        let q = rope
+            .cfg
+            .apply(&q, &rope.cos, &rope.sin)?
+            .to_dtype(DType::F32)?;
         let k = rope.cfg.apply(&k, &rope.cos, &rope.sin)?;
         let (k_all, v_all) = cache.append(layer, &k, &v.contiguous()?)?; // (b, kvh, kv, d)
         let scale = 1.0 / (hd as f64).sqrt();
@@ -461,8 +535,14 @@ impl Attention {
                 let (pk, _) = &p.layers[layer]; // (kvh, P, d)
                 let pk = pk.to_dtype(DType::F32)?;
                 // One GEMM per KV head over all rows: (kvh, b*g*t, d) x (kvh, d, P).
-                let qh = q.transpose(0, 1)?.contiguous()?.reshape((kvh, b * g * t, hd))?;
-                let ps = qh.matmul(&pk.t()?)?.reshape((kvh, b, g * t, p.len()))?.transpose(0, 1)?; // (b, kvh, g*t, P)
+                let qh = q
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .reshape((kvh, b * g * t, hd))?;
+                let ps = qh
+                    .matmul(&pk.t()?)?
+                    .reshape((kvh, b, g * t, p.len()))?
+                    .transpose(0, 1)?; // (b, kvh, g*t, P)
                 Tensor::cat(&[&ps, &own_scores], 3)?
             }
             None => own_scores,
@@ -478,9 +558,19 @@ impl Attention {
                 let plen = p.len();
                 let (_, pv) = &p.layers[layer];
                 let pv = pv.to_dtype(DType::F32)?;
-                let pp = probs.narrow(3, 0, plen)?.transpose(0, 1)?.contiguous()?.reshape((kvh, b * g * t, plen))?;
-                let po = pp.matmul(&pv)?.reshape((kvh, b, g * t, hd))?.transpose(0, 1)?; // (b, kvh, g*t, d)
-                let own = probs.narrow(3, plen, kv - plen)?.contiguous()?.matmul(&v_all)?;
+                let pp = probs
+                    .narrow(3, 0, plen)?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .reshape((kvh, b * g * t, plen))?;
+                let po = pp
+                    .matmul(&pv)?
+                    .reshape((kvh, b, g * t, hd))?
+                    .transpose(0, 1)?; // (b, kvh, g*t, d)
+                let own = probs
+                    .narrow(3, plen, kv - plen)?
+                    .contiguous()?
+                    .matmul(&v_all)?;
                 (po + own)?
             }
             None => probs.matmul(&v_all)?,
@@ -523,11 +613,18 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn load(w: &mut WeightSource, name: &str, size: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: w.tensor(name, &[size])?, eps: eps as f32 })
+        Ok(Self {
+            weight: w.tensor(name, &[size])?,
+            eps: eps as f32,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight.to_dtype(x.dtype())?, self.eps)?)
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.weight.to_dtype(x.dtype())?,
+            self.eps,
+        )?)
     }
 }
 
@@ -543,16 +640,42 @@ impl Block {
         let p = format!("model.layers.{i}");
         let eps = cfg.rms_norm_eps;
         Ok(Self {
-            input_layernorm: RmsNorm::load(w, &format!("{p}.input_layernorm.weight"), cfg.hidden_size, eps)?,
+            input_layernorm: RmsNorm::load(
+                w,
+                &format!("{p}.input_layernorm.weight"),
+                cfg.hidden_size,
+                eps,
+            )?,
             self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
-            post_attention_layernorm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm.weight"), cfg.hidden_size, eps)?,
+            post_attention_layernorm: RmsNorm::load(
+                w,
+                &format!("{p}.post_attention_layernorm.weight"),
+                cfg.hidden_size,
+                eps,
+            )?,
             mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
         })
     }
 
-    fn forward(&self, x: &Tensor, rope: &Rot, mask: &Tensor, cache: &mut Cache, layer: usize) -> Result<Tensor> {
-        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, mask, cache, layer)?)?;
-        let out = (&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rot,
+        mask: &Tensor,
+        cache: &mut Cache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let h = (x + self.self_attn.forward(
+            &self.input_layernorm.forward(x)?,
+            rope,
+            mask,
+            cache,
+            layer,
+        )?)?;
+        let out = (&h
+            + self
+                .mlp
+                .forward(&self.post_attention_layernorm.forward(&h)?)?)?;
         Ok(out)
     }
 }
@@ -581,32 +704,70 @@ impl Llama {
             let mut cfg_rope = cfg.rope.clone();
             cfg_rope.freq_factors = Some(freqs.to_dtype(DType::F32)?.to_vec1::<f32>()?);
             cfg_rope.validate().context("rope_freqs.weight")?;
-            return Self::load_inner(w, Config { rope: cfg_rope, ..cfg }, device, dtype);
+            return Self::load_inner(
+                w,
+                Config {
+                    rope: cfg_rope,
+                    ..cfg
+                },
+                device,
+                dtype,
+            );
         }
         Self::load_inner(w, cfg, device, dtype)
     }
 
     fn load_inner(mut w: WeightSource, cfg: Config, device: &Device, dtype: DType) -> Result<Self> {
-        let embed_tokens = w.tensor("model.embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size])?.to_dtype(dtype)?;
+        let embed_tokens = w
+            .tensor(
+                "model.embed_tokens.weight",
+                &[cfg.vocab_size, cfg.hidden_size],
+            )?
+            .to_dtype(dtype)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             layers.push(Block::load(&mut w, i, &cfg)?);
         }
-        let norm = RmsNorm::load(&mut w, "model.norm.weight", cfg.hidden_size, cfg.rms_norm_eps)?;
+        let norm = RmsNorm::load(
+            &mut w,
+            "model.norm.weight",
+            cfg.hidden_size,
+            cfg.rms_norm_eps,
+        )?;
         let lm_head = if w.has("lm_head.weight") {
             w.linear("lm_head", cfg.vocab_size, cfg.hidden_size, false)?
         } else if cfg.tie_word_embeddings || matches!(w, WeightSource::Gguf { .. }) {
             match &mut w {
-                WeightSource::Gguf { content, reader, format, device: d, .. } => {
+                WeightSource::Gguf {
+                    content,
+                    reader,
+                    format,
+                    device: d,
+                    ..
+                } => {
                     let q = content.tensor(reader, "token_embd.weight", d)?;
-                    crate::engine::weights::quantized_linear(q, *format, d, cfg.vocab_size, cfg.hidden_size)?
+                    crate::engine::weights::quantized_linear(
+                        q,
+                        *format,
+                        d,
+                        cfg.vocab_size,
+                        cfg.hidden_size,
+                    )?
                 }
                 WeightSource::Safetensors { .. } => Linear::from_dense(embed_tokens.clone(), None)?,
             }
         } else {
             bail!("checkpoint has no `lm_head.weight` and does not tie word embeddings");
         };
-        Ok(Self { embed_tokens, layers, norm, lm_head, cfg, device: device.clone(), dtype })
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            cfg,
+            device: device.clone(),
+            dtype,
+        })
     }
 
     pub fn config(&self) -> &Config {
@@ -623,14 +784,30 @@ impl Llama {
 
     /// Runs `tokens` `(b, t)` whose per-row positions are `positions` (-1 = padding) after
     /// what `cache` holds; returns final-norm hidden states `(b, t, hidden)`.
-    pub fn forward(&self, tokens: &Tensor, positions: &[Vec<i64>], cache: &mut Cache) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        positions: &[Vec<i64>],
+        cache: &mut Cache,
+    ) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
         if positions.len() != b || positions.iter().any(|p| p.len() != t) || cache.batch() != b {
-            bail!("forward: tokens {:?}, positions and cache batch {} disagree", tokens.dims(), cache.batch());
+            bail!(
+                "forward: tokens {:?}, positions and cache batch {} disagree",
+                tokens.dims(),
+                cache.batch()
+            );
         }
-        let rope_pos: Vec<Vec<u32>> = positions.iter().map(|r| r.iter().map(|&p| p.max(0) as u32).collect()).collect();
+        let rope_pos: Vec<Vec<u32>> = positions
+            .iter()
+            .map(|r| r.iter().map(|&p| p.max(0) as u32).collect())
+            .collect();
         let (cos, sin) = self.cfg.rope.cos_sin(&rope_pos, &self.device)?;
-        let rot = Rot { cfg: &self.cfg.rope, cos, sin };
+        let rot = Rot {
+            cfg: &self.cfg.rope,
+            cos,
+            sin,
+        };
         cache.push_slots(positions);
         let mut k_pos = cache.slot_pos.clone();
         if let Some(p) = &cache.prefix {
@@ -641,7 +818,10 @@ impl Llama {
             }
         }
         let mask = attention_mask(positions, &k_pos, self.cfg.sliding_window, &self.device)?;
-        let mut x = self.embed_tokens.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, &rot, &mask, cache, i)?;
         }

@@ -19,10 +19,14 @@ use serde_json::Value;
 pub enum RopeScaling {
     Default,
     /// Position interpolation: every frequency divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Dynamic NTK: the base grows with the current sequence length beyond the original context.
     /// As in HF, the threshold is the config's `max_position_embeddings`.
-    Dynamic { factor: f64 },
+    Dynamic {
+        factor: f64,
+    },
     /// YaRN: per-dimension blend of interpolation and extrapolation plus an attention factor.
     Yarn {
         factor: f64,
@@ -76,7 +80,9 @@ impl RopeScaling {
         if v.is_null() {
             return Ok(Self::Default);
         }
-        let obj = v.as_object().context("`rope_scaling` must be an object or null")?;
+        let obj = v
+            .as_object()
+            .context("`rope_scaling` must be an object or null")?;
         let kind = obj
             .get("rope_type")
             .or_else(|| obj.get("type"))
@@ -84,7 +90,8 @@ impl RopeScaling {
             .context("`rope_scaling` has no `rope_type`")?;
         let f = |k: &str| obj.get(k).and_then(Value::as_f64);
         let u = |k: &str| obj.get(k).and_then(Value::as_u64).map(|x| x as usize);
-        let need = |k: &str| f(k).with_context(|| format!("`rope_scaling.{k}` is required for `{kind}`"));
+        let need =
+            |k: &str| f(k).with_context(|| format!("`rope_scaling.{k}` is required for `{kind}`"));
         Ok(match kind {
             "default" => Self::Default,
             "linear" => Self::Linear { factor: need("factor")? },
@@ -133,7 +140,12 @@ impl RopeScaling {
         if !(factor.is_finite() && factor >= 1.0) {
             bail!("rope_scaling.factor must be a finite number >= 1, got {factor}");
         }
-        if let Self::Llama3 { low_freq_factor, high_freq_factor, .. } = self {
+        if let Self::Llama3 {
+            low_freq_factor,
+            high_freq_factor,
+            ..
+        } = self
+        {
             if high_freq_factor <= low_freq_factor {
                 bail!("rope_scaling: high_freq_factor ({high_freq_factor}) must exceed low_freq_factor ({low_freq_factor})");
             }
@@ -154,14 +166,21 @@ fn yarn_get_mscale(scale: f64, mscale: f64) -> f64 {
 impl RopeConfig {
     pub fn validate(&self) -> Result<()> {
         if self.dim == 0 || self.dim % 2 != 0 {
-            bail!("rotary dimension must be even and positive, got {}", self.dim);
+            bail!(
+                "rotary dimension must be even and positive, got {}",
+                self.dim
+            );
         }
         if !(self.theta.is_finite() && self.theta > 1.0) {
             bail!("rope_theta must be > 1, got {}", self.theta);
         }
         if let Some(ff) = &self.freq_factors {
             if ff.len() != self.dim / 2 {
-                bail!("rope_freqs has {} entries, expected {}", ff.len(), self.dim / 2);
+                bail!(
+                    "rope_freqs has {} entries, expected {}",
+                    ff.len(),
+                    self.dim / 2
+                );
             }
         }
         self.scaling.check()
@@ -184,13 +203,18 @@ impl RopeConfig {
         let d = self.dim as f64;
         let (mut inv, attn) = match &self.scaling {
             RopeScaling::Default => (self.base_inv_freq(self.theta), 1.0),
-            RopeScaling::Linear { factor } => {
-                (self.base_inv_freq(self.theta).into_iter().map(|f| f / factor).collect(), 1.0)
-            }
+            RopeScaling::Linear { factor } => (
+                self.base_inv_freq(self.theta)
+                    .into_iter()
+                    .map(|f| f / factor)
+                    .collect(),
+                1.0,
+            ),
             RopeScaling::Dynamic { factor } => {
                 let max_pos = self.max_position_embeddings as f64;
                 let seq = (seq_len as f64).max(max_pos);
-                let base = self.theta * ((factor * seq / max_pos) - (factor - 1.0)).powf(d / (d - 2.0));
+                let base =
+                    self.theta * ((factor * seq / max_pos) - (factor - 1.0)).powf(d / (d - 2.0));
                 (self.base_inv_freq(base), 1.0)
             }
             RopeScaling::Yarn {
@@ -203,7 +227,8 @@ impl RopeConfig {
                 mscale_all_dim,
                 truncate,
             } => {
-                let orig = original_max_position_embeddings.unwrap_or(self.max_position_embeddings) as f64;
+                let orig =
+                    original_max_position_embeddings.unwrap_or(self.max_position_embeddings) as f64;
                 let attn = match (attention_factor, mscale, mscale_all_dim) {
                     (Some(a), _, _) => *a,
                     (None, Some(m), Some(ma)) if *m != 0.0 && *ma != 0.0 => {
@@ -214,8 +239,9 @@ impl RopeConfig {
                 let beta_fast = beta_fast.unwrap_or(32.0);
                 let beta_slow = beta_slow.unwrap_or(1.0);
                 let base = self.theta;
-                let correction_dim =
-                    |rot: f64| (d * (orig / (rot * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * base.ln());
+                let correction_dim = |rot: f64| {
+                    (d * (orig / (rot * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * base.ln())
+                };
                 let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
                 if truncate.unwrap_or(true) {
                     low = low.floor();
@@ -256,7 +282,8 @@ impl RopeConfig {
                         } else if wavelen > low_wavelen {
                             f / factor
                         } else {
-                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })

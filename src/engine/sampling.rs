@@ -20,14 +20,24 @@ impl Sampler {
                 (None, None) => Sampling::All { temperature: t },
                 (Some(k), None) => Sampling::TopK { k, temperature: t },
                 (None, Some(p)) => Sampling::TopP { p, temperature: t },
-                (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature: t },
+                (Some(k), Some(p)) => Sampling::TopKThenTopP {
+                    k,
+                    p,
+                    temperature: t,
+                },
             }
         };
-        Self { inner: LogitsProcessor::from_sampling(p.seed, sampling) }
+        Self {
+            inner: LogitsProcessor::from_sampling(p.seed, sampling),
+        }
     }
 
     /// Samples one token from `logits`; `allowed(i) == false` removes token i.
-    pub fn sample(&mut self, mut logits: Vec<f32>, allowed: Option<&dyn Fn(usize) -> bool>) -> Result<u32> {
+    pub fn sample(
+        &mut self,
+        mut logits: Vec<f32>,
+        allowed: Option<&dyn Fn(usize) -> bool>,
+    ) -> Result<u32> {
         if let Some(ok) = allowed {
             for (i, l) in logits.iter_mut().enumerate() {
                 if !ok(i) {
@@ -36,6 +46,8 @@ impl Sampler {
             }
         }
         let n = logits.len();
-        Ok(self.inner.sample(&Tensor::from_vec(logits, n, &Device::Cpu)?)?)
+        Ok(self
+            .inner
+            .sample(&Tensor::from_vec(logits, n, &Device::Cpu)?)?)
     }
 }

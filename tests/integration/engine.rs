@@ -1,0 +1,313 @@
+//! The generation engine: ragged batches, shared prefixes, sampling seeds, stop strings,
+//! EOS, context limits and JSON-schema-constrained decoding.
+
+use crate::common::*;
+use wildlong::config::{EngineConfig, GenerationParams, SamplingParams};
+use wildlong::engine::chat::Message;
+use wildlong::engine::generate::{FinishReason, Request};
+
+fn greedy(max_tokens: usize) -> GenerationParams {
+    GenerationParams {
+        max_tokens,
+        ..Default::default()
+    }
+}
+
+fn chat(q: &str) -> Vec<u32> {
+    default_engine()
+        .chat_prompt(&[Message::new("user", q)])
+        .unwrap()
+}
+
+const QUESTIONS: [&str; 8] = [
+    "What is the capital of France?",
+    "Name a color.",
+    "Write one sentence about the ocean and the creatures that live deep below its surface.",
+    "2+2=?",
+    "Who wrote Romeo and Juliet?",
+    "List three fruits.",
+    "What is photosynthesis? Explain briefly for a child who is ten years old.",
+    "Say hello.",
+];
+
+#[test]
+fn ragged_batch_of_eight_equals_each_prompt_alone() {
+    let e = default_engine();
+    let reqs: Vec<Request> = QUESTIONS
+        .iter()
+        .map(|q| Request {
+            prompt: chat(q),
+            params: greedy(12),
+        })
+        .collect();
+    let lens: std::collections::BTreeSet<usize> = reqs.iter().map(|r| r.prompt.len()).collect();
+    assert!(lens.len() > 4, "prompts must be ragged");
+    let batch = e.generate(&reqs, |_, _| {}).unwrap();
+    for (r, b) in reqs.iter().zip(&batch) {
+        let alone = e.generate(std::slice::from_ref(r), |_, _| {}).unwrap();
+        assert_eq!(
+            alone[0].tokens,
+            b.tokens,
+            "prompt of {} tokens",
+            r.prompt.len()
+        );
+    }
+}
+
+#[test]
+fn shared_prefix_equals_full_prompts() {
+    let e = default_engine();
+    let doc = e.tokenizer.encode("<|im_start|>user\nDocument: The Nile is a river in Africa. It flows north into the Mediterranean Sea. The Amazon is in South America.\n", false).unwrap();
+    let questions = [
+        " Which sea does the Nile reach?",
+        " Where is the Amazon?",
+        " Summarize the document.",
+    ];
+    let suffixes: Vec<Vec<u32>> = questions
+        .iter()
+        .map(|q| {
+            e.tokenizer
+                .encode(&format!("{q}<|im_end|>\n<|im_start|>assistant\n"), false)
+                .unwrap()
+        })
+        .collect();
+    let prefix = e.prefill_prefix(&doc).unwrap();
+    let reqs: Vec<Request> = suffixes
+        .iter()
+        .map(|s| Request {
+            prompt: s.clone(),
+            params: greedy(10),
+        })
+        .collect();
+    let shared = e.generate_with_prefix(&prefix, &reqs).unwrap();
+    for (s, got) in suffixes.iter().zip(&shared) {
+        let mut full = doc.clone();
+        full.extend(s);
+        let alone = e
+            .generate(
+                &[Request {
+                    prompt: full,
+                    params: greedy(10),
+                }],
+                |_, _| {},
+            )
+            .unwrap();
+        assert_eq!(alone[0].tokens, got.tokens);
+    }
+}
+
+#[test]
+fn sampling_is_seeded_per_row_and_independent_of_batching() {
+    let e = default_engine();
+    let p = |seed| GenerationParams {
+        max_tokens: 10,
+        sampling: SamplingParams {
+            temperature: 0.9,
+            top_p: Some(0.95),
+            top_k: Some(50),
+            seed,
+        },
+        ..Default::default()
+    };
+    let a = Request {
+        prompt: chat("Tell me a story."),
+        params: p(1),
+    };
+    let b = Request {
+        prompt: chat("Name an animal."),
+        params: p(2),
+    };
+    let batch = e.generate(&[a.clone(), b.clone()], |_, _| {}).unwrap();
+    let again = e.generate(&[a.clone()], |_, _| {}).unwrap();
+    assert_eq!(batch[0].tokens, again[0].tokens);
+    let diff_seed = e
+        .generate(
+            &[Request {
+                params: p(999),
+                ..a.clone()
+            }],
+            |_, _| {},
+        )
+        .unwrap();
+    let alone_b = e.generate(&[b], |_, _| {}).unwrap();
+    assert_eq!(batch[1].tokens, alone_b[0].tokens);
+    assert_ne!(
+        diff_seed[0].tokens, again[0].tokens,
+        "a different seed should change a 10-token sample"
+    );
+}
+
+#[test]
+fn stop_strings_eos_and_max_tokens_end_rows() {
+    let e = default_engine();
+    let q = chat("What is the capital of France?");
+    let full = e
+        .generate(
+            &[Request {
+                prompt: q.clone(),
+                params: greedy(40),
+            }],
+            |_, _| {},
+        )
+        .unwrap();
+    assert_eq!(full[0].finish_reason, FinishReason::Eos);
+    assert!(full[0].text.contains("Paris"));
+    let stop = GenerationParams {
+        stop: vec!["Paris".into()],
+        ..greedy(40)
+    };
+    let cut = e
+        .generate(
+            &[Request {
+                prompt: q.clone(),
+                params: stop,
+            }],
+            |_, _| {},
+        )
+        .unwrap();
+    assert_eq!(cut[0].finish_reason, FinishReason::Stop);
+    assert_eq!(
+        cut[0].text,
+        full[0].text[..full[0].text.find("Paris").unwrap()]
+    );
+    let short = e
+        .generate(
+            &[Request {
+                prompt: q.clone(),
+                params: greedy(3),
+            }],
+            |_, _| {},
+        )
+        .unwrap();
+    assert_eq!(
+        (short[0].tokens.len(), short[0].finish_reason),
+        (3, FinishReason::Length)
+    );
+    // An extra EOS id ends generation at that token.
+    let first = full[0].tokens[0];
+    let eos = GenerationParams {
+        eos_token_ids: vec![full[0].tokens[1]],
+        ..greedy(40)
+    };
+    let ended = e
+        .generate(
+            &[Request {
+                prompt: q,
+                params: eos,
+            }],
+            |_, _| {},
+        )
+        .unwrap();
+    assert_eq!(
+        (ended[0].tokens.clone(), ended[0].finish_reason),
+        (vec![first], FinishReason::Eos)
+    );
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_an_error() {
+    let dir = tiny_random(&TinySpec::default(), 1);
+    let e = load(
+        dir.path(),
+        EngineConfig {
+            max_context: Some(32),
+            ..Default::default()
+        },
+    );
+    let err = e
+        .generate(
+            &[Request {
+                prompt: vec![5; 40],
+                params: greedy(4),
+            }],
+            |_, _| {},
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("context"), "{err}");
+    // Generation stops at the context end instead of running past it.
+    let out = e
+        .generate(
+            &[Request {
+                prompt: vec![5; 30],
+                params: GenerationParams {
+                    ignore_eos: true,
+                    ..greedy(100)
+                },
+            }],
+            |_, _| {},
+        )
+        .unwrap();
+    assert_eq!(out[0].finish_reason, FinishReason::Length);
+    assert_eq!(out[0].tokens.len(), 2);
+}
+
+#[test]
+fn json_schema_constrains_a_135m_model_to_valid_json() {
+    let e = default_engine();
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}, "population_millions": {"type": "number"}},
+        "required": ["city", "country", "population_millions"],
+        "additionalProperties": false
+    });
+    let prompts = [
+        "Give the capital of Italy as JSON.",
+        "Describe Tokyo.",
+        "Write a poem about rain.",
+    ];
+    let reqs: Vec<Request> = prompts
+        .iter()
+        .map(|q| Request {
+            prompt: chat(q),
+            params: GenerationParams {
+                json_schema: Some(schema.clone()),
+                ..greedy(80)
+            },
+        })
+        .collect();
+    for out in e.generate(&reqs, |_, _| {}).unwrap() {
+        let v: serde_json::Value = serde_json::from_str(&out.text)
+            .unwrap_or_else(|err| panic!("not JSON ({err}): {:?}", out.text));
+        assert!(
+            v["city"].is_string()
+                && v["country"].is_string()
+                && v["population_millions"].is_number(),
+            "{v}"
+        );
+        assert_eq!(v.as_object().unwrap().len(), 3);
+    }
+    // Unconstrained, the same model does not produce this JSON for the poem prompt.
+    let free = e
+        .generate(
+            &[Request {
+                prompt: chat(prompts[2]),
+                params: greedy(80),
+            }],
+            |_, _| {},
+        )
+        .unwrap();
+    assert!(serde_json::from_str::<serde_json::Value>(&free[0].text).is_err());
+}
+
+#[test]
+fn invalid_json_schema_is_refused_before_decoding() {
+    let e = default_engine();
+    for bad in [
+        serde_json::json!({"type": "nonsense"}),
+        serde_json::json!(42),
+        serde_json::json!({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}),
+    ] {
+        let req = Request {
+            prompt: chat("hi"),
+            params: GenerationParams {
+                json_schema: Some(bad.clone()),
+                ..greedy(5)
+            },
+        };
+        let err = e.generate(&[req], |_, _| {}).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("invalid JSON schema"),
+            "{bad}: {err:#}"
+        );
+    }
+}

@@ -1,0 +1,10 @@
+//! The integration-test crate: one binary, topic modules, shared helpers in `common`.
+//! Tests that need the default model expect `wildlong models fetch` to have run (CI does it).
+
+mod cli;
+mod common;
+mod engine;
+mod kernels;
+mod model;
+mod rope;
+mod tokenizer;
