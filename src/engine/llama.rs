@@ -443,6 +443,16 @@ pub fn attention_mask(
     window: Option<usize>,
     device: &Device,
 ) -> Result<Tensor> {
+    Ok(attention_mask_host(q_pos, k_pos, window, device)?.0)
+}
+
+/// [`attention_mask`] and its host copy `(b, t, kv)` for the fused CPU attention.
+fn attention_mask_host(
+    q_pos: &[Vec<i64>],
+    k_pos: &[Vec<i64>],
+    window: Option<usize>,
+    device: &Device,
+) -> Result<(Tensor, Arc<Vec<f32>>)> {
     let b = q_pos.len();
     let t = q_pos.first().map_or(0, Vec::len);
     let kv = k_pos.first().map_or(0, Vec::len);
@@ -462,7 +472,8 @@ pub fn attention_mask(
             }
         }
     }
-    Ok(Tensor::from_vec(m, (b, 1, t, kv), device)?)
+    let host = Arc::new(m.clone());
+    Ok((Tensor::from_vec(m, (b, 1, t, kv), device)?, host))
 }
 
 struct Attention {
@@ -495,7 +506,7 @@ impl Attention {
         &self,
         x: &Tensor,
         rope: &Rot,
-        mask: &Tensor,
+        mask: &Mask,
         cache: &mut Cache,
         layer: usize,
     ) -> Result<Tensor> {
@@ -528,52 +539,14 @@ impl Attention {
         let q = (q * scale)?.reshape((b, kvh, g * t, hd))?; // (b, kvh, g*t, d)
         let k_all = k_all.to_dtype(DType::F32)?;
         let v_all = v_all.to_dtype(DType::F32)?;
-        let own_scores = q.matmul(&k_all.t()?)?; // (b, kvh, g*t, kv)
         let prefix = cache.prefix.clone();
-        let scores = match &prefix {
-            Some(p) => {
-                let (pk, _) = &p.layers[layer]; // (kvh, P, d)
-                let pk = pk.to_dtype(DType::F32)?;
-                // One GEMM per KV head over all rows: (kvh, b*g*t, d) x (kvh, d, P).
-                let qh = q
-                    .transpose(0, 1)?
-                    .contiguous()?
-                    .reshape((kvh, b * g * t, hd))?;
-                let ps = qh
-                    .matmul(&pk.t()?)?
-                    .reshape((kvh, b, g * t, p.len()))?
-                    .transpose(0, 1)?; // (b, kvh, g*t, P)
-                Tensor::cat(&[&ps, &own_scores], 3)?
-            }
-            None => own_scores,
-        };
-        let kv = scores.dim(3)?;
-        let scores = scores
-            .reshape((b, kvh, g, t, kv))?
-            .broadcast_add(&mask.unsqueeze(1)?)? // mask (b, 1, 1, t, kv)
-            .reshape((b, kvh, g * t, kv))?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = match &prefix {
-            Some(p) => {
-                let plen = p.len();
-                let (_, pv) = &p.layers[layer];
-                let pv = pv.to_dtype(DType::F32)?;
-                let pp = probs
-                    .narrow(3, 0, plen)?
-                    .transpose(0, 1)?
-                    .contiguous()?
-                    .reshape((kvh, b * g * t, plen))?;
-                let po = pp
-                    .matmul(&pv)?
-                    .reshape((kvh, b, g * t, hd))?
-                    .transpose(0, 1)?; // (b, kvh, g*t, d)
-                let own = probs
-                    .narrow(3, plen, kv - plen)?
-                    .contiguous()?
-                    .matmul(&v_all)?;
-                (po + own)?
+            None => {
+                crate::engine::attention::attention(&q, &k_all, &v_all, &mask.tensor, &mask.host)?
             }
-            None => probs.matmul(&v_all)?,
+            Some(p) => {
+                self.attend_with_prefix(&q, &k_all, &v_all, &mask.tensor, p, layer, (b, t))?
+            }
         };
         let out = out
             .reshape((b, h, t, hd))?
@@ -581,6 +554,56 @@ impl Attention {
             .reshape((b, t, h * hd))?
             .to_dtype(x.dtype())?;
         self.o_proj.forward(&out)
+    }
+
+    /// Attention over a shared prefix (batch 1, read by every row) followed by the rows' own keys.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_with_prefix(
+        &self,
+        q: &Tensor,
+        k_all: &Tensor,
+        v_all: &Tensor,
+        mask: &Tensor,
+        p: &SharedPrefix,
+        layer: usize,
+        (b, t): (usize, usize),
+    ) -> Result<Tensor> {
+        let (kvh, hd) = (self.num_kv_heads, self.head_dim);
+        let g = self.num_heads / kvh;
+        let own_scores = q.matmul(&k_all.t()?)?; // (b, kvh, g*t, kv)
+        let (pk, pv) = &p.layers[layer]; // (kvh, P, d)
+        let (pk, pv) = (pk.to_dtype(DType::F32)?, pv.to_dtype(DType::F32)?);
+        // One GEMM per KV head over all rows: (kvh, b*g*t, d) x (kvh, d, P).
+        let qh = q
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((kvh, b * g * t, hd))?;
+        let ps = qh
+            .matmul(&pk.t()?)?
+            .reshape((kvh, b, g * t, p.len()))?
+            .transpose(0, 1)?; // (b, kvh, g*t, P)
+        let scores = Tensor::cat(&[&ps, &own_scores], 3)?;
+        let kv = scores.dim(3)?;
+        let scores = scores
+            .reshape((b, kvh, g, t, kv))?
+            .broadcast_add(&mask.unsqueeze(1)?)? // mask (b, 1, 1, t, kv)
+            .reshape((b, kvh, g * t, kv))?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let plen = p.len();
+        let pp = probs
+            .narrow(3, 0, plen)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((kvh, b * g * t, plen))?;
+        let po = pp
+            .matmul(&pv)?
+            .reshape((kvh, b, g * t, hd))?
+            .transpose(0, 1)?; // (b, kvh, g*t, d)
+        let own = probs
+            .narrow(3, plen, kv - plen)?
+            .contiguous()?
+            .matmul(v_all)?;
+        Ok((po + own)?)
     }
 }
 
@@ -661,7 +684,7 @@ impl Block {
         &self,
         x: &Tensor,
         rope: &Rot,
-        mask: &Tensor,
+        mask: &Mask,
         cache: &mut Cache,
         layer: usize,
     ) -> Result<Tensor> {
@@ -678,6 +701,12 @@ impl Block {
                 .forward(&self.post_attention_layernorm.forward(&h)?)?)?;
         Ok(out)
     }
+}
+
+/// The additive mask of one forward pass, on the device and on the host.
+struct Mask {
+    tensor: Tensor, // (b, 1, t, kv)
+    host: Arc<Vec<f32>>,
 }
 
 /// cos/sin tables of one forward pass.
@@ -817,7 +846,9 @@ impl Llama {
                 *row = full;
             }
         }
-        let mask = attention_mask(positions, &k_pos, self.cfg.sliding_window, &self.device)?;
+        let (tensor, host) =
+            attention_mask_host(positions, &k_pos, self.cfg.sliding_window, &self.device)?;
+        let mask = Mask { tensor, host };
         let mut x = self
             .embed_tokens
             .index_select(&tokens.flatten_all()?, 0)?

@@ -2,6 +2,7 @@
 //! constrained decoding and the generation loop. Stages call [`generate::Engine`]; nothing
 //! above this layer runs a model directly.
 
+pub mod attention;
 pub mod chat;
 pub mod constrained;
 pub mod generate;

@@ -34,17 +34,31 @@ impl BlockKind {
     }
 }
 
-/// Weights `(n, k)` as GGUF blocks, row-major, `k / 32` blocks per row.
+/// Weights `(n, k)` from GGUF blocks, repacked at load: per block an f32 scale `d` and offset
+/// `m` (w = q·d + m) and the quantized values (16 nibble bytes for Q4, 32 signed bytes for Q8).
 pub struct PackedWeight {
     kind: BlockKind,
-    data: Vec<u8>,
     n: usize,
     k: usize,
+    nb: usize,
+    scales: Vec<f32>,
+    offsets: Vec<f32>,
+    qs: Vec<u8>,
 }
 
 #[inline]
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+impl BlockKind {
+    /// Bytes of quantized values per block after repacking.
+    fn qbytes(self) -> usize {
+        match self {
+            Self::Q4_0 | Self::Q4_1 => 16,
+            Self::Q8_0 => 32,
+        }
+    }
 }
 
 impl PackedWeight {
@@ -60,14 +74,44 @@ impl PackedWeight {
         if k % QK != 0 {
             return Ok(None);
         }
-        let data = q.data()?.into_owned();
-        if data.len() != n * k / QK * kind.bytes() {
+        let data = q.data()?;
+        let nb = k / QK;
+        if data.len() != n * nb * kind.bytes() {
             bail!(
                 "packed weight: {} bytes for a {n}x{k} {kind:?} tensor",
                 data.len()
             );
         }
-        Ok(Some(Self { kind, data, n, k }))
+        let mut scales = Vec::with_capacity(n * nb);
+        let mut offsets = Vec::with_capacity(n * nb);
+        let mut qs = Vec::with_capacity(n * nb * kind.qbytes());
+        for blk in data.chunks_exact(kind.bytes()) {
+            let d = f16_at(blk, 0);
+            scales.push(d);
+            match kind {
+                BlockKind::Q4_0 => {
+                    offsets.push(-8.0 * d);
+                    qs.extend_from_slice(&blk[2..18]);
+                }
+                BlockKind::Q4_1 => {
+                    offsets.push(f16_at(blk, 2));
+                    qs.extend_from_slice(&blk[4..20]);
+                }
+                BlockKind::Q8_0 => {
+                    offsets.push(0.0);
+                    qs.extend_from_slice(&blk[2..34]);
+                }
+            }
+        }
+        Ok(Some(Self {
+            kind,
+            n,
+            k,
+            nb,
+            scales,
+            offsets,
+            qs,
+        }))
     }
 
     pub fn kind(&self) -> BlockKind {
@@ -78,46 +122,35 @@ impl PackedWeight {
         (self.n, self.k)
     }
 
-    fn row(&self, r: usize) -> &[u8] {
-        let rb = self.k / QK * self.kind.bytes();
-        &self.data[r * rb..(r + 1) * rb]
-    }
-
-    /// One block dequantized: (32 quantized values as f32, scale d, offset m) with w = q·d + m.
-    fn block(&self, blk: &[u8]) -> ([f32; QK], f32, f32) {
+    /// Block `b` of row `r`: 32 quantized values as f32 (w = q·d + m).
+    fn block_values(&self, r: usize, b: usize) -> [f32; QK] {
+        let i = r * self.nb + b;
+        let qb = self.kind.qbytes();
+        let raw = &self.qs[i * qb..(i + 1) * qb];
         let mut q = [0f32; QK];
         match self.kind {
             BlockKind::Q4_0 | BlockKind::Q4_1 => {
-                let (d, m, qs) = match self.kind {
-                    BlockKind::Q4_0 => {
-                        let d = f16_at(blk, 0);
-                        (d, -8.0 * d, &blk[2..18])
-                    }
-                    _ => (f16_at(blk, 0), f16_at(blk, 2), &blk[4..20]),
-                };
                 for j in 0..16 {
-                    q[j] = (qs[j] & 0x0F) as f32;
-                    q[j + 16] = (qs[j] >> 4) as f32;
+                    q[j] = (raw[j] & 0x0F) as f32;
+                    q[j + 16] = (raw[j] >> 4) as f32;
                 }
-                (q, d, m)
             }
             BlockKind::Q8_0 => {
                 for j in 0..QK {
-                    q[j] = blk[2 + j] as i8 as f32;
+                    q[j] = raw[j] as i8 as f32;
                 }
-                (q, f16_at(blk, 0), 0.0)
             }
         }
+        q
     }
 
     /// Dequantized weights `(n, k)`, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.n * self.k);
-        let bb = self.kind.bytes();
         for r in 0..self.n {
-            for blk in self.row(r).chunks_exact(bb) {
-                let (q, d, m) = self.block(blk);
-                out.extend(q.iter().map(|q| q * d + m));
+            for b in 0..self.nb {
+                let (d, m) = (self.scales[r * self.nb + b], self.offsets[r * self.nb + b]);
+                out.extend(self.block_values(r, b).iter().map(|q| q * d + m));
             }
         }
         out
@@ -140,22 +173,84 @@ pub fn matmul_reference(x: &[f32], m: usize, w: &PackedWeight) -> Vec<f32> {
     out
 }
 
-/// Output rows per parallel task.
-const ROWS_PER_TASK: usize = 32;
-/// Activation rows processed together (accumulators held at once).
-const TILE: usize = 4;
+/// Below this many multiply-adds a call runs on the calling thread (waking the pool costs more).
+fn parallel_min_macs() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("WILDLONG_PAR_MIN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1 << 18)
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+fn best_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            if std::env::var_os("WILDLONG_NO_SIMD").is_some() {
+                Isa::Portable
+            } else if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+                Isa::Avx512
+            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                Isa::Avx2
+            } else {
+                Isa::Portable
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Isa::Portable
+    }
+}
+
+/// The instruction set the fast path uses here.
+pub fn isa_name() -> &'static str {
+    match best_isa() {
+        Isa::Portable => "portable",
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => "avx2+fma",
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => "avx512f",
+    }
+}
 
 /// `out (m, n) = x (m, k) · dequantize(W)ᵀ`, parallel over output features, SIMD when available.
 pub fn matmul(x: &[f32], m: usize, w: &PackedWeight) -> Result<Vec<f32>> {
-    matmul_with(x, m, w, simd_available())
+    matmul_with(x, m, w, best_isa())
 }
 
-/// [`matmul`] on the portable (non-SIMD) path, for comparisons.
-pub fn matmul_portable(x: &[f32], m: usize, w: &PackedWeight) -> Result<Vec<f32>> {
-    matmul_with(x, m, w, false)
+/// [`matmul`] on every instruction set this CPU has, portable first, for comparisons.
+pub fn matmul_all_isas(
+    x: &[f32],
+    m: usize,
+    w: &PackedWeight,
+) -> Result<Vec<(&'static str, Vec<f32>)>> {
+    let mut out = vec![("portable", matmul_with(x, m, w, Isa::Portable)?)];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            out.push(("avx2", matmul_with(x, m, w, Isa::Avx2)?));
+        }
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            out.push(("avx512", matmul_with(x, m, w, Isa::Avx512)?));
+        }
+    }
+    Ok(out)
 }
 
-fn matmul_with(x: &[f32], m: usize, w: &PackedWeight, simd: bool) -> Result<Vec<f32>> {
+fn matmul_with(x: &[f32], m: usize, w: &PackedWeight, isa: Isa) -> Result<Vec<f32>> {
     if x.len() != m * w.k {
         bail!(
             "packed matmul: x has {} values, expected {m}x{}",
@@ -163,41 +258,44 @@ fn matmul_with(x: &[f32], m: usize, w: &PackedWeight, simd: bool) -> Result<Vec<
             w.k
         );
     }
-    let nb = w.k / QK;
-    // Σx per activation row and block (for the offset term m·Σx).
+    let nb = w.nb;
+    // Σx per activation row and block, for the offset term Σ_b m_b·Σx_b.
     let sums: Vec<f32> = x.chunks_exact(QK).map(|c| c.iter().sum()).collect();
-    let mut out_t = vec![0f32; w.n * m]; // (n, m): contiguous per task
-    out_t
-        .par_chunks_mut(ROWS_PER_TASK * m)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            let r0 = task * ROWS_PER_TASK;
-            for (ri, dst) in chunk.chunks_exact_mut(m).enumerate() {
-                let row = w.row(r0 + ri);
-                let mut i0 = 0;
-                while i0 < m {
-                    let tile = TILE.min(m - i0);
-                    let mut acc = [0f32; TILE];
-                    #[cfg(target_arch = "x86_64")]
-                    if simd {
-                        // SAFETY: AVX2 and FMA were detected at run time; sizes were checked above.
-                        unsafe {
-                            avx2::row_dot(w.kind, row, nb, x, &sums, w.k, i0, tile, &mut acc)
-                        };
-                    } else {
-                        scalar_row_dot(w, row, nb, x, &sums, i0, tile, &mut acc);
+    let mut out_t = vec![0f32; w.n * m]; // (n, m)
+    let work = |r0: usize, chunk: &mut [f32]| {
+        for (ri, dst) in chunk.chunks_exact_mut(m).enumerate() {
+            let r = r0 + ri;
+            let mut i0 = 0;
+            while i0 < m {
+                let tile = 4.min(m - i0);
+                let mut acc = [0f32; 4];
+                row_tile(w, isa, r, x, i0, tile, &mut acc);
+                if w.kind != BlockKind::Q8_0 {
+                    for t in 0..tile {
+                        acc[t] += dot(
+                            &w.offsets[r * nb..(r + 1) * nb],
+                            &sums[(i0 + t) * nb..(i0 + t + 1) * nb],
+                        );
                     }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    {
-                        let _ = simd;
-                        scalar_row_dot(w, row, nb, x, &sums, i0, tile, &mut acc);
-                    }
-                    dst[i0..i0 + tile].copy_from_slice(&acc[..tile]);
-                    i0 += tile;
                 }
+                dst[i0..i0 + tile].copy_from_slice(&acc[..tile]);
+                i0 += tile;
             }
-        });
-    // (n, m) → (m, n)
+        }
+    };
+    if w.n * w.k * m < parallel_min_macs() {
+        work(0, &mut out_t);
+    } else {
+        let threads = rayon::current_num_threads().max(1);
+        let rows = w.n.div_ceil(threads * 4).max(8);
+        out_t
+            .par_chunks_mut(rows * m)
+            .enumerate()
+            .for_each(|(i, c)| work(i * rows, c));
+    }
+    if m == 1 {
+        return Ok(out_t);
+    }
     let mut out = vec![0f32; m * w.n];
     for r in 0..w.n {
         for i in 0..m {
@@ -207,47 +305,71 @@ fn matmul_with(x: &[f32], m: usize, w: &PackedWeight, simd: bool) -> Result<Vec<
     Ok(out)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn scalar_row_dot(
-    w: &PackedWeight,
-    row: &[u8],
-    nb: usize,
-    x: &[f32],
-    sums: &[f32],
-    i0: usize,
-    tile: usize,
-    acc: &mut [f32; TILE],
-) {
-    let bb = w.kind.bytes();
-    for b in 0..nb {
-        let (q, d, m) = w.block(&row[b * bb..(b + 1) * bb]);
-        for t in 0..tile {
-            let xs = &x[(i0 + t) * w.k + b * QK..(i0 + t) * w.k + (b + 1) * QK];
-            let dot: f32 = q.iter().zip(xs).map(|(a, b)| a * b).sum();
-            acc[t] += d * dot + m * sums[(i0 + t) * nb + b];
+/// A dot product in eight lanes, so that the compiler vectorizes it.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
         }
     }
+    lanes.iter().sum::<f32>() + tail
 }
 
-pub fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && std::env::var_os("WILDLONG_NO_SIMD").is_none()
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+/// Σ_b d_b · (q_b · x_b) of weight row `r` for up to four activation rows (offsets excluded).
+fn row_tile(
+    w: &PackedWeight,
+    isa: Isa,
+    r: usize,
+    x: &[f32],
+    i0: usize,
+    tile: usize,
+    acc: &mut [f32; 4],
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the features were detected at run time; x holds m·k values (checked by the caller).
+        Isa::Avx512 => unsafe {
+            match tile {
+                1 => avx512::row::<1>(w, r, x, i0, acc),
+                2 => avx512::row::<2>(w, r, x, i0, acc),
+                3 => avx512::row::<3>(w, r, x, i0, acc),
+                _ => avx512::row::<4>(w, r, x, i0, acc),
+            }
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe {
+            match tile {
+                1 => avx2::row::<1>(w, r, x, i0, acc),
+                2 => avx2::row::<2>(w, r, x, i0, acc),
+                3 => avx2::row::<3>(w, r, x, i0, acc),
+                _ => avx2::row::<4>(w, r, x, i0, acc),
+            }
+        },
+        Isa::Portable => {
+            for b in 0..w.nb {
+                let q = w.block_values(r, b);
+                let d = w.scales[r * w.nb + b];
+                for (t, a) in acc.iter_mut().enumerate().take(tile) {
+                    let xs = &x[(i0 + t) * w.k + b * QK..(i0 + t) * w.k + (b + 1) * QK];
+                    *a += d * q.iter().zip(xs).map(|(a, b)| a * b).sum::<f32>();
+                }
+            }
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{f16_at, BlockKind, QK, TILE};
+    use super::{BlockKind, PackedWeight, QK};
     use std::arch::x86_64::*;
 
     #[inline]
@@ -259,46 +381,33 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// Dot products of one packed weight row with `tile` activation rows starting at `i0`.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn row_dot(
-        kind: BlockKind,
-        row: &[u8],
-        nb: usize,
+    pub unsafe fn row<const T: usize>(
+        w: &PackedWeight,
+        r: usize,
         x: &[f32],
-        sums: &[f32],
-        k: usize,
         i0: usize,
-        tile: usize,
-        acc: &mut [f32; TILE],
+        acc: &mut [f32; 4],
     ) {
-        let bb = kind.bytes();
-        let mut vacc = [_mm256_setzero_ps(); TILE];
-        let mut offs = [0f32; TILE];
+        let mut vacc = [_mm256_setzero_ps(); T];
         let mask = _mm_set1_epi8(0x0F);
-        for b in 0..nb {
-            let blk = row.as_ptr().add(b * bb);
-            let d = f16_at(row, b * bb);
-            // Four vectors of 8 quantized values (elements 0-7, 8-15, 16-23, 24-31).
-            let (q0, q1, q2, q3, m) = match kind {
+        let qb = w.kind.qbytes();
+        let base = w.qs.as_ptr().add(r * w.nb * qb);
+        for b in 0..w.nb {
+            let p = base.add(b * qb);
+            let (lo, hi, c0, c1) = match w.kind {
                 BlockKind::Q8_0 => {
-                    let lo = _mm_loadu_si128(blk.add(2) as *const __m128i);
-                    let hi = _mm_loadu_si128(blk.add(18) as *const __m128i);
+                    let lo = _mm_loadu_si128(p as *const __m128i);
+                    let hi = _mm_loadu_si128(p.add(16) as *const __m128i);
                     (
                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)),
                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))),
                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)),
                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))),
-                        0.0,
                     )
                 }
                 BlockKind::Q4_0 | BlockKind::Q4_1 => {
-                    let (qs, m) = match kind {
-                        BlockKind::Q4_0 => (blk.add(2), -8.0 * d),
-                        _ => (blk.add(4), f16_at(row, b * bb + 2)),
-                    };
-                    let raw = _mm_loadu_si128(qs as *const __m128i);
+                    let raw = _mm_loadu_si128(p as *const __m128i);
                     let lo = _mm_and_si128(raw, mask);
                     let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
                     (
@@ -306,23 +415,76 @@ mod avx2 {
                         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
                         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
                         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
-                        m,
                     )
                 }
             };
-            let dv = _mm256_set1_ps(d);
-            for t in 0..tile {
-                let xp = x.as_ptr().add((i0 + t) * k + b * QK);
-                let mut s = _mm256_mul_ps(q0, _mm256_loadu_ps(xp));
-                s = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xp.add(8)), s);
-                s = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xp.add(16)), s);
-                s = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xp.add(24)), s);
-                vacc[t] = _mm256_fmadd_ps(s, dv, vacc[t]);
-                offs[t] += m * sums[(i0 + t) * nb + b];
+            let dv = _mm256_set1_ps(*w.scales.get_unchecked(r * w.nb + b));
+            for (t, va) in vacc.iter_mut().enumerate() {
+                let xp = x.as_ptr().add((i0 + t) * w.k + b * QK);
+                let mut s = _mm256_mul_ps(lo, _mm256_loadu_ps(xp));
+                s = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xp.add(8)), s);
+                s = _mm256_fmadd_ps(c0, _mm256_loadu_ps(xp.add(16)), s);
+                s = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xp.add(24)), s);
+                *va = _mm256_fmadd_ps(s, dv, *va);
             }
         }
-        for t in 0..tile {
-            acc[t] = hsum(vacc[t]) + offs[t];
+        for t in 0..T {
+            acc[t] = hsum(vacc[t]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{BlockKind, PackedWeight, QK};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f,fma")]
+    pub unsafe fn row<const T: usize>(
+        w: &PackedWeight,
+        r: usize,
+        x: &[f32],
+        i0: usize,
+        acc: &mut [f32; 4],
+    ) {
+        let mut vacc = [_mm512_setzero_ps(); T];
+        let mask = _mm_set1_epi8(0x0F);
+        let qb = w.kind.qbytes();
+        let base = w.qs.as_ptr().add(r * w.nb * qb);
+        for b in 0..w.nb {
+            let p = base.add(b * qb);
+            // Elements 0-15 and 16-31 of the block as f32.
+            let (q0, q1) = match w.kind {
+                BlockKind::Q8_0 => (
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))),
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        p.add(16) as *const __m128i
+                    ))),
+                ),
+                BlockKind::Q4_0 | BlockKind::Q4_1 => {
+                    let raw = _mm_loadu_si128(p as *const __m128i);
+                    (
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask))),
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
+                            _mm_srli_epi16(raw, 4),
+                            mask,
+                        ))),
+                    )
+                }
+            };
+            let dv = _mm512_set1_ps(*w.scales.get_unchecked(r * w.nb + b));
+            for (t, va) in vacc.iter_mut().enumerate() {
+                let xp = x.as_ptr().add((i0 + t) * w.k + b * QK);
+                let s = _mm512_fmadd_ps(
+                    q1,
+                    _mm512_loadu_ps(xp.add(16)),
+                    _mm512_mul_ps(q0, _mm512_loadu_ps(xp)),
+                );
+                *va = _mm512_fmadd_ps(s, dv, *va);
+            }
+        }
+        for t in 0..T {
+            acc[t] = _mm512_reduce_add_ps(vacc[t]);
         }
     }
 }

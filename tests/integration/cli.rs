@@ -328,3 +328,91 @@ fn chat_generation_and_resumable_batch_file() {
         "a rerun must not duplicate results"
     );
 }
+
+/// A Hugging Face cache laid out as the Hub lays it out (refs/main → snapshots/<sha>/…).
+fn fake_hub_cache(id: &str) -> tempfile::TempDir {
+    let home = tempdir();
+    let repo = home
+        .path()
+        .join("hub")
+        .join(format!("models--{}", id.replace('/', "--")));
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo.join("snapshots").join(sha);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), sha).unwrap();
+    let src = tiny_fixture("llama3");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(src.path().join(f), snap.join(f)).unwrap();
+    }
+    let tc = serde_json::json!({
+        "bos_token": "<s>", "eos_token": {"content": "}", "special": true},
+        "chat_template": [{"name": "default", "template": "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"}]
+    });
+    std::fs::write(snap.join("tokenizer_config.json"), tc.to_string()).unwrap();
+    home
+}
+
+#[test]
+fn hub_ids_resolve_from_the_local_hf_cache() {
+    let home = fake_hub_cache("acme/tiny-llama");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_wildlong"))
+            .args(args)
+            .env("HF_HOME", home.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["models", "info", "acme/tiny-llama"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("snapshots/0123456789abcdef"), "{s}");
+    assert!(s.contains("rope scaling          llama3"), "{s}");
+    assert!(s.contains("chat template         yes"), "{s}");
+    let out = run(&[
+        "generate",
+        "--model",
+        "acme/tiny-llama",
+        "--chat",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "3",
+        "--threads",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn tokenizer_config_template_and_eos_are_used() {
+    let home = fake_hub_cache("acme/tiny-chat");
+    let snap = std::fs::read_dir(home.path().join("hub/models--acme--tiny-chat/snapshots"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let e = load(&snap, wildlong::config::EngineConfig::default());
+    let ids = e
+        .chat_prompt(&[wildlong::engine::chat::Message::new("user", "hey")])
+        .unwrap();
+    assert_eq!(
+        e.tokenizer.decode(&ids, false).unwrap(),
+        "[user]hey[assistant]"
+    );
+    assert_eq!(e.tokenizer.eos_token.as_deref(), Some("}"));
+    assert!(e
+        .tokenizer
+        .eos_ids()
+        .contains(&e.tokenizer.token_to_id("}").unwrap()));
+}

@@ -3,7 +3,7 @@
 use crate::common::lcg_values;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use wildlong::engine::packed::{matmul, matmul_portable, matmul_reference, PackedWeight};
+use wildlong::engine::packed::{matmul, matmul_all_isas, matmul_reference, PackedWeight};
 
 fn packed(kind: GgmlDType, n: usize, k: usize, seed: u64) -> (PackedWeight, QTensor) {
     let w = Tensor::from_vec(lcg_values(seed, n * k, 1.0), (n, k), &Device::Cpu).unwrap();
@@ -32,17 +32,23 @@ fn block_decoding_equals_candles_dequantize() {
 }
 
 #[test]
-fn simd_and_portable_kernels_equal_the_reference() {
+fn every_instruction_set_equals_the_reference() {
     for kind in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
         for (n, k) in [(1, 32), (45, 96), (130, 576)] {
             let (p, _) = packed(kind, n, k, 2);
             for m in [1, 3, 4, 5, 17] {
                 let x = lcg_values(9 + m as u64, m * k, 2.0);
                 let want = matmul_reference(&x, m, &p);
-                for (name, got) in [
-                    ("simd", matmul(&x, m, &p).unwrap()),
-                    ("portable", matmul_portable(&x, m, &p).unwrap()),
-                ] {
+                let mut all = matmul_all_isas(&x, m, &p).unwrap();
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    assert!(
+                        all.len() >= 2,
+                        "the AVX2 path must be exercised on this machine"
+                    );
+                }
+                all.push(("default", matmul(&x, m, &p).unwrap()));
+                for (name, got) in all {
                     let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
                     let worst = want
                         .iter()
@@ -65,4 +71,57 @@ fn unsupported_block_types_are_left_to_candle() {
     let q = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
     assert!(PackedWeight::from_qtensor(&q).unwrap().is_none());
     assert!(matmul(&[0.0; 10], 1, &packed(GgmlDType::Q8_0, 2, 32, 1).0).is_err());
+}
+
+#[test]
+fn fused_attention_equals_the_candle_reference_with_padding_and_windows() {
+    use std::sync::Arc;
+    use wildlong::engine::attention::{attention, attention_reference};
+    use wildlong::engine::llama::attention_mask;
+    let (b, kvh, g, d) = (3, 2, 3, 16);
+    for (t, kv, window) in [
+        (1, 1, None),
+        (1, 40, None),
+        (2, 33, Some(5)),
+        (4, 70, None),
+        (5, 9, Some(3)),
+    ] {
+        // Row 0 unpadded, row 1 left-padded by 3, row 2 padded by 7 (keys and queries).
+        let k_pos: Vec<Vec<i64>> = [0i64, 3, 7]
+            .iter()
+            .map(|&pad| {
+                (0..kv as i64)
+                    .map(|j| if j < pad { -1 } else { j - pad })
+                    .collect()
+            })
+            .collect();
+        let q_pos: Vec<Vec<i64>> = k_pos.iter().map(|r| r[kv - t..].to_vec()).collect();
+        let mask = attention_mask(&q_pos, &k_pos, window, &Device::Cpu).unwrap();
+        let host = Arc::new(mask.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let q = Tensor::from_vec(
+            lcg_values(1, b * kvh * g * t * d, 1.0),
+            (b, kvh, g * t, d),
+            &Device::Cpu,
+        )
+        .unwrap();
+        // Keys and values as strided views into a larger cache, as the model passes them.
+        let cap = kv + 5;
+        let kc = Tensor::from_vec(
+            lcg_values(2, b * kvh * cap * d, 2.0),
+            (b, kvh, cap, d),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let vc = Tensor::from_vec(
+            lcg_values(3, b * kvh * cap * d, 1.0),
+            (b, kvh, cap, d),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (k, v) = (kc.narrow(2, 0, kv).unwrap(), vc.narrow(2, 0, kv).unwrap());
+        let want = attention_reference(&q, &k, &v, &mask).unwrap();
+        let got = attention(&q, &k, &v, &mask, &host).unwrap();
+        let diff = crate::common::max_abs_diff(&want, &got);
+        assert!(diff < 1e-5, "t={t} kv={kv} window={window:?}: {diff}");
+    }
 }
