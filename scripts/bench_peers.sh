@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measures wildlong and its peers on the same GGUF, same machine, same run, and prints ratios.
-#   bash scripts/bench_peers.sh [threads=2] [peer venv=peers]
+#   bash scripts/bench_peers.sh [threads=2] [peer venv=peers] [HF venv=same]
 # The venv holds the peers (see ../shared/BENCHMARKS.md):
 #   python3 -m venv peers && CMAKE_ARGS="-DGGML_NATIVE=ON" peers/bin/pip install llama-cpp-python==0.3.36 torch transformers gguf accelerate
 # Run it on a quiet machine: candle's and llama.cpp's thread pools both spin.
@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 threads="${1:-2}"
 venv="${2:-peers}"
+hf_venv="${3:-$venv}"
 model="models/SmolLM2-135M-Instruct.Q4_1.gguf"
 peers_dir="${WILDLONG_PEERS_DIR:-../shared/peers}"
 out="${WILDLONG_BENCH_OUT:-runs/bench}"
@@ -16,8 +17,8 @@ cargo build --release --quiet
 ./target/release/wildlong models fetch >/dev/null
 ./target/release/wildlong bench --threads "$threads" --runs 3 --json "$out/wildlong.json" >/dev/null
 "$venv/bin/python" "$peers_dir/llamacpp_bench.py" "$model" "$threads" 512 128 | tail -1 > "$out/llamacpp.json"
-if "$venv/bin/python" -c "import transformers, torch" 2>/dev/null; then
-  "$venv/bin/python" "$peers_dir/hf_cpu_baseline.py" "$model" "$threads" 1024 2>/dev/null | grep '"generate"' > "$out/hf.json" || true
+if "$hf_venv/bin/python" -c "import transformers, torch" 2>/dev/null; then
+  "$hf_venv/bin/python" "$peers_dir/hf_cpu_baseline.py" "$model" "$threads" 1024 2>/dev/null | grep '"generate"' > "$out/hf.json" || true
 fi
 python3 - "$out" <<'PY'
 import json, os, sys

@@ -356,9 +356,7 @@ pub fn locate(files: ModelFiles, cfg: &EngineConfig) -> Result<Located> {
     match &files {
         ModelFiles::Gguf(path) => {
             let source = WeightSource::gguf(path, cfg.weight_format, &device)?;
-            let WeightSource::Gguf { content, .. } = &source else {
-                unreachable!()
-            };
+            let content = source.gguf_content().context("GGUF source")?;
             let config = Config::from_gguf(content, cfg.rope_theta)
                 .with_context(|| path.display().to_string())?;
             let tokenizer = Tokenizer::from_gguf(content)

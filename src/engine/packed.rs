@@ -184,6 +184,17 @@ fn parallel_min_macs() -> usize {
     })
 }
 
+/// Activation rows multiplied per pass over a weight row (accumulators held in registers).
+const MAX_TILE: usize = 8;
+
+fn max_tile(isa: Isa) -> usize {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => 8,
+        _ => 4,
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Isa {
     Portable,
@@ -258,26 +269,14 @@ fn matmul_with(x: &[f32], m: usize, w: &PackedWeight, isa: Isa) -> Result<Vec<f3
             w.k
         );
     }
-    let nb = w.nb;
-    // Σx per activation row and block, for the offset term Σ_b m_b·Σx_b.
-    let sums: Vec<f32> = x.chunks_exact(QK).map(|c| c.iter().sum()).collect();
     let mut out_t = vec![0f32; w.n * m]; // (n, m)
     let work = |r0: usize, chunk: &mut [f32]| {
         for (ri, dst) in chunk.chunks_exact_mut(m).enumerate() {
-            let r = r0 + ri;
             let mut i0 = 0;
             while i0 < m {
-                let tile = 4.min(m - i0);
-                let mut acc = [0f32; 4];
-                row_tile(w, isa, r, x, i0, tile, &mut acc);
-                if w.kind != BlockKind::Q8_0 {
-                    for t in 0..tile {
-                        acc[t] += dot(
-                            &w.offsets[r * nb..(r + 1) * nb],
-                            &sums[(i0 + t) * nb..(i0 + t + 1) * nb],
-                        );
-                    }
-                }
+                let tile = max_tile(isa).min(m - i0);
+                let mut acc = [0f32; MAX_TILE];
+                row_tile(w, isa, r0 + ri, x, i0, tile, &mut acc);
                 dst[i0..i0 + tile].copy_from_slice(&acc[..tile]);
                 i0 += tile;
             }
@@ -323,7 +322,8 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// Σ_b d_b · (q_b · x_b) of weight row `r` for up to four activation rows (offsets excluded).
+/// Dot products of weight row `r` (dequantized block by block, w = q·d + m) with `tile`
+/// activation rows starting at `i0`.
 fn row_tile(
     w: &PackedWeight,
     isa: Isa,
@@ -331,17 +331,21 @@ fn row_tile(
     x: &[f32],
     i0: usize,
     tile: usize,
-    acc: &mut [f32; 4],
+    acc: &mut [f32; MAX_TILE],
 ) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the features were detected at run time; x holds m·k values (checked by the caller).
         Isa::Avx512 => unsafe {
             match tile {
-                1 => avx512::row::<1>(w, r, x, i0, acc),
+                1 => avx512::row1(w, r, x, i0, acc),
                 2 => avx512::row::<2>(w, r, x, i0, acc),
                 3 => avx512::row::<3>(w, r, x, i0, acc),
-                _ => avx512::row::<4>(w, r, x, i0, acc),
+                4 => avx512::row::<4>(w, r, x, i0, acc),
+                5 => avx512::row::<5>(w, r, x, i0, acc),
+                6 => avx512::row::<6>(w, r, x, i0, acc),
+                7 => avx512::row::<7>(w, r, x, i0, acc),
+                _ => avx512::row::<8>(w, r, x, i0, acc),
             }
         },
         #[cfg(target_arch = "x86_64")]
@@ -356,11 +360,11 @@ fn row_tile(
         },
         Isa::Portable => {
             for b in 0..w.nb {
-                let q = w.block_values(r, b);
-                let d = w.scales[r * w.nb + b];
+                let (d, m) = (w.scales[r * w.nb + b], w.offsets[r * w.nb + b]);
+                let wv = w.block_values(r, b).map(|q| q.mul_add(d, m));
                 for (t, a) in acc.iter_mut().enumerate().take(tile) {
                     let xs = &x[(i0 + t) * w.k + b * QK..(i0 + t) * w.k + (b + 1) * QK];
-                    *a += d * q.iter().zip(xs).map(|(a, b)| a * b).sum::<f32>();
+                    *a += dot(&wv, xs);
                 }
             }
         }
@@ -369,7 +373,7 @@ fn row_tile(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{BlockKind, PackedWeight, QK};
+    use super::{BlockKind, PackedWeight, MAX_TILE, QK};
     use std::arch::x86_64::*;
 
     #[inline]
@@ -387,7 +391,7 @@ mod avx2 {
         r: usize,
         x: &[f32],
         i0: usize,
-        acc: &mut [f32; 4],
+        acc: &mut [f32; MAX_TILE],
     ) {
         let mut vacc = [_mm256_setzero_ps(); T];
         let mask = _mm_set1_epi8(0x0F);
@@ -419,13 +423,21 @@ mod avx2 {
                 }
             };
             let dv = _mm256_set1_ps(*w.scales.get_unchecked(r * w.nb + b));
+            let mv = _mm256_set1_ps(*w.offsets.get_unchecked(r * w.nb + b));
+            let (w0, w1, w2, w3) = (
+                _mm256_fmadd_ps(lo, dv, mv),
+                _mm256_fmadd_ps(hi, dv, mv),
+                _mm256_fmadd_ps(c0, dv, mv),
+                _mm256_fmadd_ps(c1, dv, mv),
+            );
+            // The block's partial sum first, so the accumulator chain has one add per block.
             for (t, va) in vacc.iter_mut().enumerate() {
                 let xp = x.as_ptr().add((i0 + t) * w.k + b * QK);
-                let mut s = _mm256_mul_ps(lo, _mm256_loadu_ps(xp));
-                s = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xp.add(8)), s);
-                s = _mm256_fmadd_ps(c0, _mm256_loadu_ps(xp.add(16)), s);
-                s = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xp.add(24)), s);
-                *va = _mm256_fmadd_ps(s, dv, *va);
+                let mut s = _mm256_mul_ps(w0, _mm256_loadu_ps(xp));
+                s = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), s);
+                s = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp.add(16)), s);
+                s = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp.add(24)), s);
+                *va = _mm256_add_ps(*va, s);
             }
         }
         for t in 0..T {
@@ -436,8 +448,68 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{BlockKind, PackedWeight, QK};
+    use super::{BlockKind, PackedWeight, MAX_TILE, QK};
     use std::arch::x86_64::*;
+
+    /// One activation row: the block dot is scaled afterwards (no per-block dequantization),
+    /// and the offset term m·Σx accumulates in its own vector.
+    #[target_feature(enable = "avx512f,fma")]
+    pub unsafe fn row1(
+        w: &PackedWeight,
+        r: usize,
+        x: &[f32],
+        i0: usize,
+        acc: &mut [f32; MAX_TILE],
+    ) {
+        let (mut va, mut vb, mut vm) = (
+            _mm512_setzero_ps(),
+            _mm512_setzero_ps(),
+            _mm512_setzero_ps(),
+        );
+        let mask = _mm_set1_epi8(0x0F);
+        let qb = w.kind.qbytes();
+        let base = w.qs.as_ptr().add(r * w.nb * qb);
+        let xrow = x.as_ptr().add(i0 * w.k);
+        let has_offset = w.kind != BlockKind::Q8_0;
+        for b in 0..w.nb {
+            let p = base.add(b * qb);
+            let (q0, q1) = match w.kind {
+                BlockKind::Q8_0 => (
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))),
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        p.add(16) as *const __m128i
+                    ))),
+                ),
+                BlockKind::Q4_0 | BlockKind::Q4_1 => {
+                    let raw = _mm_loadu_si128(p as *const __m128i);
+                    (
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask))),
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
+                            _mm_srli_epi16(raw, 4),
+                            mask,
+                        ))),
+                    )
+                }
+            };
+            let xp = xrow.add(b * QK);
+            let (x0, x1) = (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)));
+            let s = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
+            let dv = _mm512_set1_ps(*w.scales.get_unchecked(r * w.nb + b));
+            if b % 2 == 0 {
+                va = _mm512_fmadd_ps(s, dv, va);
+            } else {
+                vb = _mm512_fmadd_ps(s, dv, vb);
+            }
+            if has_offset {
+                vm = _mm512_fmadd_ps(
+                    _mm512_set1_ps(*w.offsets.get_unchecked(r * w.nb + b)),
+                    _mm512_add_ps(x0, x1),
+                    vm,
+                );
+            }
+        }
+        acc[0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(va, vb), vm));
+    }
 
     #[target_feature(enable = "avx512f,fma")]
     pub unsafe fn row<const T: usize>(
@@ -445,9 +517,10 @@ mod avx512 {
         r: usize,
         x: &[f32],
         i0: usize,
-        acc: &mut [f32; 4],
+        acc: &mut [f32; MAX_TILE],
     ) {
         let mut vacc = [_mm512_setzero_ps(); T];
+        let mut vacc2 = [_mm512_setzero_ps(); T];
         let mask = _mm_set1_epi8(0x0F);
         let qb = w.kind.qbytes();
         let base = w.qs.as_ptr().add(r * w.nb * qb);
@@ -473,18 +546,17 @@ mod avx512 {
                 }
             };
             let dv = _mm512_set1_ps(*w.scales.get_unchecked(r * w.nb + b));
-            for (t, va) in vacc.iter_mut().enumerate() {
+            let mv = _mm512_set1_ps(*w.offsets.get_unchecked(r * w.nb + b));
+            let (w0, w1) = (_mm512_fmadd_ps(q0, dv, mv), _mm512_fmadd_ps(q1, dv, mv));
+            // Two accumulators per row: one dependent FMA per chain per block.
+            for t in 0..T {
                 let xp = x.as_ptr().add((i0 + t) * w.k + b * QK);
-                let s = _mm512_fmadd_ps(
-                    q1,
-                    _mm512_loadu_ps(xp.add(16)),
-                    _mm512_mul_ps(q0, _mm512_loadu_ps(xp)),
-                );
-                *va = _mm512_fmadd_ps(s, dv, *va);
+                vacc[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), vacc[t]);
+                vacc2[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), vacc2[t]);
             }
         }
         for t in 0..T {
-            acc[t] = _mm512_reduce_add_ps(vacc[t]);
+            acc[t] = _mm512_reduce_add_ps(_mm512_add_ps(vacc[t], vacc2[t]));
         }
     }
 }

@@ -37,7 +37,15 @@ pub enum WeightFormat {
 }
 
 /// Row count at or below which a linear holding several copies uses its quantized one.
-const QUANT_MAX_ROWS: usize = 16;
+fn quant_max_rows() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("WILDLONG_QUANT_MAX_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(16)
+    })
+}
 
 /// `y = x W^T (+ b)` over dense and/or quantized copies of `W` (out, in).
 #[derive(Clone)]
@@ -112,12 +120,12 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.elem_count() / self.in_dim.max(1);
         if let Some(p) = &self.packed {
-            if self.dense.is_none() || rows <= QUANT_MAX_ROWS {
+            if self.dense.is_none() || rows <= quant_max_rows() {
                 return self.add_bias(forward_packed(p, x, rows, self.out_dim)?);
             }
         }
         let y = match (&self.dense, &self.quant) {
-            (Some(w), Some(q)) if rows <= QUANT_MAX_ROWS => forward_quant(q, x, w.dtype())?,
+            (Some(w), Some(q)) if rows <= quant_max_rows() => forward_quant(q, x, w.dtype())?,
             (Some(w), _) => {
                 candle_nn::Linear::new(w.clone(), None).forward(&x.to_dtype(w.dtype())?)?
             }
@@ -235,6 +243,14 @@ impl WeightSource {
         })
     }
 
+    /// The parsed GGUF header, for GGUF sources.
+    pub fn gguf_content(&self) -> Option<&gguf_file::Content> {
+        match self {
+            Self::Gguf { content, .. } => Some(content),
+            Self::Safetensors { .. } => None,
+        }
+    }
+
     pub fn has(&self, hf: &str) -> bool {
         match self {
             Self::Safetensors { vb, .. } => vb.contains_tensor(hf),
@@ -262,7 +278,7 @@ impl WeightSource {
             ..
         } = self
         else {
-            unreachable!()
+            bail!("`{hf}`: not a GGUF weight source");
         };
         let g = gguf_name(hf)?;
         content
