@@ -175,6 +175,16 @@ pub struct BenchArgs {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    // Run inside a worker of the pool so that every parallel matmul and attention call is
+    // joined by this thread instead of handing work over and sleeping (a wake-up per call).
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(cli.threads)
+        .build()
+        .context("building the thread pool")?;
+    pool.install(|| run_command(cli))
+}
+
+fn run_command(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Models(ModelsCommand::Fetch { model }) => fetch(&model, &cli.models_dir),
         Command::Models(ModelsCommand::Info { model }) => {

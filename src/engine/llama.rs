@@ -476,10 +476,45 @@ fn attention_mask_host(
     Ok((Tensor::from_vec(m, (b, 1, t, kv), device)?, host))
 }
 
+/// Projections of one input, held separately or stacked into one matmul.
+enum Projections {
+    Separate(Vec<Linear>),
+    Stacked { linear: Linear, sizes: Vec<usize> },
+}
+
+impl Projections {
+    fn new(parts: Vec<Linear>) -> Result<Self> {
+        let refs: Vec<&Linear> = parts.iter().collect();
+        Ok(match Linear::stack(&refs)? {
+            Some(linear) => Self::Stacked {
+                linear,
+                sizes: parts.iter().map(Linear::out_dim).collect(),
+            },
+            None => Self::Separate(parts),
+        })
+    }
+
+    /// x `(.., in)` → one output `(.., out_i)` per projection.
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Separate(parts) => parts.iter().map(|l| l.forward(x)).collect(),
+            Self::Stacked { linear, sizes } => {
+                let y = linear.forward(x)?;
+                let last = y.rank() - 1;
+                let mut start = 0;
+                let mut out = Vec::with_capacity(sizes.len());
+                for &n in sizes {
+                    out.push(y.narrow(last, start, n)?.contiguous()?);
+                    start += n;
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Projections,
     o_proj: Linear,
     num_heads: usize,
     num_kv_heads: usize,
@@ -491,9 +526,11 @@ impl Attention {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let bias = cfg.attention_bias;
         Ok(Self {
-            q_proj: w.linear(&format!("{p}.q_proj"), cfg.num_heads * hd, h, bias)?,
-            k_proj: w.linear(&format!("{p}.k_proj"), cfg.num_kv_heads * hd, h, bias)?,
-            v_proj: w.linear(&format!("{p}.v_proj"), cfg.num_kv_heads * hd, h, bias)?,
+            qkv: Projections::new(vec![
+                w.linear(&format!("{p}.q_proj"), cfg.num_heads * hd, h, bias)?,
+                w.linear(&format!("{p}.k_proj"), cfg.num_kv_heads * hd, h, bias)?,
+                w.linear(&format!("{p}.v_proj"), cfg.num_kv_heads * hd, h, bias)?,
+            ])?,
             o_proj: w.linear(&format!("{p}.o_proj"), h, cfg.num_heads * hd, false)?,
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
@@ -513,21 +550,14 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let g = h / kvh;
-        let q = self
-            .q_proj
+        let [q, k, v]: [Tensor; 3] = self
+            .qkv
             .forward(x)?
-            .reshape((b, t, h, hd))?
-            .transpose(1, 2)?; // (b, h, t, d)
-        let k = self
-            .k_proj
-            .forward(x)?
-            .reshape((b, t, kvh, hd))?
-            .transpose(1, 2)?; // (b, kvh, t, d)
-        let v = self
-            .v_proj
-            .forward(x)?
-            .reshape((b, t, kvh, hd))?
-            .transpose(1, 2)?;
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("qkv projections"))?;
+        let q = q.reshape((b, t, h, hd))?.transpose(1, 2)?; // (b, h, t, d)
+        let k = k.reshape((b, t, kvh, hd))?.transpose(1, 2)?; // (b, kvh, t, d)
+        let v = v.reshape((b, t, kvh, hd))?.transpose(1, 2)?;
         let q = rope
             .cfg
             .apply(&q, &rope.cos, &rope.sin)?
@@ -608,8 +638,7 @@ impl Attention {
 }
 
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: Projections,
     down_proj: Linear,
 }
 
@@ -617,15 +646,21 @@ impl Mlp {
     fn load(w: &mut WeightSource, p: &str, cfg: &Config) -> Result<Self> {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Ok(Self {
-            gate_proj: w.linear(&format!("{p}.gate_proj"), i, h, b)?,
-            up_proj: w.linear(&format!("{p}.up_proj"), i, h, b)?,
+            gate_up: Projections::new(vec![
+                w.linear(&format!("{p}.gate_proj"), i, h, b)?,
+                w.linear(&format!("{p}.up_proj"), i, h, b)?,
+            ])?,
             down_proj: w.linear(&format!("{p}.down_proj"), h, i, b)?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let [gate, up]: [Tensor; 2] = self
+            .gate_up
+            .forward(x)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("gate/up projections"))?;
+        self.down_proj.forward(&(gate.silu()? * up)?)
     }
 }
 

@@ -114,6 +114,31 @@ impl PackedWeight {
         }))
     }
 
+    /// Rows of several weights with the same block type and input size, stacked.
+    pub fn stack(parts: &[&PackedWeight]) -> Result<Option<Self>> {
+        let Some(first) = parts.first() else {
+            bail!("stacking no weights")
+        };
+        if parts.iter().any(|p| p.kind != first.kind || p.k != first.k) {
+            return Ok(None);
+        }
+        let cat = |f: &dyn Fn(&PackedWeight) -> &[f32]| {
+            parts
+                .iter()
+                .flat_map(|p| f(p).iter().copied())
+                .collect::<Vec<f32>>()
+        };
+        Ok(Some(Self {
+            kind: first.kind,
+            n: parts.iter().map(|p| p.n).sum(),
+            k: first.k,
+            nb: first.nb,
+            scales: cat(&|p| &p.scales),
+            offsets: cat(&|p| &p.offsets),
+            qs: parts.iter().flat_map(|p| p.qs.iter().copied()).collect(),
+        }))
+    }
+
     pub fn kind(&self) -> BlockKind {
         self.kind
     }

@@ -96,6 +96,53 @@ impl Linear {
         self.in_dim
     }
 
+    /// The linears `parts` (same input) stacked into one whose output is their outputs side by
+    /// side: one matmul instead of several. `None` when a part holds a candle quantized matmul
+    /// or a bias.
+    pub fn stack(parts: &[&Linear]) -> Result<Option<Linear>> {
+        let first = parts.first().context("stacking no linears")?;
+        let same = |l: &&Linear| {
+            l.quant.is_none()
+                && l.bias.is_none()
+                && l.in_dim == first.in_dim
+                && l.dense.is_some() == first.dense.is_some()
+                && l.packed.is_some() == first.packed.is_some()
+        };
+        if !parts.iter().all(same) || first.quant.is_some() || first.bias.is_some() {
+            return Ok(None);
+        }
+        let dense = match &first.dense {
+            Some(_) => Some(Tensor::cat(
+                &parts
+                    .iter()
+                    .map(|l| l.dense.as_ref().context("dense part"))
+                    .collect::<Result<Vec<_>>>()?,
+                0,
+            )?),
+            None => None,
+        };
+        let packed = match &first.packed {
+            Some(_) => match PackedWeight::stack(
+                &parts
+                    .iter()
+                    .map(|l| l.packed.as_deref().context("packed part"))
+                    .collect::<Result<Vec<_>>>()?,
+            )? {
+                Some(p) => Some(p),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        let out_dim = parts.iter().map(|l| l.out_dim).sum();
+        Ok(Some(Linear::from_parts(
+            dense,
+            None,
+            packed,
+            out_dim,
+            first.in_dim,
+        )))
+    }
+
     /// The dense weight `(out, in)`, dequantizing when only a quantized copy is held.
     pub fn weight(&self) -> Result<Tensor> {
         if let (None, Some(p)) = (&self.dense, &self.packed) {

@@ -311,3 +311,27 @@ fn invalid_json_schema_is_refused_before_decoding() {
         );
     }
 }
+
+#[test]
+fn chunked_prefill_generates_the_same_tokens() {
+    let reqs: Vec<Request> = QUESTIONS[..3]
+        .iter()
+        .map(|q| Request {
+            prompt: chat(q),
+            params: greedy(8),
+        })
+        .collect();
+    let base = default_engine().generate(&reqs, |_, _| {}).unwrap();
+    let small = load(
+        &default_model_path(),
+        EngineConfig {
+            prefill_chunk: 7,
+            max_batch: 2,
+            ..Default::default()
+        },
+    );
+    let chunked = small.generate(&reqs, |_, _| {}).unwrap();
+    for (a, b) in base.iter().zip(&chunked) {
+        assert_eq!(a.tokens, b.tokens);
+    }
+}

@@ -265,3 +265,148 @@ fn safetensors_half_precision_loads_and_tracks_f32() {
         assert!(d / scale < tol, "{dtype}: {d} of {scale}");
     }
 }
+
+/// llama.cpp's converter permutation of q/k rows (`permute()` in convert_hf_to_gguf.py):
+/// within each head, row i goes to 2i and row i + d/2 to 2i + 1.
+fn permute_for_gguf(w: &Tensor, heads: usize) -> Tensor {
+    let (rows, cols) = w.dims2().unwrap();
+    let hd = rows / heads;
+    w.reshape((heads, 2, hd / 2, cols))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap()
+}
+
+#[test]
+fn gguf_with_interleaved_rope_and_rope_freqs_matches_the_hf_checkpoint() {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use wildlong::engine::rope::{RopeConfig, RopeLayout, RopeScaling};
+    let extra = serde_json::json!({"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8}});
+    let spec = TinySpec {
+        extra,
+        ..Default::default()
+    };
+    let dir = tiny_random(&spec, 77);
+    let hf = load(dir.path(), EngineConfig::default());
+    let tokens: Vec<u32> = (0..45).map(|i| (i * 17 + 3) % 256).collect();
+    let want = full_logits(&hf.model, &tokens).unwrap();
+
+    // The same weights as llama.cpp would write them: GGUF names, permuted q/k, and llama3
+    // scaling baked into per-frequency divisors (rope_freqs.weight).
+    let w = load_tensors(&dir.path().join("model.safetensors"));
+    let hd = spec.hidden / spec.heads;
+    let base = RopeConfig {
+        theta: 500000.0,
+        dim: hd,
+        max_position_embeddings: spec.max_pos,
+        scaling: RopeScaling::Default,
+        layout: RopeLayout::HalfSplit,
+        freq_factors: None,
+    };
+    let scaled = RopeConfig {
+        scaling: hf.model.config().rope.scaling.clone(),
+        ..base.clone()
+    };
+    let factors: Vec<f32> = base
+        .inv_freq(1)
+        .0
+        .iter()
+        .zip(scaled.inv_freq(1).0)
+        .map(|(a, b)| a / b)
+        .collect();
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut put = |name: String, t: Tensor| {
+        tensors.push((name, QTensor::quantize(&t, GgmlDType::F32).unwrap()))
+    };
+    put(
+        "token_embd.weight".into(),
+        w["model.embed_tokens.weight"].clone(),
+    );
+    put("output_norm.weight".into(), w["model.norm.weight"].clone());
+    put("output.weight".into(), w["lm_head.weight"].clone());
+    put(
+        "rope_freqs.weight".into(),
+        Tensor::new(factors.as_slice(), &Device::Cpu).unwrap(),
+    );
+    for i in 0..spec.layers {
+        let g = |n: &str| w[&format!("model.layers.{i}.{n}.weight")].clone();
+        put(
+            format!("blk.{i}.attn_q.weight"),
+            permute_for_gguf(&g("self_attn.q_proj"), spec.heads),
+        );
+        put(
+            format!("blk.{i}.attn_k.weight"),
+            permute_for_gguf(&g("self_attn.k_proj"), spec.kv_heads),
+        );
+        put(format!("blk.{i}.attn_v.weight"), g("self_attn.v_proj"));
+        put(format!("blk.{i}.attn_output.weight"), g("self_attn.o_proj"));
+        put(format!("blk.{i}.ffn_gate.weight"), g("mlp.gate_proj"));
+        put(format!("blk.{i}.ffn_up.weight"), g("mlp.up_proj"));
+        put(format!("blk.{i}.ffn_down.weight"), g("mlp.down_proj"));
+        put(format!("blk.{i}.attn_norm.weight"), g("input_layernorm"));
+        put(
+            format!("blk.{i}.ffn_norm.weight"),
+            g("post_attention_layernorm"),
+        );
+    }
+    use gguf_file::Value as V;
+    let vocab: Vec<String> = hf.tokenizer.inner().get_vocab(false).into_iter().fold(
+        vec![String::new(); 256],
+        |mut v, (t, id)| {
+            v[id as usize] = t;
+            v
+        },
+    );
+    let md: Vec<(&str, V)> = vec![
+        ("general.architecture", V::String("llama".into())),
+        ("llama.embedding_length", V::U32(spec.hidden as u32)),
+        (
+            "llama.feed_forward_length",
+            V::U32(spec.intermediate as u32),
+        ),
+        ("llama.block_count", V::U32(spec.layers as u32)),
+        ("llama.attention.head_count", V::U32(spec.heads as u32)),
+        (
+            "llama.attention.head_count_kv",
+            V::U32(spec.kv_heads as u32),
+        ),
+        ("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
+        ("llama.rope.freq_base", V::F32(500000.0)),
+        ("llama.rope.dimension_count", V::U32(hd as u32)),
+        ("llama.context_length", V::U32(64)),
+        ("tokenizer.ggml.model", V::String("gpt2".into())),
+        ("tokenizer.ggml.pre", V::String("gpt-2".into())),
+        (
+            "tokenizer.ggml.tokens",
+            V::Array(vocab.into_iter().map(V::String).collect()),
+        ),
+        ("tokenizer.ggml.merges", V::Array(vec![])),
+    ];
+    let gguf = tempdir();
+    let path = gguf.path().join("tiny.gguf");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let md_refs: Vec<(&str, &V)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
+    drop(f);
+    let g = load(
+        &path,
+        EngineConfig {
+            weight_format: wildlong::engine::weights::WeightFormat::F32,
+            ..Default::default()
+        },
+    );
+    assert_eq!(g.model.config().rope.layout, RopeLayout::Interleaved);
+    assert!(g.model.config().rope.freq_factors.is_some());
+    let got = full_logits(&g.model, &tokens).unwrap();
+    let d = max_abs_diff(&want, &got);
+    assert!(d < 1e-4, "GGUF path differs from the HF checkpoint by {d}");
+    assert_eq!(
+        g.tokenizer.encode("hello", false).unwrap(),
+        hf.tokenizer.encode("hello", false).unwrap()
+    );
+}
