@@ -42,7 +42,7 @@ fn timed(f: impl FnOnce() -> Result<()>) -> Result<f64> {
 }
 
 pub fn run(args: &BenchArgs, threads: usize, models_dir: &Path) -> Result<()> {
-    let mut cfg = args.engine.engine_config(threads);
+    let mut cfg = args.engine.engine_config(threads)?;
     cfg.max_batch = args.batch.max(args.continuations).max(1);
     let engine = models::load_engine(&args.engine.model, models_dir, &cfg)?;
     let runs = args.runs.max(1);
@@ -137,7 +137,7 @@ pub fn run(args: &BenchArgs, threads: usize, models_dir: &Path) -> Result<()> {
     let result = serde_json::json!({
         "engine": "wildlong",
         "model": args.engine.model,
-        "weights": format!("{:?}", args.engine.weights),
+        "weights": format!("{:?}", cfg.weight_format),
         "threads": threads,
         "prompt_tokens": p,
         "new_tokens": n,

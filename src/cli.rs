@@ -74,41 +74,60 @@ pub struct EngineArgs {
     /// `default`, a .gguf file, an HF folder (config.json + safetensors + tokenizer.json), or an HF model id.
     #[arg(long, default_value = "default")]
     pub model: String,
-    /// In-memory format of GGUF weights.
-    #[arg(long, value_enum, default_value_t = WeightFormat::Exact)]
-    pub weights: WeightFormat,
-    /// Compute dtype for safetensors models (f32, f16, bf16).
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-    /// Rows decoded together.
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
-    /// Prompt tokens per prefill step.
-    #[arg(long, default_value_t = 512)]
-    pub prefill_chunk: usize,
+    /// Engine settings from a TOML file (see configs/engine-cpu.toml); flags override it.
+    #[arg(long)]
+    pub engine_config: Option<PathBuf>,
+    /// In-memory format of GGUF weights [default: exact].
+    #[arg(long, value_enum)]
+    pub weights: Option<WeightFormat>,
+    /// Compute dtype for safetensors models: f32, f16, bf16 [default: f32].
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Rows decoded together [default: 16].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Prompt tokens per prefill step [default: 512].
+    #[arg(long)]
+    pub prefill_chunk: Option<usize>,
     /// Override the checkpoint's rope_theta.
     #[arg(long)]
     pub rope_theta: Option<f64>,
-    /// Longest prompt + generation accepted (default: the model's context).
+    /// Longest prompt + generation accepted [default: the model's context].
     #[arg(long)]
     pub max_context: Option<usize>,
-    /// cpu, cuda[:N] or metal[:N].
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// cpu, cuda[:N] or metal[:N] [default: cpu].
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 impl EngineArgs {
-    pub fn engine_config(&self, threads: usize) -> EngineConfig {
-        EngineConfig {
-            prefill_chunk: self.prefill_chunk,
-            max_batch: self.batch_size,
-            weight_format: self.weights,
-            dtype: self.dtype.clone(),
-            rope_theta: self.rope_theta,
-            max_context: self.max_context,
-            threads,
-            device: self.device.clone(),
+    /// The engine configuration: defaults, then `--engine-config`, then flags.
+    pub fn engine_config(&self, threads: usize) -> Result<EngineConfig> {
+        let mut c = match &self.engine_config {
+            Some(p) => EngineConfig::from_toml_file(p)?,
+            None => EngineConfig::default(),
+        };
+        if let Some(v) = self.weights {
+            c.weight_format = v;
         }
+        if let Some(v) = &self.dtype {
+            c.dtype = v.clone();
+        }
+        if let Some(v) = self.batch_size {
+            c.max_batch = v;
+        }
+        if let Some(v) = self.prefill_chunk {
+            c.prefill_chunk = v;
+        }
+        c.rope_theta = self.rope_theta.or(c.rope_theta);
+        c.max_context = self.max_context.or(c.max_context);
+        if let Some(v) = &self.device {
+            c.device = v.clone();
+        }
+        if threads > 0 {
+            c.threads = threads;
+        }
+        Ok(c)
     }
 }
 
@@ -282,11 +301,8 @@ fn generate(args: GenerateArgs, threads: usize, models_dir: &Path) -> Result<()>
         Some(out) if out.exists() => completed_ids(out)?,
         _ => Default::default(),
     };
-    let engine = models::load_engine(
-        &args.engine.model,
-        models_dir,
-        &args.engine.engine_config(threads),
-    )?;
+    let engine_config = args.engine.engine_config(threads)?;
+    let engine = models::load_engine(&args.engine.model, models_dir, &engine_config)?;
     let mut jobs = Vec::new();
     for (id, line) in lines {
         if done_ids.contains(&id) {

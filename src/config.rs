@@ -2,7 +2,16 @@
 //! with unknown keys rejected; the CLI fills the same types.
 
 use crate::engine::weights::WeightFormat;
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Reads a TOML config; unknown keys are errors that list the accepted ones.
+pub fn from_toml_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
 
 /// How one continuation is sampled.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,6 +85,19 @@ pub struct EngineConfig {
     pub threads: usize,
     /// `cpu`, `cuda[:N]` or `metal[:N]`.
     pub device: String,
+}
+
+impl EngineConfig {
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let c: Self = from_toml_file(path)?;
+        if c.prefill_chunk == 0 || c.max_batch == 0 {
+            anyhow::bail!(
+                "{}: prefill_chunk and max_batch must be at least 1",
+                path.display()
+            );
+        }
+        Ok(c)
+    }
 }
 
 impl Default for EngineConfig {

@@ -209,13 +209,16 @@ fn parallel_min_macs() -> usize {
     })
 }
 
+/// Activation rows of the two-weight-row AVX-512 kernel.
+const PAIR_TILE: usize = 8;
+
 /// Activation rows multiplied per pass over a weight row (accumulators held in registers).
-const MAX_TILE: usize = 8;
+const MAX_TILE: usize = 16;
 
 fn max_tile(isa: Isa) -> usize {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => 8,
+        Isa::Avx512 => 16,
         _ => 4,
     }
 }
@@ -296,7 +299,37 @@ fn matmul_with(x: &[f32], m: usize, w: &PackedWeight, isa: Isa) -> Result<Vec<f3
     }
     let mut out_t = vec![0f32; w.n * m]; // (n, m)
     let work = |r0: usize, chunk: &mut [f32]| {
-        for (ri, dst) in chunk.chunks_exact_mut(m).enumerate() {
+        let rows = chunk.len() / m;
+        let mut ri = 0;
+        // Batches on AVX-512: two weight rows per pass share every activation load.
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 && m >= PAIR_TILE {
+            while ri + 2 <= rows {
+                let (a, b) = chunk[ri * m..(ri + 2) * m].split_at_mut(m);
+                let mut i0 = 0;
+                while i0 + PAIR_TILE <= m {
+                    let (mut acc_a, mut acc_b) = ([0f32; PAIR_TILE], [0f32; PAIR_TILE]);
+                    // SAFETY: AVX-512F and FMA were detected; x holds m·k values.
+                    unsafe { avx512::row_pair(w, r0 + ri, x, i0, &mut acc_a, &mut acc_b) };
+                    a[i0..i0 + PAIR_TILE].copy_from_slice(&acc_a);
+                    b[i0..i0 + PAIR_TILE].copy_from_slice(&acc_b);
+                    i0 += PAIR_TILE;
+                }
+                for (off, dst) in [(0, &mut *a), (1, &mut *b)] {
+                    let mut j = i0;
+                    while j < m {
+                        let tile = max_tile(isa).min(m - j);
+                        let mut acc = [0f32; MAX_TILE];
+                        row_tile(w, isa, r0 + ri + off, x, j, tile, &mut acc);
+                        dst[j..j + tile].copy_from_slice(&acc[..tile]);
+                        j += tile;
+                    }
+                }
+                ri += 2;
+            }
+        }
+        for (rj, dst) in chunk.chunks_exact_mut(m).enumerate().skip(ri) {
+            let ri = rj;
             let mut i0 = 0;
             while i0 < m {
                 let tile = max_tile(isa).min(m - i0);
@@ -370,7 +403,21 @@ fn row_tile(
                 5 => avx512::row::<5>(w, r, x, i0, acc),
                 6 => avx512::row::<6>(w, r, x, i0, acc),
                 7 => avx512::row::<7>(w, r, x, i0, acc),
-                _ => avx512::row::<8>(w, r, x, i0, acc),
+                8 => avx512::row::<8>(w, r, x, i0, acc),
+                9..=12 if tile == 12 => avx512::row_wide::<12>(w, r, x, i0, acc),
+                9..=12 => {
+                    avx512::row::<8>(w, r, x, i0, acc);
+                    let mut rest = [0f32; MAX_TILE];
+                    row_tile(w, isa, r, x, i0 + 8, tile - 8, &mut rest);
+                    acc[8..tile].copy_from_slice(&rest[..tile - 8]);
+                }
+                _ if tile == 16 => avx512::row_wide::<16>(w, r, x, i0, acc),
+                _ => {
+                    avx512::row_wide::<12>(w, r, x, i0, acc);
+                    let mut rest = [0f32; MAX_TILE];
+                    row_tile(w, isa, r, x, i0 + 12, tile - 12, &mut rest);
+                    acc[12..tile].copy_from_slice(&rest[..tile - 12]);
+                }
             }
         },
         #[cfg(target_arch = "x86_64")]
@@ -473,7 +520,7 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{BlockKind, PackedWeight, MAX_TILE, QK};
+    use super::{BlockKind, PackedWeight, MAX_TILE, PAIR_TILE, QK};
     use std::arch::x86_64::*;
 
     /// One activation row: the block dot is scaled afterwards (no per-block dequantization),
@@ -534,6 +581,118 @@ mod avx512 {
             }
         }
         acc[0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(va, vb), vm));
+    }
+
+    /// Block `b` of weight row `row` as two vectors of f32 weights (w = q·d + m).
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn dequant_block(
+        w: &PackedWeight,
+        row: usize,
+        b: usize,
+        mask: __m128i,
+        qb: usize,
+    ) -> (__m512, __m512) {
+        let p = w.qs.as_ptr().add((row * w.nb + b) * qb);
+        let (q0, q1) = match w.kind {
+            BlockKind::Q8_0 => (
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))),
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    p.add(16) as *const __m128i
+                ))),
+            ),
+            BlockKind::Q4_0 | BlockKind::Q4_1 => {
+                let raw = _mm_loadu_si128(p as *const __m128i);
+                (
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask))),
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
+                        _mm_srli_epi16(raw, 4),
+                        mask,
+                    ))),
+                )
+            }
+        };
+        let dv = _mm512_set1_ps(*w.scales.get_unchecked(row * w.nb + b));
+        let mv = _mm512_set1_ps(*w.offsets.get_unchecked(row * w.nb + b));
+        (_mm512_fmadd_ps(q0, dv, mv), _mm512_fmadd_ps(q1, dv, mv))
+    }
+
+    /// Two weight rows × eight activation rows: each activation load feeds two FMAs.
+    #[target_feature(enable = "avx512f,fma")]
+    pub unsafe fn row_pair(
+        w: &PackedWeight,
+        r: usize,
+        x: &[f32],
+        i0: usize,
+        acc_a: &mut [f32; PAIR_TILE],
+        acc_b: &mut [f32; PAIR_TILE],
+    ) {
+        let mut va = [_mm512_setzero_ps(); PAIR_TILE];
+        let mut vb = [_mm512_setzero_ps(); PAIR_TILE];
+        let mask = _mm_set1_epi8(0x0F);
+        let qb = w.kind.qbytes();
+        for b in 0..w.nb {
+            let (a0, a1) = dequant_block(w, r, b, mask, qb);
+            let (b0, b1) = dequant_block(w, r + 1, b, mask, qb);
+            for t in 0..PAIR_TILE {
+                let xp = x.as_ptr().add((i0 + t) * w.k + b * QK);
+                let (x0, x1) = (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)));
+                va[t] = _mm512_fmadd_ps(a1, x1, _mm512_fmadd_ps(a0, x0, va[t]));
+                vb[t] = _mm512_fmadd_ps(b1, x1, _mm512_fmadd_ps(b0, x0, vb[t]));
+            }
+        }
+        for t in 0..PAIR_TILE {
+            acc_a[t] = _mm512_reduce_add_ps(va[t]);
+            acc_b[t] = _mm512_reduce_add_ps(vb[t]);
+        }
+    }
+
+    /// Many activation rows: one accumulator per row (the rows' chains hide the FMA latency),
+    /// so each weight block is dequantized once for up to 16 rows.
+    #[target_feature(enable = "avx512f,fma")]
+    pub unsafe fn row_wide<const T: usize>(
+        w: &PackedWeight,
+        r: usize,
+        x: &[f32],
+        i0: usize,
+        acc: &mut [f32; MAX_TILE],
+    ) {
+        let mut vacc = [_mm512_setzero_ps(); T];
+        let mask = _mm_set1_epi8(0x0F);
+        let qb = w.kind.qbytes();
+        let base = w.qs.as_ptr().add(r * w.nb * qb);
+        for b in 0..w.nb {
+            let p = base.add(b * qb);
+            let (q0, q1) = match w.kind {
+                BlockKind::Q8_0 => (
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))),
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        p.add(16) as *const __m128i
+                    ))),
+                ),
+                BlockKind::Q4_0 | BlockKind::Q4_1 => {
+                    let raw = _mm_loadu_si128(p as *const __m128i);
+                    (
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask))),
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
+                            _mm_srli_epi16(raw, 4),
+                            mask,
+                        ))),
+                    )
+                }
+            };
+            let dv = _mm512_set1_ps(*w.scales.get_unchecked(r * w.nb + b));
+            let mv = _mm512_set1_ps(*w.offsets.get_unchecked(r * w.nb + b));
+            let (w0, w1) = (_mm512_fmadd_ps(q0, dv, mv), _mm512_fmadd_ps(q1, dv, mv));
+            for t in 0..T {
+                let xp = x.as_ptr().add((i0 + t) * w.k + b * QK);
+                vacc[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), vacc[t]);
+                vacc[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), vacc[t]);
+            }
+        }
+        for t in 0..T {
+            acc[t] = _mm512_reduce_add_ps(vacc[t]);
+        }
     }
 
     #[target_feature(enable = "avx512f,fma")]

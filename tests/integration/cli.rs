@@ -416,3 +416,23 @@ fn tokenizer_config_template_and_eos_are_used() {
         .eos_ids()
         .contains(&e.tokenizer.token_to_id("}").unwrap()));
 }
+
+#[test]
+fn engine_config_files_parse_and_reject_unknown_keys() {
+    let c = wildlong::config::EngineConfig::from_toml_file(&root().join("configs/engine-cpu.toml"))
+        .unwrap();
+    assert_eq!(c, wildlong::config::EngineConfig::default());
+    let d = tempdir();
+    let bad = d.path().join("engine.toml");
+    std::fs::write(&bad, "prefill_chunk = 64\nmax_bath = 4\n").unwrap();
+    let out = wildlong(&[
+        "generate",
+        "--prompt",
+        "x",
+        "--engine-config",
+        bad.to_str().unwrap(),
+    ]);
+    fails_with(&out, "engine.toml");
+    fails_with(&out, "unknown field `max_bath`");
+    fails_with(&out, "max_batch");
+}

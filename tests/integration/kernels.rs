@@ -36,7 +36,7 @@ fn every_instruction_set_equals_the_reference() {
     for kind in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
         for (n, k) in [(1, 32), (45, 96), (130, 576)] {
             let (p, _) = packed(kind, n, k, 2);
-            for m in [1, 3, 4, 5, 17] {
+            for m in [1, 2, 3, 4, 5, 8, 10, 12, 14, 16, 17, 33] {
                 let x = lcg_values(9 + m as u64, m * k, 2.0);
                 let want = matmul_reference(&x, m, &p);
                 let mut all = matmul_all_isas(&x, m, &p).unwrap();

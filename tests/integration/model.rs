@@ -410,3 +410,24 @@ fn gguf_with_interleaved_rope_and_rope_freqs_matches_the_hf_checkpoint() {
         hf.tokenizer.encode("hello", false).unwrap()
     );
 }
+
+#[test]
+fn rope_theta_override_reaches_the_model() {
+    let dir = tiny_fixture("default");
+    let base = load(dir.path(), EngineConfig::default());
+    let over = load(
+        dir.path(),
+        EngineConfig {
+            rope_theta: Some(1e6),
+            ..Default::default()
+        },
+    );
+    assert_eq!(base.model.config().rope.theta, 10000.0);
+    assert_eq!(over.model.config().rope.theta, 1e6);
+    let ids: Vec<u32> = (0..30).collect();
+    let d = max_abs_diff(
+        &full_logits(&base.model, &ids).unwrap(),
+        &full_logits(&over.model, &ids).unwrap(),
+    );
+    assert!(d > 1e-3, "a different rope_theta must change the logits");
+}
