@@ -523,8 +523,53 @@ mod avx512 {
     use super::{BlockKind, PackedWeight, MAX_TILE, PAIR_TILE, QK};
     use std::arch::x86_64::*;
 
+    /// Block `b` of weight row `row`: its 32 quantized values as two f32 vectors.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn quant_block(w: &PackedWeight, row: usize, b: usize) -> (__m512, __m512) {
+        let qb = w.kind.qbytes();
+        let p = w.qs.as_ptr().add((row * w.nb + b) * qb);
+        match w.kind {
+            BlockKind::Q8_0 => (
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))),
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    p.add(16) as *const __m128i
+                ))),
+            ),
+            BlockKind::Q4_0 | BlockKind::Q4_1 => {
+                let mask = _mm_set1_epi8(0x0F);
+                let raw = _mm_loadu_si128(p as *const __m128i);
+                (
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask))),
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
+                        _mm_srli_epi16(raw, 4),
+                        mask,
+                    ))),
+                )
+            }
+        }
+    }
+
+    /// Block `b` of weight row `row` as two vectors of f32 weights (w = q·d + m).
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn dequant_block(w: &PackedWeight, row: usize, b: usize) -> (__m512, __m512) {
+        let (q0, q1) = quant_block(w, row, b);
+        let dv = _mm512_set1_ps(*w.scales.get_unchecked(row * w.nb + b));
+        let mv = _mm512_set1_ps(*w.offsets.get_unchecked(row * w.nb + b));
+        (_mm512_fmadd_ps(q0, dv, mv), _mm512_fmadd_ps(q1, dv, mv))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn load_x(x: &[f32], k: usize, row: usize, b: usize) -> (__m512, __m512) {
+        let xp = x.as_ptr().add(row * k + b * QK);
+        (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)))
+    }
+
     /// One activation row: the block dot is scaled afterwards (no per-block dequantization),
-    /// and the offset term m·Σx accumulates in its own vector.
+    /// the offset term m·Σx accumulates in its own vector, and even/odd blocks use separate
+    /// accumulators.
     #[target_feature(enable = "avx512f,fma")]
     pub unsafe fn row1(
         w: &PackedWeight,
@@ -538,33 +583,10 @@ mod avx512 {
             _mm512_setzero_ps(),
             _mm512_setzero_ps(),
         );
-        let mask = _mm_set1_epi8(0x0F);
-        let qb = w.kind.qbytes();
-        let base = w.qs.as_ptr().add(r * w.nb * qb);
-        let xrow = x.as_ptr().add(i0 * w.k);
         let has_offset = w.kind != BlockKind::Q8_0;
         for b in 0..w.nb {
-            let p = base.add(b * qb);
-            let (q0, q1) = match w.kind {
-                BlockKind::Q8_0 => (
-                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))),
-                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                        p.add(16) as *const __m128i
-                    ))),
-                ),
-                BlockKind::Q4_0 | BlockKind::Q4_1 => {
-                    let raw = _mm_loadu_si128(p as *const __m128i);
-                    (
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask))),
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
-                            _mm_srli_epi16(raw, 4),
-                            mask,
-                        ))),
-                    )
-                }
-            };
-            let xp = xrow.add(b * QK);
-            let (x0, x1) = (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)));
+            let (q0, q1) = quant_block(w, r, b);
+            let (x0, x1) = load_x(x, w.k, i0, b);
             let s = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
             let dv = _mm512_set1_ps(*w.scales.get_unchecked(r * w.nb + b));
             if b % 2 == 0 {
@@ -573,77 +595,34 @@ mod avx512 {
                 vb = _mm512_fmadd_ps(s, dv, vb);
             }
             if has_offset {
-                vm = _mm512_fmadd_ps(
-                    _mm512_set1_ps(*w.offsets.get_unchecked(r * w.nb + b)),
-                    _mm512_add_ps(x0, x1),
-                    vm,
-                );
+                let mv = _mm512_set1_ps(*w.offsets.get_unchecked(r * w.nb + b));
+                vm = _mm512_fmadd_ps(mv, _mm512_add_ps(x0, x1), vm);
             }
         }
         acc[0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(va, vb), vm));
     }
 
-    /// Block `b` of weight row `row` as two vectors of f32 weights (w = q·d + m).
-    #[inline]
+    /// Up to eight activation rows, two accumulators each (one dependent FMA per chain per block).
     #[target_feature(enable = "avx512f,fma")]
-    unsafe fn dequant_block(
-        w: &PackedWeight,
-        row: usize,
-        b: usize,
-        mask: __m128i,
-        qb: usize,
-    ) -> (__m512, __m512) {
-        let p = w.qs.as_ptr().add((row * w.nb + b) * qb);
-        let (q0, q1) = match w.kind {
-            BlockKind::Q8_0 => (
-                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))),
-                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                    p.add(16) as *const __m128i
-                ))),
-            ),
-            BlockKind::Q4_0 | BlockKind::Q4_1 => {
-                let raw = _mm_loadu_si128(p as *const __m128i);
-                (
-                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask))),
-                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
-                        _mm_srli_epi16(raw, 4),
-                        mask,
-                    ))),
-                )
-            }
-        };
-        let dv = _mm512_set1_ps(*w.scales.get_unchecked(row * w.nb + b));
-        let mv = _mm512_set1_ps(*w.offsets.get_unchecked(row * w.nb + b));
-        (_mm512_fmadd_ps(q0, dv, mv), _mm512_fmadd_ps(q1, dv, mv))
-    }
-
-    /// Two weight rows × eight activation rows: each activation load feeds two FMAs.
-    #[target_feature(enable = "avx512f,fma")]
-    pub unsafe fn row_pair(
+    pub unsafe fn row<const T: usize>(
         w: &PackedWeight,
         r: usize,
         x: &[f32],
         i0: usize,
-        acc_a: &mut [f32; PAIR_TILE],
-        acc_b: &mut [f32; PAIR_TILE],
+        acc: &mut [f32; MAX_TILE],
     ) {
-        let mut va = [_mm512_setzero_ps(); PAIR_TILE];
-        let mut vb = [_mm512_setzero_ps(); PAIR_TILE];
-        let mask = _mm_set1_epi8(0x0F);
-        let qb = w.kind.qbytes();
+        let mut vacc = [_mm512_setzero_ps(); T];
+        let mut vacc2 = [_mm512_setzero_ps(); T];
         for b in 0..w.nb {
-            let (a0, a1) = dequant_block(w, r, b, mask, qb);
-            let (b0, b1) = dequant_block(w, r + 1, b, mask, qb);
-            for t in 0..PAIR_TILE {
-                let xp = x.as_ptr().add((i0 + t) * w.k + b * QK);
-                let (x0, x1) = (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)));
-                va[t] = _mm512_fmadd_ps(a1, x1, _mm512_fmadd_ps(a0, x0, va[t]));
-                vb[t] = _mm512_fmadd_ps(b1, x1, _mm512_fmadd_ps(b0, x0, vb[t]));
+            let (w0, w1) = dequant_block(w, r, b);
+            for t in 0..T {
+                let (x0, x1) = load_x(x, w.k, i0 + t, b);
+                vacc[t] = _mm512_fmadd_ps(w0, x0, vacc[t]);
+                vacc2[t] = _mm512_fmadd_ps(w1, x1, vacc2[t]);
             }
         }
-        for t in 0..PAIR_TILE {
-            acc_a[t] = _mm512_reduce_add_ps(va[t]);
-            acc_b[t] = _mm512_reduce_add_ps(vb[t]);
+        for t in 0..T {
+            acc[t] = _mm512_reduce_add_ps(_mm512_add_ps(vacc[t], vacc2[t]));
         }
     }
 
@@ -658,36 +637,11 @@ mod avx512 {
         acc: &mut [f32; MAX_TILE],
     ) {
         let mut vacc = [_mm512_setzero_ps(); T];
-        let mask = _mm_set1_epi8(0x0F);
-        let qb = w.kind.qbytes();
-        let base = w.qs.as_ptr().add(r * w.nb * qb);
         for b in 0..w.nb {
-            let p = base.add(b * qb);
-            let (q0, q1) = match w.kind {
-                BlockKind::Q8_0 => (
-                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))),
-                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                        p.add(16) as *const __m128i
-                    ))),
-                ),
-                BlockKind::Q4_0 | BlockKind::Q4_1 => {
-                    let raw = _mm_loadu_si128(p as *const __m128i);
-                    (
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask))),
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
-                            _mm_srli_epi16(raw, 4),
-                            mask,
-                        ))),
-                    )
-                }
-            };
-            let dv = _mm512_set1_ps(*w.scales.get_unchecked(r * w.nb + b));
-            let mv = _mm512_set1_ps(*w.offsets.get_unchecked(r * w.nb + b));
-            let (w0, w1) = (_mm512_fmadd_ps(q0, dv, mv), _mm512_fmadd_ps(q1, dv, mv));
+            let (w0, w1) = dequant_block(w, r, b);
             for t in 0..T {
-                let xp = x.as_ptr().add((i0 + t) * w.k + b * QK);
-                vacc[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), vacc[t]);
-                vacc[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), vacc[t]);
+                let (x0, x1) = load_x(x, w.k, i0 + t, b);
+                vacc[t] = _mm512_fmadd_ps(w1, x1, _mm512_fmadd_ps(w0, x0, vacc[t]));
             }
         }
         for t in 0..T {
@@ -695,52 +649,30 @@ mod avx512 {
         }
     }
 
+    /// Two weight rows × eight activation rows: each activation load feeds two FMAs.
     #[target_feature(enable = "avx512f,fma")]
-    pub unsafe fn row<const T: usize>(
+    pub unsafe fn row_pair(
         w: &PackedWeight,
         r: usize,
         x: &[f32],
         i0: usize,
-        acc: &mut [f32; MAX_TILE],
+        acc_a: &mut [f32; PAIR_TILE],
+        acc_b: &mut [f32; PAIR_TILE],
     ) {
-        let mut vacc = [_mm512_setzero_ps(); T];
-        let mut vacc2 = [_mm512_setzero_ps(); T];
-        let mask = _mm_set1_epi8(0x0F);
-        let qb = w.kind.qbytes();
-        let base = w.qs.as_ptr().add(r * w.nb * qb);
+        let mut va = [_mm512_setzero_ps(); PAIR_TILE];
+        let mut vb = [_mm512_setzero_ps(); PAIR_TILE];
         for b in 0..w.nb {
-            let p = base.add(b * qb);
-            // Elements 0-15 and 16-31 of the block as f32.
-            let (q0, q1) = match w.kind {
-                BlockKind::Q8_0 => (
-                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))),
-                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                        p.add(16) as *const __m128i
-                    ))),
-                ),
-                BlockKind::Q4_0 | BlockKind::Q4_1 => {
-                    let raw = _mm_loadu_si128(p as *const __m128i);
-                    (
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask))),
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
-                            _mm_srli_epi16(raw, 4),
-                            mask,
-                        ))),
-                    )
-                }
-            };
-            let dv = _mm512_set1_ps(*w.scales.get_unchecked(r * w.nb + b));
-            let mv = _mm512_set1_ps(*w.offsets.get_unchecked(r * w.nb + b));
-            let (w0, w1) = (_mm512_fmadd_ps(q0, dv, mv), _mm512_fmadd_ps(q1, dv, mv));
-            // Two accumulators per row: one dependent FMA per chain per block.
-            for t in 0..T {
-                let xp = x.as_ptr().add((i0 + t) * w.k + b * QK);
-                vacc[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), vacc[t]);
-                vacc2[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), vacc2[t]);
+            let (a0, a1) = dequant_block(w, r, b);
+            let (b0, b1) = dequant_block(w, r + 1, b);
+            for t in 0..PAIR_TILE {
+                let (x0, x1) = load_x(x, w.k, i0 + t, b);
+                va[t] = _mm512_fmadd_ps(a1, x1, _mm512_fmadd_ps(a0, x0, va[t]));
+                vb[t] = _mm512_fmadd_ps(b1, x1, _mm512_fmadd_ps(b0, x0, vb[t]));
             }
         }
-        for t in 0..T {
-            acc[t] = _mm512_reduce_add_ps(_mm512_add_ps(vacc[t], vacc2[t]));
+        for t in 0..PAIR_TILE {
+            acc_a[t] = _mm512_reduce_add_ps(va[t]);
+            acc_b[t] = _mm512_reduce_add_ps(vb[t]);
         }
     }
 }
