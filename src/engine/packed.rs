@@ -340,26 +340,57 @@ fn matmul_with(x: &[f32], m: usize, w: &PackedWeight, isa: Isa) -> Result<Vec<f3
             }
         }
     };
+    if m == 1 {
+        // (n, 1) is already (1, n).
+        if w.n * w.k < parallel_min_macs() {
+            work(0, &mut out_t);
+        } else {
+            let rows = w.n.div_ceil(rayon::current_num_threads().max(1) * 4).max(8);
+            out_t
+                .par_chunks_mut(rows)
+                .enumerate()
+                .for_each(|(i, c)| work(i * rows, c));
+        }
+        return Ok(out_t);
+    }
+    // Each task computes its rows (n-major, cache-hot) and scatters them into the disjoint
+    // columns r0..r0+rows of the (m, n) output.
+    let mut out = vec![0f32; m * w.n];
+    let dst = OutPtr(out.as_mut_ptr());
+    let n = w.n;
+    let scatter = |r0: usize, chunk: &mut [f32]| {
+        work(r0, chunk);
+        for (ri, vals) in chunk.chunks_exact(m).enumerate() {
+            for (i, v) in vals.iter().enumerate() {
+                // SAFETY: i < m and r0 + ri < n, so the index is inside `out`; tasks own
+                // disjoint row ranges r0..r0+rows, so no two tasks write the same element.
+                unsafe { *dst.get().add(i * n + r0 + ri) = *v };
+            }
+        }
+    };
     if w.n * w.k * m < parallel_min_macs() {
-        work(0, &mut out_t);
+        scatter(0, &mut out_t);
     } else {
-        let threads = rayon::current_num_threads().max(1);
-        let rows = w.n.div_ceil(threads * 4).max(8);
+        let rows = w.n.div_ceil(rayon::current_num_threads().max(1) * 4).max(8);
         out_t
             .par_chunks_mut(rows * m)
             .enumerate()
-            .for_each(|(i, c)| work(i * rows, c));
-    }
-    if m == 1 {
-        return Ok(out_t);
-    }
-    let mut out = vec![0f32; m * w.n];
-    for r in 0..w.n {
-        for i in 0..m {
-            out[i * w.n + r] = out_t[r * m + i];
-        }
+            .for_each(|(i, c)| scatter(i * rows, c));
     }
     Ok(out)
+}
+
+/// The output buffer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: used only for writes to disjoint indices while the owning Vec outlives the tasks.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
 }
 
 /// A dot product in eight lanes, so that the compiler vectorizes it.
