@@ -122,7 +122,7 @@ impl Config {
             }
         }
         if cfg.num_attention_heads == 0
-            || cfg.hidden_size % cfg.num_attention_heads != 0 && cfg.head_dim.is_none()
+            || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) && cfg.head_dim.is_none()
         {
             bail!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
@@ -259,7 +259,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             bail!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads,

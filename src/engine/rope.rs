@@ -165,7 +165,7 @@ fn yarn_get_mscale(scale: f64, mscale: f64) -> f64 {
 
 impl RopeConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.dim == 0 || self.dim % 2 != 0 {
+        if self.dim == 0 || !self.dim.is_multiple_of(2) {
             bail!(
                 "rotary dimension must be even and positive, got {}",
                 self.dim

@@ -441,7 +441,7 @@ pub fn quantized_linear(
         WeightFormat::Native => Some(QMatMul::from_qtensor(q)?),
         WeightFormat::Q8_0 | WeightFormat::Hybrid => Some(if q.dtype() == GgmlDType::Q8_0 {
             QMatMul::from_qtensor(q)?
-        } else if in_dim % GgmlDType::Q8_0.block_size() == 0 {
+        } else if in_dim.is_multiple_of(GgmlDType::Q8_0.block_size()) {
             let w = match &dense {
                 Some(w) => w.clone(),
                 None => q.dequantize(device)?,
