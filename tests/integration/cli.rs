@@ -13,6 +13,17 @@ fn wildlong(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `wildlong generate --model DIR --prompt x`.
+fn generate_x(model: &std::path::Path) -> Output {
+    wildlong(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+    ])
+}
+
 fn fails_with(out: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -56,31 +67,13 @@ fn corrupt_safetensors() {
         b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}",
     )
     .unwrap();
-    fails_with(
-        &wildlong(&[
-            "generate",
-            "--model",
-            d.path().to_str().unwrap(),
-            "--prompt",
-            "x",
-        ]),
-        "not a valid safetensors",
-    );
+    fails_with(&generate_x(d.path()), "not a valid safetensors");
     // Truncated: a valid header whose data is cut off.
     let d = tiny_fixture("default");
     let p = d.path().join("model.safetensors");
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() - 1000]).unwrap();
-    fails_with(
-        &wildlong(&[
-            "generate",
-            "--model",
-            d.path().to_str().unwrap(),
-            "--prompt",
-            "x",
-        ]),
-        "not a valid safetensors",
-    );
+    fails_with(&generate_x(d.path()), "not a valid safetensors");
 }
 
 #[test]
@@ -107,16 +100,7 @@ fn pickle_checkpoints_are_refused() {
         b"\x80\x02c__builtin__\neval\n",
     )
     .unwrap();
-    fails_with(
-        &wildlong(&[
-            "generate",
-            "--model",
-            d.path().to_str().unwrap(),
-            "--prompt",
-            "x",
-        ]),
-        "pickle",
-    );
+    fails_with(&generate_x(d.path()), "pickle");
     fails_with(
         &wildlong(&[
             "generate",
