@@ -24,6 +24,27 @@ pub struct SamplingParams {
     pub seed: u64,
 }
 
+impl SamplingParams {
+    /// Rejects values the samplers cannot honour.
+    pub fn validate(&self) -> Result<()> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            anyhow::bail!(
+                "temperature must be a finite number >= 0, got {}",
+                self.temperature
+            );
+        }
+        if self.top_k == Some(0) {
+            anyhow::bail!("top_k must be at least 1");
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                anyhow::bail!("top_p must be in (0, 1], got {p}");
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         Self {

@@ -136,6 +136,10 @@ impl Engine {
             if r.prompt.is_empty() {
                 bail!("request {i}: empty prompt");
             }
+            r.params
+                .sampling
+                .validate()
+                .with_context(|| format!("request {i}"))?;
             let n = r.prompt.len() + prefix_len;
             if n >= max {
                 bail!("request {i}: prompt has {n} tokens but the model's context holds {max} (prompt + generated tokens)");

@@ -162,6 +162,24 @@ fn invalid_json_schema_file() {
 }
 
 #[test]
+fn impossible_sampling_parameters() {
+    for (args, needle) in [
+        (
+            ["--temperature=0.5", "--top-k=0"],
+            "top_k must be at least 1",
+        ),
+        (
+            ["--temperature=0.5", "--top-p=1.5"],
+            "top_p must be in (0, 1]",
+        ),
+        (["--temperature=-1", "--seed=1"], "temperature must be"),
+    ] {
+        let out = wildlong(&["generate", "--chat", "--prompt", "hi", args[0], args[1]]);
+        fails_with(&out, needle);
+    }
+}
+
+#[test]
 fn bad_batch_file_line_is_named() {
     let d = tempdir();
     let f = d.path().join("prompts.jsonl");
