@@ -353,7 +353,7 @@ pub struct Located {
 /// Reads config, tokenizer and chat template of a model; weights stay on disk.
 pub fn locate(files: ModelFiles, cfg: &EngineConfig) -> Result<Located> {
     let device = parse_device(&cfg.device)?;
-    match &files {
+    let (config, tokenizer, template, source) = match &files {
         ModelFiles::Gguf(path) => {
             let source = WeightSource::gguf(path, cfg.weight_format, &device)?;
             let content = source.gguf_content().context("GGUF source")?;
@@ -361,25 +361,12 @@ pub fn locate(files: ModelFiles, cfg: &EngineConfig) -> Result<Located> {
                 .with_context(|| path.display().to_string())?;
             let tokenizer = Tokenizer::from_gguf(content)
                 .with_context(|| format!("{}: tokenizer", path.display()))?;
-            let chat_template = match content
+            let template = content
                 .metadata
                 .get("tokenizer.chat_template")
                 .and_then(|v| v.to_string().ok())
-            {
-                Some(t) => Some(ChatTemplate::new(
-                    t,
-                    tokenizer.bos_token.as_deref(),
-                    tokenizer.eos_token.as_deref(),
-                )?),
-                None => None,
-            };
-            Ok(Located {
-                files,
-                config,
-                tokenizer,
-                chat_template,
-                source,
-            })
+                .cloned();
+            (config, tokenizer, template, source)
         }
         ModelFiles::HfFolder { dir, weights } => {
             let cfg_path = dir.join("config.json");
@@ -393,49 +380,40 @@ pub fn locate(files: ModelFiles, cfg: &EngineConfig) -> Result<Located> {
             if gen.is_file() {
                 let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&gen)?)
                     .with_context(|| format!("{}: invalid JSON", gen.display()))?;
-                for id in match &v["eos_token_id"] {
-                    serde_json::Value::Number(n) => n.as_u64().into_iter().collect::<Vec<_>>(),
-                    serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).collect(),
-                    _ => vec![],
-                } {
-                    if !config.eos_token_ids.contains(&(id as u32)) {
-                        config.eos_token_ids.push(id as u32);
+                for id in crate::engine::llama::ids_from_value(&v.get("eos_token_id").cloned()) {
+                    if !config.eos_token_ids.contains(&id) {
+                        config.eos_token_ids.push(id);
                     }
                 }
             }
             let tokenizer =
                 Tokenizer::from_file(&dir.join("tokenizer.json"), &config.eos_token_ids)?;
             let tc = dir.join("tokenizer_config.json");
-            let chat_template = match tc
-                .is_file()
-                .then(|| ChatTemplate::from_tokenizer_config(&tc))
-                .transpose()?
-                .flatten()
-            {
-                Some(t) => Some(ChatTemplate::new(
-                    &t,
-                    tokenizer.bos_token.as_deref(),
-                    tokenizer.eos_token.as_deref(),
-                )?),
-                None => match std::fs::read_to_string(dir.join("chat_template.jinja")) {
-                    Ok(t) => Some(ChatTemplate::new(
-                        &t,
-                        tokenizer.bos_token.as_deref(),
-                        tokenizer.eos_token.as_deref(),
-                    )?),
-                    Err(_) => None,
-                },
-            };
+            let template = match tc.is_file() {
+                true => ChatTemplate::from_tokenizer_config(&tc)?,
+                false => None,
+            }
+            .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
             let source = WeightSource::safetensors(weights, parse_dtype(&cfg.dtype)?, &device)?;
-            Ok(Located {
-                files,
-                config,
-                tokenizer,
-                chat_template,
-                source,
-            })
+            (config, tokenizer, template, source)
         }
-    }
+    };
+    let chat_template = template
+        .map(|t| {
+            ChatTemplate::new(
+                &t,
+                tokenizer.bos_token.as_deref(),
+                tokenizer.eos_token.as_deref(),
+            )
+        })
+        .transpose()?;
+    Ok(Located {
+        files,
+        config,
+        tokenizer,
+        chat_template,
+        source,
+    })
 }
 
 /// Resolves, reads and loads a model into an engine.

@@ -132,6 +132,8 @@ impl Engine {
     /// Checks every request before any work is done (bad input fails fast).
     fn validate(&self, reqs: &[Request], prefix_len: usize) -> Result<()> {
         let max = self.max_context();
+        // Batches usually share one schema: compile each distinct schema once here.
+        let mut checked_schemas: Vec<&serde_json::Value> = Vec::new();
         for (i, r) in reqs.iter().enumerate() {
             if r.prompt.is_empty() {
                 bail!("request {i}: empty prompt");
@@ -155,7 +157,10 @@ impl Engine {
                 );
             }
             if let Some(s) = &r.params.json_schema {
-                self.constraint(s).with_context(|| format!("request {i}"))?;
+                if !checked_schemas.contains(&s) {
+                    self.constraint(s).with_context(|| format!("request {i}"))?;
+                    checked_schemas.push(s);
+                }
             }
         }
         Ok(())

@@ -91,7 +91,8 @@ pub struct Config {
     pub bos_token_id: Option<u32>,
 }
 
-fn ids_from_value(v: &Option<Value>) -> Vec<u32> {
+/// Token ids from a config value that is a number or a list of numbers.
+pub(crate) fn ids_from_value(v: &Option<Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
         Some(Value::Array(a)) => a
@@ -763,66 +764,44 @@ pub struct Llama {
 }
 
 impl Llama {
-    pub fn load(mut w: WeightSource, cfg: Config, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn load(
+        mut w: WeightSource,
+        mut cfg: Config,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         if let Some(freqs) = w.gguf_raw("rope_freqs.weight")? {
-            let mut cfg_rope = cfg.rope.clone();
-            cfg_rope.freq_factors = Some(freqs.to_dtype(DType::F32)?.to_vec1::<f32>()?);
-            cfg_rope.validate().context("rope_freqs.weight")?;
-            return Self::load_inner(
-                w,
-                Config {
-                    rope: cfg_rope,
-                    ..cfg
-                },
-                device,
-                dtype,
-            );
+            cfg.rope.freq_factors = Some(freqs.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+            cfg.rope.validate().context("rope_freqs.weight")?;
         }
-        Self::load_inner(w, cfg, device, dtype)
-    }
-
-    fn load_inner(mut w: WeightSource, cfg: Config, device: &Device, dtype: DType) -> Result<Self> {
-        let embed_tokens = w
-            .tensor(
-                "model.embed_tokens.weight",
-                &[cfg.vocab_size, cfg.hidden_size],
-            )?
-            .to_dtype(dtype)?;
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_name = "model.embed_tokens.weight";
+        let (embed_tokens, lm_head) = if w.has("lm_head.weight") {
+            (
+                w.tensor(embed_name, &[v, h])?,
+                w.linear("lm_head", v, h, false)?,
+            )
+        } else if !cfg.tie_word_embeddings {
+            bail!("checkpoint has no `lm_head.weight` and does not tie word embeddings");
+        } else if w.gguf_content().is_some() {
+            // Tied GGUF: the head keeps the file's blocks; the embedding table shares its dense
+            // copy when the format holds one (read and dequantized once).
+            let head = w.linear("model.embed_tokens", v, h, false)?;
+            let embed = match head.dense() {
+                Some(t) => t.clone(),
+                None => w.tensor(embed_name, &[v, h])?,
+            };
+            (embed, head)
+        } else {
+            let embed = w.tensor(embed_name, &[v, h])?;
+            (embed.clone(), Linear::from_dense(embed, None)?)
+        };
+        let embed_tokens = embed_tokens.to_dtype(dtype)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             layers.push(Block::load(&mut w, i, &cfg)?);
         }
-        let norm = RmsNorm::load(
-            &mut w,
-            "model.norm.weight",
-            cfg.hidden_size,
-            cfg.rms_norm_eps,
-        )?;
-        let lm_head = if w.has("lm_head.weight") {
-            w.linear("lm_head", cfg.vocab_size, cfg.hidden_size, false)?
-        } else if cfg.tie_word_embeddings || matches!(w, WeightSource::Gguf { .. }) {
-            match &mut w {
-                WeightSource::Gguf {
-                    content,
-                    reader,
-                    format,
-                    device: d,
-                    ..
-                } => {
-                    let q = content.tensor(reader, "token_embd.weight", d)?;
-                    crate::engine::weights::quantized_linear(
-                        q,
-                        *format,
-                        d,
-                        cfg.vocab_size,
-                        cfg.hidden_size,
-                    )?
-                }
-                WeightSource::Safetensors { .. } => Linear::from_dense(embed_tokens.clone(), None)?,
-            }
-        } else {
-            bail!("checkpoint has no `lm_head.weight` and does not tie word embeddings");
-        };
+        let norm = RmsNorm::load(&mut w, "model.norm.weight", h, cfg.rms_norm_eps)?;
         Ok(Self {
             embed_tokens,
             layers,

@@ -199,15 +199,7 @@ pub fn matmul_reference(x: &[f32], m: usize, w: &PackedWeight) -> Vec<f32> {
 }
 
 /// Below this many multiply-adds a call runs on the calling thread (waking the pool costs more).
-fn parallel_min_macs() -> usize {
-    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("WILDLONG_PAR_MIN")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1 << 18)
-    })
-}
+const PARALLEL_MIN_MACS: usize = 1 << 18;
 
 /// Activation rows of the two-weight-row AVX-512 kernel.
 const PAIR_TILE: usize = 8;
@@ -297,7 +289,8 @@ fn matmul_with(x: &[f32], m: usize, w: &PackedWeight, isa: Isa) -> Result<Vec<f3
             w.k
         );
     }
-    let mut out_t = vec![0f32; w.n * m]; // (n, m)
+    // Tasks own ranges of weight rows; each computes its rows n-major into `out_t` (n, m).
+    let mut out_t = vec![0f32; w.n * m];
     let work = |r0: usize, chunk: &mut [f32]| {
         let rows = chunk.len() / m;
         let mut ri = 0;
@@ -315,69 +308,58 @@ fn matmul_with(x: &[f32], m: usize, w: &PackedWeight, isa: Isa) -> Result<Vec<f3
                     b[i0..i0 + PAIR_TILE].copy_from_slice(&acc_b);
                     i0 += PAIR_TILE;
                 }
-                for (off, dst) in [(0, &mut *a), (1, &mut *b)] {
-                    let mut j = i0;
-                    while j < m {
-                        let tile = max_tile(isa).min(m - j);
-                        let mut acc = [0f32; MAX_TILE];
-                        row_tile(w, isa, r0 + ri + off, x, j, tile, &mut acc);
-                        dst[j..j + tile].copy_from_slice(&acc[..tile]);
-                        j += tile;
-                    }
-                }
+                row_tiles(w, isa, r0 + ri, x, i0, a);
+                row_tiles(w, isa, r0 + ri + 1, x, i0, b);
                 ri += 2;
             }
         }
         for (rj, dst) in chunk.chunks_exact_mut(m).enumerate().skip(ri) {
-            let ri = rj;
-            let mut i0 = 0;
-            while i0 < m {
-                let tile = max_tile(isa).min(m - i0);
-                let mut acc = [0f32; MAX_TILE];
-                row_tile(w, isa, r0 + ri, x, i0, tile, &mut acc);
-                dst[i0..i0 + tile].copy_from_slice(&acc[..tile]);
-                i0 += tile;
-            }
+            row_tiles(w, isa, r0 + rj, x, 0, dst);
         }
     };
-    if m == 1 {
-        // (n, 1) is already (1, n).
-        if w.n * w.k < parallel_min_macs() {
-            work(0, &mut out_t);
-        } else {
-            let rows = w.n.div_ceil(rayon::current_num_threads().max(1) * 4).max(8);
-            out_t
-                .par_chunks_mut(rows)
-                .enumerate()
-                .for_each(|(i, c)| work(i * rows, c));
-        }
-        return Ok(out_t);
-    }
-    // Each task computes its rows (n-major, cache-hot) and scatters them into the disjoint
-    // columns r0..r0+rows of the (m, n) output.
-    let mut out = vec![0f32; m * w.n];
+    // (n, 1) is already (1, n); for more rows each task scatters its rows into the disjoint
+    // columns r0..r0+rows of the (m, n) output while they are cache-hot.
+    let mut out = if m == 1 {
+        Vec::new()
+    } else {
+        vec![0f32; m * w.n]
+    };
     let dst = OutPtr(out.as_mut_ptr());
     let n = w.n;
-    let scatter = |r0: usize, chunk: &mut [f32]| {
+    let task = |r0: usize, chunk: &mut [f32]| {
         work(r0, chunk);
-        for (ri, vals) in chunk.chunks_exact(m).enumerate() {
-            for (i, v) in vals.iter().enumerate() {
-                // SAFETY: i < m and r0 + ri < n, so the index is inside `out`; tasks own
-                // disjoint row ranges r0..r0+rows, so no two tasks write the same element.
-                unsafe { *dst.get().add(i * n + r0 + ri) = *v };
+        if m > 1 {
+            for (ri, vals) in chunk.chunks_exact(m).enumerate() {
+                for (i, v) in vals.iter().enumerate() {
+                    // SAFETY: i < m and r0 + ri < n, so the index is inside `out`; tasks own
+                    // disjoint row ranges r0..r0+rows, so no two tasks write the same element.
+                    unsafe { *dst.get().add(i * n + r0 + ri) = *v };
+                }
             }
         }
     };
-    if w.n * w.k * m < parallel_min_macs() {
-        scatter(0, &mut out_t);
+    if w.n * w.k * m < PARALLEL_MIN_MACS {
+        task(0, &mut out_t);
     } else {
         let rows = w.n.div_ceil(rayon::current_num_threads().max(1) * 4).max(8);
         out_t
             .par_chunks_mut(rows * m)
             .enumerate()
-            .for_each(|(i, c)| scatter(i * rows, c));
+            .for_each(|(i, c)| task(i * rows, c));
     }
-    Ok(out)
+    Ok(if m == 1 { out_t } else { out })
+}
+
+/// Fills `dst[from..]` (one output per activation row) for weight row `r`, tile by tile.
+fn row_tiles(w: &PackedWeight, isa: Isa, r: usize, x: &[f32], from: usize, dst: &mut [f32]) {
+    let mut i0 = from;
+    while i0 < dst.len() {
+        let tile = max_tile(isa).min(dst.len() - i0);
+        let mut acc = [0f32; MAX_TILE];
+        row_tile(w, isa, r, x, i0, tile, &mut acc);
+        dst[i0..i0 + tile].copy_from_slice(&acc[..tile]);
+        i0 += tile;
+    }
 }
 
 /// The output buffer shared by tasks that write disjoint elements.

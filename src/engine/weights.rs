@@ -37,15 +37,7 @@ pub enum WeightFormat {
 }
 
 /// Row count at or below which a linear holding several copies uses its quantized one.
-fn quant_max_rows() -> usize {
-    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("WILDLONG_QUANT_MAX_ROWS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(16)
-    })
-}
+const QUANT_MAX_ROWS: usize = 16;
 
 /// `y = x W^T (+ b)` over dense and/or quantized copies of `W` (out, in).
 #[derive(Clone)]
@@ -108,7 +100,7 @@ impl Linear {
                 && l.dense.is_some() == first.dense.is_some()
                 && l.packed.is_some() == first.packed.is_some()
         };
-        if !parts.iter().all(same) || first.quant.is_some() || first.bias.is_some() {
+        if !parts.iter().all(same) {
             return Ok(None);
         }
         let dense = match &first.dense {
@@ -143,6 +135,11 @@ impl Linear {
         )))
     }
 
+    /// The dense copy `(out, in)`, when this linear holds one.
+    pub fn dense(&self) -> Option<&Tensor> {
+        self.dense.as_ref()
+    }
+
     /// The dense weight `(out, in)`, dequantizing when only a quantized copy is held.
     pub fn weight(&self) -> Result<Tensor> {
         if let (None, Some(p)) = (&self.dense, &self.packed) {
@@ -167,12 +164,12 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.elem_count() / self.in_dim.max(1);
         if let Some(p) = &self.packed {
-            if self.dense.is_none() || rows <= quant_max_rows() {
+            if self.dense.is_none() || rows <= QUANT_MAX_ROWS {
                 return self.add_bias(forward_packed(p, x, rows, self.out_dim)?);
             }
         }
         let y = match (&self.dense, &self.quant) {
-            (Some(w), Some(q)) if rows <= quant_max_rows() => forward_quant(q, x, w.dtype())?,
+            (Some(w), Some(q)) if rows <= QUANT_MAX_ROWS => forward_quant(q, x, w.dtype())?,
             (Some(w), _) => {
                 candle_nn::Linear::new(w.clone(), None).forward(&x.to_dtype(w.dtype())?)?
             }
@@ -318,6 +315,12 @@ impl WeightSource {
     }
 
     fn gguf_qtensor(&mut self, hf: &str) -> Result<QTensor> {
+        let g = gguf_name(hf)?;
+        self.gguf_qtensor_named(&g)?
+            .with_context(|| format!("no tensor `{g}` in this GGUF source"))
+    }
+
+    fn gguf_qtensor_named(&mut self, name: &str) -> Result<Option<QTensor>> {
         let Self::Gguf {
             content,
             reader,
@@ -325,12 +328,16 @@ impl WeightSource {
             ..
         } = self
         else {
-            bail!("`{hf}`: not a GGUF weight source");
+            return Ok(None);
         };
-        let g = gguf_name(hf)?;
-        content
-            .tensor(reader, &g, device)
-            .with_context(|| format!("reading tensor `{g}`"))
+        if !content.tensor_infos.contains_key(name) {
+            return Ok(None);
+        }
+        Ok(Some(
+            content
+                .tensor(reader, name, device)
+                .with_context(|| format!("reading tensor `{name}`"))?,
+        ))
     }
 
     /// A dense tensor of the given shape, in the source's compute dtype.
@@ -361,22 +368,10 @@ impl WeightSource {
 
     /// A GGUF tensor that may be absent (e.g. `rope_freqs.weight`), by its GGUF name.
     pub fn gguf_raw(&mut self, name: &str) -> Result<Option<Tensor>> {
-        let Self::Gguf {
-            content,
-            reader,
-            device,
-            ..
-        } = self
-        else {
-            return Ok(None);
-        };
-        if !content.tensor_infos.contains_key(name) {
-            return Ok(None);
+        match self.gguf_qtensor_named(name)? {
+            Some(q) => Ok(Some(q.dequantize(&q.device())?)),
+            None => Ok(None),
         }
-        let q = content
-            .tensor(reader, name, device)
-            .with_context(|| format!("reading tensor `{name}`"))?;
-        Ok(Some(q.dequantize(device)?))
     }
 
     /// A linear layer `(out, in)` named `prefix.weight` (+ optional `prefix.bias`).
