@@ -418,13 +418,28 @@ pub fn locate(files: ModelFiles, cfg: &EngineConfig) -> Result<Located> {
 
 /// Resolves, reads and loads a model into an engine.
 pub fn load_engine(spec: &str, models_dir: &Path, cfg: &EngineConfig) -> Result<Engine> {
+    load_engine_with_adapter(spec, None, models_dir, cfg)
+}
+
+/// Like [`load_engine`], merging a PEFT LoRA adapter folder into the weights as they load.
+pub fn load_engine_with_adapter(
+    spec: &str,
+    adapter: Option<&Path>,
+    models_dir: &Path,
+    cfg: &EngineConfig,
+) -> Result<Engine> {
     let files = resolve(spec, models_dir)?;
-    let located = locate(files, cfg)?;
+    let mut located = locate(files, cfg)?;
     let device = parse_device(&cfg.device)?;
     let dtype = match &located.files {
         ModelFiles::Gguf(_) => DType::F32,
         ModelFiles::HfFolder { .. } => parse_dtype(&cfg.dtype)?,
     };
+    if let Some(dir) = adapter {
+        located
+            .source
+            .set_lora(crate::engine::lora::LoraAdapter::load(dir)?);
+    }
     let model = Llama::load(located.source, located.config, &device, dtype)?;
     Ok(Engine::new(
         model,
@@ -432,6 +447,47 @@ pub fn load_engine(spec: &str, models_dir: &Path, cfg: &EngineConfig) -> Result<
         located.chat_template,
         cfg.clone(),
     ))
+}
+
+/// A data file named by a local path or `hf://datasets/OWNER/NAME/PATH` (`hf://OWNER/NAME/PATH`
+/// for a model repo): the HF cache first, then a download.
+pub fn resolve_data_file(spec: &str) -> Result<PathBuf> {
+    let Some(rest) = spec.strip_prefix("hf://") else {
+        let p = PathBuf::from(spec);
+        if !p.is_file() {
+            bail!("{spec}: no such file");
+        }
+        return Ok(p);
+    };
+    let (kind, rest) = match rest.strip_prefix("datasets/") {
+        Some(r) => (hf_hub::RepoType::Dataset, r),
+        None => (hf_hub::RepoType::Model, rest),
+    };
+    let mut parts = rest.splitn(3, '/');
+    let (Some(owner), Some(name), Some(file)) = (parts.next(), parts.next(), parts.next()) else {
+        bail!("{spec}: expected hf://datasets/OWNER/NAME/PATH/IN/REPO");
+    };
+    let repo = hf_hub::Repo::new(format!("{owner}/{name}"), kind);
+    if let Some(p) = hf_hub::Cache::from_env().repo(repo.clone()).get(file) {
+        return Ok(p);
+    }
+    download_file(repo, file).with_context(|| spec.to_string())
+}
+
+#[cfg(feature = "hub-download")]
+fn download_file(repo: hf_hub::Repo, file: &str) -> Result<PathBuf> {
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(true)
+        .build()
+        .context("Hugging Face Hub client")?;
+    api.repo(repo)
+        .get(file)
+        .map_err(|e| anyhow::anyhow!("Hugging Face Hub: {e}"))
+}
+
+#[cfg(not(feature = "hub-download"))]
+fn download_file(_repo: hf_hub::Repo, _file: &str) -> Result<PathBuf> {
+    bail!("not in the Hugging Face cache and this build has no `hub-download` feature")
 }
 
 impl Located {

@@ -802,6 +802,16 @@ impl Llama {
             layers.push(Block::load(&mut w, i, &cfg)?);
         }
         let norm = RmsNorm::load(&mut w, "model.norm.weight", h, cfg.rms_norm_eps)?;
+        if let Some(l) = w.lora() {
+            let unused = l.unused();
+            if !unused.is_empty() {
+                bail!(
+                    "{}: the model has no module named {} (adapter made for another model?)",
+                    l.path.display(),
+                    unused.join(", ")
+                );
+            }
+        }
         Ok(Self {
             embed_tokens,
             layers,

@@ -7,6 +7,7 @@ pub mod chat;
 pub mod constrained;
 pub mod generate;
 pub mod llama;
+pub mod lora;
 pub mod packed;
 pub mod rope;
 pub mod sampling;

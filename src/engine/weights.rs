@@ -4,6 +4,7 @@
 //! for GGUF files the one mapping to llama.cpp names lives in [`gguf_name`]. This file does not
 //! know the model's structure; `llama.rs` does.
 
+use crate::engine::lora::LoraAdapter;
 use crate::engine::packed::PackedWeight;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
@@ -206,6 +207,7 @@ pub enum WeightSource {
     Safetensors {
         vb: VarBuilder<'static>,
         files: Vec<PathBuf>,
+        lora: Option<Box<LoraAdapter>>,
     },
     Gguf {
         content: gguf_file::Content,
@@ -213,6 +215,7 @@ pub enum WeightSource {
         path: PathBuf,
         format: WeightFormat,
         device: Device,
+        lora: Option<Box<LoraAdapter>>,
     },
 }
 
@@ -272,6 +275,7 @@ impl WeightSource {
         Ok(Self::Safetensors {
             vb,
             files: files.to_vec(),
+            lora: None,
         })
     }
 
@@ -284,7 +288,29 @@ impl WeightSource {
             path: path.to_path_buf(),
             format,
             device: device.clone(),
+            lora: None,
         })
+    }
+
+    /// Merges `adapter` into every linear layer it names as the layers load.
+    pub fn set_lora(&mut self, adapter: LoraAdapter) {
+        match self {
+            Self::Safetensors { lora, .. } | Self::Gguf { lora, .. } => {
+                *lora = Some(Box::new(adapter))
+            }
+        }
+    }
+
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        match self {
+            Self::Safetensors { lora, .. } | Self::Gguf { lora, .. } => lora.as_deref(),
+        }
+    }
+
+    fn lora_mut(&mut self) -> Option<&mut LoraAdapter> {
+        match self {
+            Self::Safetensors { lora, .. } | Self::Gguf { lora, .. } => lora.as_deref_mut(),
+        }
     }
 
     /// The parsed GGUF header, for GGUF sources.
@@ -402,6 +428,15 @@ impl WeightSource {
                 quantized_linear(q, format, &device, out_dim, in_dim)?
             }
         };
+        if let Some(delta) = match self.lora_mut() {
+            Some(l) => l.delta(prefix, out_dim, in_dim)?,
+            None => None,
+        } {
+            // W' = W + scale · B A, in f32, back in the weight's dtype.
+            let w = lin.weight()?;
+            let merged = (w.to_dtype(DType::F32)? + delta.to_device(w.device())?)?;
+            lin = Linear::from_dense(merged.to_dtype(w.dtype())?, None)?;
+        }
         if bias {
             lin.bias = Some(self.tensor(&format!("{prefix}.bias"), &[out_dim])?);
         }

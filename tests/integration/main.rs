@@ -5,6 +5,7 @@ mod cli;
 mod common;
 mod engine;
 mod kernels;
+mod lora;
 mod model;
 mod rope;
 mod tokenizer;
