@@ -1,9 +1,12 @@
 //! Command-line interface: argument types (clap derive) and one function per command.
 
-use crate::config::{EngineConfig, GenerationParams, SamplingParams};
+use crate::config::{EngineConfig, GenerationParams, RulerConfig, SamplingParams};
 use crate::engine::chat::Message;
 use crate::engine::generate::{Completion, Engine, Request};
 use crate::engine::weights::WeightFormat;
+use crate::eval::ruler::data::Assets;
+use crate::eval::ruler::report::Report;
+use crate::eval::ruler::run::RulerRun;
 use crate::models;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -15,7 +18,7 @@ use std::path::{Path, PathBuf};
     name = "wildlong",
     version,
     about = "Long-context instruction data synthesis, RoPE-scaled fine-tuning and RULER evaluation on local hardware",
-    after_help = "Examples:\n  wildlong models fetch\n  wildlong models info default\n  wildlong generate --model default --chat --prompt \"What is the capital of France?\"\n  wildlong bench --model default --threads 2"
+    after_help = "Examples:\n  wildlong models fetch\n  wildlong models info default\n  wildlong generate --model default --chat --prompt \"What is the capital of France?\"\n  wildlong bench --model default --threads 2\n  wildlong eval ruler --model default --lengths 1024,2048,4096 --samples 5"
 )]
 pub struct Cli {
     /// CPU threads for candle (0 = all physical cores). Sets RAYON_NUM_THREADS.
@@ -45,6 +48,69 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measure prefill, decode, batched and shared-prefix throughput.
     Bench(BenchArgs),
+    /// Evaluate models on long-context benchmarks.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EvalCommand {
+    /// RULER: 13 synthetic long-context tasks at each length, scored as RULER scores them.
+    #[command(
+        after_help = "Examples:\n  wildlong eval ruler --model default --lengths 1024,2048,4096 --samples 5\n  wildlong eval ruler --model meta-llama/Llama-3.1-8B-Instruct --lengths 4096,8192,16384,32768 --tasks all --samples 100 --out runs/llama/eval-before\n  wildlong eval ruler --model meta-llama/Llama-3.1-8B-Instruct --adapter runs/llama/train/adapter --baseline runs/llama/eval-before/report.json --out runs/llama/eval-after\n\nWrites <out>/<length>/<task>/{data,pred}.jsonl and <out>/report.{json,md,csv,svg}. A rerun with the same\nsettings reuses the samples (hashed cache) and the predictions already made; a killed run resumes."
+    )]
+    Ruler(Box<RulerArgs>),
+    /// Print the delta table of two RULER reports (after versus before).
+    Compare {
+        /// The new report.json.
+        report: PathBuf,
+        /// The baseline report.json.
+        baseline: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RulerArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors), merged at load.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Lengths in tokens (input + generation), comma-separated [default: the task config's].
+    #[arg(long, value_delimiter = ',')]
+    pub lengths: Vec<usize>,
+    /// `all` or comma-separated task names (niah_single_1, …, vt, cwe, fwe, qa_1, qa_2).
+    #[arg(long, default_value = "all")]
+    pub tasks: String,
+    /// Samples per task per length [default: the task config's, 500].
+    #[arg(long)]
+    pub samples: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Task table in RULER's synthetic.yaml shape [default: configs/eval/ruler.toml, built in].
+    #[arg(long)]
+    pub tasks_config: Option<PathBuf>,
+    /// SQuAD v2 dev JSON for qa_1: a path or hf://datasets/OWNER/NAME/FILE [default: built-in set].
+    #[arg(long)]
+    pub qa_squad: Option<String>,
+    /// HotpotQA dev (distractor) JSON for qa_2: a path or hf://datasets/OWNER/NAME/FILE [default: built-in set].
+    #[arg(long)]
+    pub qa_hotpotqa: Option<String>,
+    /// Evaluation folder.
+    #[arg(long, default_value = "runs/ruler")]
+    pub out: PathBuf,
+    /// Cache of generated samples, shared across runs (keyed by a hash of everything a sample depends on).
+    #[arg(long, default_value = "runs/cache/ruler")]
+    pub cache_dir: PathBuf,
+    /// Use RULER's `base` template (plain text) instead of the model's chat template.
+    #[arg(long)]
+    pub no_chat_template: bool,
+    /// A report.json to compare against (e.g. before fine-tuning): prints and writes delta.md.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -214,7 +280,93 @@ fn run_command(cli: Cli) -> Result<()> {
         }
         Command::Generate(args) => generate(args, cli.threads, &cli.models_dir),
         Command::Bench(args) => crate::bench::run(&args, cli.threads, &cli.models_dir),
+        Command::Eval(EvalCommand::Ruler(args)) => eval_ruler(*args, cli.threads, &cli.models_dir),
+        Command::Eval(EvalCommand::Compare { report, baseline }) => {
+            let new = Report::load(&report)?;
+            let base = Report::load(&baseline)?;
+            print!("{}", new.delta(&base));
+            Ok(())
+        }
     }
+}
+
+/// Resolves `--tasks`, `--lengths`, … against the task config.
+pub fn ruler_config(args: &RulerArgs) -> Result<RulerConfig> {
+    let mut c = match &args.tasks_config {
+        Some(p) => RulerConfig::from_toml_file(p)?,
+        None => RulerConfig::builtin(),
+    };
+    if !args.lengths.is_empty() {
+        c.lengths = args.lengths.clone();
+    }
+    if let Some(n) = args.samples {
+        c.samples = n;
+    }
+    if let Some(s) = args.seed {
+        c.seed = s;
+    }
+    if args.qa_squad.is_some() {
+        c.qa_squad = args.qa_squad.clone();
+    }
+    if args.qa_hotpotqa.is_some() {
+        c.qa_hotpotqa = args.qa_hotpotqa.clone();
+    }
+    if args.tasks != "all" {
+        let wanted: Vec<&str> = args.tasks.split(',').map(str::trim).collect();
+        for w in &wanted {
+            if !c.tasks.contains_key(*w) {
+                let known: Vec<&str> = c.tasks.keys().map(String::as_str).collect();
+                bail!("--tasks: unknown task `{w}` (known: {})", known.join(", "));
+            }
+        }
+        c.tasks.retain(|k, _| wanted.contains(&k.as_str()));
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+fn eval_ruler(args: RulerArgs, threads: usize, models_dir: &Path) -> Result<()> {
+    let cfg = ruler_config(&args)?;
+    let squad = cfg
+        .qa_squad
+        .as_deref()
+        .map(models::resolve_data_file)
+        .transpose()?;
+    let hotpot = cfg
+        .qa_hotpotqa
+        .as_deref()
+        .map(models::resolve_data_file)
+        .transpose()?;
+    let assets = Assets::load(squad.as_deref(), hotpot.as_deref())?;
+    let baseline = args.baseline.as_deref().map(Report::load).transpose()?;
+    let ecfg = args.engine.engine_config(threads)?;
+    let engine = models::load_engine_with_adapter(
+        &args.engine.model,
+        args.adapter.as_deref(),
+        models_dir,
+        &ecfg,
+    )?;
+    let run = RulerRun {
+        config: cfg,
+        out: args.out.clone(),
+        cache_dir: args.cache_dir.clone(),
+        model: args.engine.model.clone(),
+        adapter: args.adapter.as_ref().map(|p| p.display().to_string()),
+        chat: !args.no_chat_template,
+        progress: !args.no_progress,
+    };
+    let report = run.run(&engine, &assets)?;
+    print!("{}", report.markdown());
+    println!(
+        "\nreports: {}/report.{{json,md,csv,svg}}",
+        args.out.display()
+    );
+    if let Some(base) = baseline {
+        let d = report.delta(&base);
+        crate::eval::ruler::run::write_atomic(&args.out.join("delta.md"), d.as_bytes())?;
+        print!("\n{d}");
+    }
+    Ok(())
 }
 
 fn fetch(model: &str, models_dir: &Path) -> Result<()> {

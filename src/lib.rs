@@ -5,4 +5,5 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod eval;
 pub mod models;

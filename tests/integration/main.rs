@@ -8,4 +8,5 @@ mod kernels;
 mod lora;
 mod model;
 mod rope;
+mod ruler;
 mod tokenizer;

@@ -1,0 +1,4 @@
+//! Evaluation stage: RULER-style long-context evaluation of any model (± adapter) through
+//! the engine. Reads no other stage's code; takes models and adapters by path.
+
+pub mod ruler;

@@ -1,0 +1,380 @@
+//! Runs a RULER evaluation: prepares (or reuses) the samples of every task × length, generates
+//! the missing predictions through the engine in greedy batches, appending each to
+//! `pred.jsonl` as it finishes (a killed run resumes where it stopped), then scores and
+//! reports.
+
+use crate::config::{RulerConfig, RulerGenerator, SamplingParams};
+use crate::engine::generate::{Engine, Request};
+use crate::eval::ruler::data::Assets;
+use crate::eval::ruler::report::{self, Report};
+use crate::eval::ruler::synth::{self, PromptFormat, Sample, Synth};
+use crate::eval::ruler::tasks;
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+/// One line of `pred.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub index: usize,
+    /// The sample's hash: a prediction counts only for the sample it was made for.
+    pub hash: String,
+    pub pred: String,
+    pub outputs: Vec<String>,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub finish_reason: String,
+}
+
+/// What an evaluation folder's predictions were made with (`run.json`); a rerun into the
+/// same folder must match it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunIdentity {
+    pub model: String,
+    pub adapter: Option<String>,
+    pub template: String,
+    pub format_fingerprint: String,
+    pub weights: String,
+    pub dtype: String,
+    pub rope: serde_json::Value,
+}
+
+/// Everything `wildlong eval ruler` needs besides the engine.
+pub struct RulerRun {
+    pub config: RulerConfig,
+    pub out: PathBuf,
+    pub cache_dir: PathBuf,
+    pub model: String,
+    pub adapter: Option<String>,
+    /// Render prompts with the model's chat template (RULER's per-model template); off =
+    /// RULER's `base` template.
+    pub chat: bool,
+    pub progress: bool,
+}
+
+/// Appends JSON lines, flushing each so a kill loses at most the line being written.
+fn append_line<T: Serialize>(path: &Path, v: &T) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut line = serde_json::to_string(v)?;
+    line.push('\n');
+    f.write_all(line.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Reads a JSONL file written by `append_line`; a torn last line (a killed writer) is cut
+/// off the file so that later appends start on a clean line.
+pub fn read_jsonl_resumable<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
+    let Ok(f) = std::fs::File::open(path) else {
+        return Ok(vec![]);
+    };
+    let mut out = Vec::new();
+    let mut good_bytes = 0u64;
+    let mut reader = std::io::BufReader::new(f);
+    let mut line = String::new();
+    let mut lineno = 0;
+    loop {
+        line.clear();
+        let n = reader
+            .read_line(&mut line)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        lineno += 1;
+        let complete = line.ends_with('\n');
+        match serde_json::from_str::<T>(line.trim_end()) {
+            Ok(v) if complete => {
+                out.push(v);
+                good_bytes += n as u64;
+            }
+            Ok(_) | Err(_) => {
+                let mut rest = String::new();
+                let trailing = reader.read_line(&mut rest)? == 0;
+                if !trailing {
+                    bail!(
+                        "{}:{lineno}: not a valid record (only a torn last line is repaired)",
+                        path.display()
+                    );
+                }
+                let f = std::fs::OpenOptions::new().write(true).open(path)?;
+                f.set_len(good_bytes)
+                    .with_context(|| format!("repairing {}", path.display()))?;
+                tracing::warn!("{}: dropped a torn last line", path.display());
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Writes a file atomically (temp file + rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// The first `n` samples of one task at one length, from the hashed cache when present;
+/// missing ones are generated (in parallel) and appended to the cache.
+#[allow(clippy::too_many_arguments)]
+pub fn prepare_samples(
+    assets: &Assets,
+    format: &PromptFormat,
+    fingerprint: &str,
+    task: &str,
+    generator: &RulerGenerator,
+    length: usize,
+    seed: u64,
+    n: usize,
+    cache_dir: &Path,
+) -> Result<Vec<Sample>> {
+    let key = synth::cache_key(task, generator, length, seed, fingerprint, assets)?;
+    std::fs::create_dir_all(cache_dir)
+        .with_context(|| format!("creating {}", cache_dir.display()))?;
+    let path = cache_dir.join(format!("{key}.jsonl"));
+    let mut have: Vec<Sample> = read_jsonl_resumable(&path)?;
+    have.sort_by_key(|s| s.index);
+    have.dedup_by_key(|s| s.index);
+    let contiguous = have.iter().enumerate().all(|(i, s)| s.index == i);
+    if !contiguous {
+        tracing::warn!(
+            "{}: gaps in the cached samples, regenerating",
+            path.display()
+        );
+        std::fs::remove_file(&path)?;
+        have.clear();
+    }
+    if have.len() < n {
+        let s = Synth::new(assets, format, task, generator, length, seed)
+            .with_context(|| format!("task `{task}` at length {length}"))?;
+        let new: Vec<Sample> = (have.len()..n)
+            .into_par_iter()
+            .map(|i| s.sample(i))
+            .collect::<Result<_>>()?;
+        for smp in &new {
+            append_line(&path, smp)?;
+        }
+        have.extend(new);
+    }
+    have.truncate(n);
+    Ok(have)
+}
+
+fn task_dir(out: &Path, length: usize, task: &str) -> PathBuf {
+    out.join(length.to_string()).join(task)
+}
+
+fn check_identity(out: &Path, id: &RunIdentity) -> Result<()> {
+    let path = out.join("run.json");
+    if path.is_file() {
+        let text = std::fs::read_to_string(&path)?;
+        let old: RunIdentity = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a wildlong run.json", path.display()))?;
+        if &old != id {
+            bail!(
+                "{} holds predictions of another model/adapter/template/settings ({} vs {}); choose another --out or delete it",
+                out.display(),
+                old.model,
+                id.model
+            );
+        }
+    } else {
+        write_atomic(&path, serde_json::to_string_pretty(id)?.as_bytes())?;
+    }
+    Ok(())
+}
+
+impl RulerRun {
+    /// Runs every task × length and writes the reports; returns the report.
+    pub fn run(&self, engine: &Engine, assets: &Assets) -> Result<Report> {
+        let cfg = &self.config;
+        let chat = match (self.chat, engine.chat_template.as_ref()) {
+            (true, Some(t)) => Some(t),
+            (true, None) => bail!("this model has no chat template: pass --no-chat-template to use RULER's `base` template"),
+            (false, _) => None,
+        };
+        let format = PromptFormat {
+            tokenizer: &engine.tokenizer,
+            chat,
+        };
+        let fingerprint = format.fingerprint()?;
+        let ecfg = &engine.config;
+        let identity = RunIdentity {
+            model: self.model.clone(),
+            adapter: self.adapter.clone(),
+            template: format.describe(),
+            format_fingerprint: fingerprint.clone(),
+            weights: format!("{:?}", ecfg.weight_format),
+            dtype: ecfg.dtype.clone(),
+            rope: serde_json::to_value(&engine.model.config().rope)?,
+        };
+        std::fs::create_dir_all(&self.out)
+            .with_context(|| format!("creating {}", self.out.display()))?;
+        check_identity(&self.out, &identity)?;
+        let max = engine.max_context();
+        if let Some(&l) = cfg.lengths.iter().find(|&&l| l > max) {
+            bail!("length {l} exceeds the model's context ({max} tokens); pass --max-context to evaluate beyond it");
+        }
+
+        let mut lengths = cfg.lengths.clone();
+        lengths.sort();
+        lengths.dedup();
+        let mut names: Vec<String> = cfg.tasks.keys().cloned().collect();
+        tasks::order(&mut names);
+
+        // Samples first (cheap next to generation), so the progress bar knows the total.
+        let mut work: Vec<(usize, String, Vec<Sample>, Vec<Prediction>)> = Vec::new();
+        for &len in &lengths {
+            for name in &names {
+                let gen = &cfg.tasks[name];
+                let samples = prepare_samples(
+                    assets,
+                    &format,
+                    &fingerprint,
+                    name,
+                    gen,
+                    len,
+                    cfg.seed,
+                    cfg.samples,
+                    &self.cache_dir,
+                )?;
+                let dir = task_dir(&self.out, len, name);
+                let mut text = String::new();
+                for s in &samples {
+                    text.push_str(&serde_json::to_string(s)?);
+                    text.push('\n');
+                }
+                let data = dir.join("data.jsonl");
+                if std::fs::read_to_string(&data).ok().as_deref() != Some(text.as_str()) {
+                    write_atomic(&data, text.as_bytes())?;
+                }
+                let preds: Vec<Prediction> = read_jsonl_resumable(&dir.join("pred.jsonl"))?;
+                work.push((len, name.clone(), samples, preds));
+            }
+        }
+        let pending: usize = work
+            .iter()
+            .map(|(_, _, s, p)| {
+                let done: HashMap<usize, &str> =
+                    p.iter().map(|p| (p.index, p.hash.as_str())).collect();
+                s.iter()
+                    .filter(|s| done.get(&s.index) != Some(&s.hash.as_str()))
+                    .count()
+            })
+            .sum();
+        let bar = if self.progress && pending > 0 {
+            let b = indicatif::ProgressBar::new(pending as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {pos}/{len} samples, {elapsed} elapsed, ETA {eta}",
+                )
+                .expect("static template")
+                .progress_chars("=> "),
+            );
+            b
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+
+        for (len, name, samples, preds) in &mut work {
+            let gen = &cfg.tasks[name.as_str()];
+            let done: HashMap<usize, String> =
+                preds.iter().map(|p| (p.index, p.hash.clone())).collect();
+            let todo: Vec<&Sample> = samples
+                .iter()
+                .filter(|s| done.get(&s.index) != Some(&s.hash))
+                .collect();
+            if todo.is_empty() {
+                continue;
+            }
+            bar.set_message(format!("{name} @ {len}"));
+            let pred_path = task_dir(&self.out, *len, name).join("pred.jsonl");
+            let max_tokens = tasks::tokens_to_generate(gen);
+            for chunk in todo.chunks(engine.config.max_batch.max(1)) {
+                let reqs = chunk
+                    .iter()
+                    .map(|s| {
+                        Ok(Request {
+                            prompt: format.tokens(&s.input, &s.answer_prefix)?,
+                            params: crate::config::GenerationParams {
+                                max_tokens,
+                                sampling: SamplingParams {
+                                    temperature: 0.0,
+                                    seed: cfg.seed,
+                                    ..Default::default()
+                                },
+                                ..Default::default()
+                            },
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let mut err = None;
+                engine.generate(&reqs, |i, c| {
+                    let s = chunk[i];
+                    let p = Prediction {
+                        index: s.index,
+                        hash: s.hash.clone(),
+                        pred: c.text.clone(),
+                        outputs: s.outputs.clone(),
+                        prompt_tokens: c.prompt_tokens,
+                        generated_tokens: c.tokens.len(),
+                        finish_reason: serde_json::to_value(c.finish_reason)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default(),
+                    };
+                    if let Err(e) = append_line(&pred_path, &p) {
+                        err.get_or_insert(e);
+                    }
+                    preds.push(p);
+                    bar.inc(1);
+                })?;
+                if let Some(e) = err {
+                    return Err(e);
+                }
+            }
+        }
+        bar.finish_and_clear();
+
+        let mut results = Vec::new();
+        for (len, name, samples, preds) in &work {
+            let gen = &cfg.tasks[name.as_str()];
+            let by_index: HashMap<usize, &Prediction> = preds
+                .iter()
+                .filter(|p| samples.get(p.index).map(|s| &s.hash) == Some(&p.hash))
+                .map(|p| (p.index, p))
+                .collect();
+            let mut ps = Vec::new();
+            let mut refs = Vec::new();
+            for s in samples {
+                let p = by_index.get(&s.index).with_context(|| {
+                    format!("{name} @ {len}: sample {} has no prediction", s.index)
+                })?;
+                ps.push(crate::eval::ruler::score::postprocess(&p.pred));
+                refs.push(s.outputs.clone());
+            }
+            results.push(report::TaskResult::new(
+                name,
+                *len,
+                tasks::constants(gen).metric,
+                &ps,
+                &refs,
+            ));
+        }
+        let rep = Report::new(self, &identity, assets, &names, &lengths, results);
+        rep.write(&self.out)?;
+        Ok(rep)
+    }
+}
