@@ -1,9 +1,12 @@
 //! Scaled-dot-product attention with an additive mask, grouped-query layout.
 //!
 //! [`attention_reference`] composes candle ops (two matmuls, a broadcast mask, a softmax) and
-//! is the definition. [`attention`] takes a fused CPU path for few query rows (decode): one
+//! is the definition. [`attention`] takes fused CPU paths: for few query rows (decode), one
 //! pass per (row, head) over the cached keys and values read in place, instead of eight
-//! small candle ops per layer and token. The tests compare both on random inputs with padding.
+//! small candle ops per layer and token; for many rows (prefill), candle's GEMMs for the two
+//! products with the mask and softmax applied in place in one pass over the scores (no mask
+//! broadcast or softmax copies, a vectorised exp, masked keys skipped). The tests compare
+//! every path with the reference on random inputs with padding.
 
 use crate::engine::packed::dot;
 use anyhow::Result;
@@ -43,6 +46,18 @@ pub fn attention(
         && k.dtype() == DType::F32
         && v.dtype() == DType::F32
         && q.dim(2)? <= FUSED_MAX_ROWS;
+    let cpu_f32 = q.device().is_cpu()
+        && q.dtype() == DType::F32
+        && k.dtype() == DType::F32
+        && v.dtype() == DType::F32;
+    if cpu_f32 && !fused {
+        let scores = q.contiguous()?.matmul(&k.t()?)?; // (b, kvh, g*t, kv)
+        scores.inplace_op1(&MaskedSoftmax {
+            mask: mask_host.clone(),
+            t: mask.dim(2)?,
+        })?;
+        return Ok(scores.matmul(v)?);
+    }
     if !fused {
         return attention_reference(q, k, v, mask);
     }
@@ -131,15 +146,7 @@ impl CustomOp3 for FusedAttention {
                 max = max.max(s);
                 scores.push(s);
             }
-            let mut z = 0f32;
-            for s in scores.iter_mut() {
-                *s = if *s == f32::NEG_INFINITY {
-                    0.0
-                } else {
-                    (*s - max).exp()
-                };
-                z += *s;
-            }
+            let z = exp_sub_sum(&mut scores, max);
             let inv = 1.0 / z;
             for (j, &p) in scores.iter().enumerate() {
                 if p != 0.0 {
@@ -157,5 +164,175 @@ impl CustomOp3 for FusedAttention {
             out.chunks_mut(d).enumerate().for_each(run);
         }
         Ok((CpuStorage::F32(out), Shape::from((b, kvh, gt, d))))
+    }
+}
+
+/// Adds the mask to scores `(b, kvh, g*t, kv)` and takes the softmax of each row, in place.
+struct MaskedSoftmax {
+    mask: Arc<Vec<f32>>, // (b, t, kv)
+    t: usize,
+}
+
+impl candle_core::InplaceOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "wildlong-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let (b, kvh, gt, kv) = l.shape().dims4()?;
+        if !l.is_contiguous() || self.mask.len() != b * self.t * kv || gt % self.t != 0 {
+            candle_core::bail!(
+                "masked softmax: scores {:?} disagree with the mask",
+                l.shape()
+            );
+        }
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("masked softmax: scores must be f32")
+        };
+        let data = &mut data[l.start_offset()..l.start_offset() + b * kvh * gt * kv];
+        let t = self.t;
+        data.par_chunks_mut(kv).enumerate().for_each(|(idx, row)| {
+            // idx enumerates (batch row, kv head, query row); query row r is query r % t.
+            let bi = idx / (gt * kvh);
+            let ti = (idx % gt) % t;
+            softmax_row(row, &self.mask[(bi * t + ti) * kv..(bi * t + ti + 1) * kv]);
+        });
+        Ok(())
+    }
+}
+
+/// `row ← softmax(row + mask)`.
+pub fn softmax_row(row: &mut [f32], mask: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked above).
+            return unsafe { softmax_row_avx512(row, mask) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            return unsafe { softmax_row_avx2(row, mask) };
+        }
+    }
+    softmax_row_portable(row, mask)
+}
+
+/// `x ← exp(x − max)` over a row (−∞ ↦ 0) and returns the sum.
+pub fn exp_sub_sum(xs: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked above).
+            return unsafe { exp_sub_sum_avx512(xs, max) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            return unsafe { exp_sub_sum_avx2(xs, max) };
+        }
+    }
+    exp_sub_sum_portable(xs, max)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_row_avx512(row: &mut [f32], mask: &[f32]) {
+    softmax_row_portable(row, mask)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_row_avx2(row: &mut [f32], mask: &[f32]) {
+    softmax_row_portable(row, mask)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_sub_sum_avx512(xs: &mut [f32], max: f32) -> f32 {
+    exp_sub_sum_portable(xs, max)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_sub_sum_avx2(xs: &mut [f32], max: f32) -> f32 {
+    exp_sub_sum_portable(xs, max)
+}
+
+/// The kernels below are written so that the compiler vectorises them (no branches,
+/// lane-wise ops, reductions in 16 lanes); the `target_feature` wrappers above compile them
+/// for wider registers.
+#[inline(always)]
+fn softmax_row_portable(row: &mut [f32], mask: &[f32]) {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let n = row.len().min(mask.len());
+    let (row, mask) = (&mut row[..n], &mask[..n]);
+    let mut rc = row.chunks_exact_mut(16);
+    let mut mc = mask.chunks_exact(16);
+    for (r, m) in (&mut rc).zip(&mut mc) {
+        for ((x, &mk), l) in r.iter_mut().zip(m).zip(lanes.iter_mut()) {
+            *x += mk;
+            *l = if *x > *l { *x } else { *l };
+        }
+    }
+    let mut max = f32::NEG_INFINITY;
+    for (x, &mk) in rc.into_remainder().iter_mut().zip(mc.remainder()) {
+        *x += mk;
+        max = if *x > max { *x } else { max };
+    }
+    for l in lanes {
+        max = if l > max { l } else { max };
+    }
+    let inv = 1.0 / exp_sub_sum_portable(row, max);
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}
+
+#[inline(always)]
+fn exp_sub_sum_portable(xs: &mut [f32], max: f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = xs.chunks_exact_mut(16);
+    for c in &mut chunks {
+        for (x, a) in c.iter_mut().zip(acc.iter_mut()) {
+            *x = exp_approx(*x - max);
+            *a += *x;
+        }
+    }
+    let mut z: f32 = 0.0;
+    for x in chunks.into_remainder() {
+        *x = exp_approx(*x - max);
+        z += *x;
+    }
+    z + acc.iter().sum::<f32>()
+}
+
+/// e^x for x ≤ 0 with relative error below 3e-7; 0 below −87 and for −∞. x = n·ln2 + f
+/// (Cody–Waite reduction), e^f by its Taylor series to degree 7, 2^n built in the exponent
+/// bits.
+#[inline(always)]
+pub fn exp_approx(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const ROUND: f32 = 12582912.0; // 1.5 · 2^23: adding and subtracting rounds to an integer.
+    let xc = x.max(-87.0);
+    // Cody–Waite: f = x − n·ln2 with ln2 split in two so that n·LN2_HI is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // n = round(x·log2 e) lands in the low mantissa bits of `kn`: read it from there as an
+    // integer (a float-to-int conversion would not vectorise as well).
+    let kn = xc * LOG2E + ROUND;
+    let n = kn - ROUND;
+    let ni = (kn.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let f = (xc - n * LN2_HI) - n * LN2_LO; // |f| ≤ ln2/2
+    let p = 1.0
+        + f * (1.0
+            + f * (0.5
+                + f * (1.0 / 6.0
+                    + f * (1.0 / 24.0
+                        + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
+    let scale = f32::from_bits((ni.wrapping_add(127) << 23) as u32);
+    let e = p * scale;
+    if x < -87.0 {
+        0.0
+    } else {
+        e
     }
 }

@@ -85,6 +85,10 @@ fn fused_attention_equals_the_candle_reference_with_padding_and_windows() {
         (2, 33, Some(5)),
         (4, 70, None),
         (5, 9, Some(3)),
+        // Many query rows: the prefill path (GEMMs + in-place masked softmax).
+        (24, 24, None),
+        (20, 57, None),
+        (40, 90, Some(17)),
     ] {
         // Row 0 unpadded, row 1 left-padded by 3, row 2 padded by 7 (keys and queries).
         let k_pos: Vec<Vec<i64>> = [0i64, 3, 7]
@@ -124,4 +128,30 @@ fn fused_attention_equals_the_candle_reference_with_padding_and_windows() {
         let diff = crate::common::max_abs_diff(&want, &got);
         assert!(diff < 1e-5, "t={t} kv={kv} window={window:?}: {diff}");
     }
+}
+
+#[test]
+fn vectorised_exp_matches_f64_exp() {
+    use wildlong::engine::attention::{exp_approx, exp_sub_sum};
+    let mut worst = 0f64;
+    for i in 0..=200_000 {
+        let x = -87.0 * i as f32 / 200_000.0;
+        let want = (x as f64).exp();
+        let got = exp_approx(x) as f64;
+        worst = worst.max(((got - want) / want).abs());
+    }
+    assert!(worst < 3e-7, "relative error {worst}");
+    assert_eq!(exp_approx(f32::NEG_INFINITY), 0.0);
+    assert_eq!(exp_approx(-100.0), 0.0);
+    assert_eq!(exp_approx(0.0), 1.0);
+    // The row kernel (all widths and the remainder loop) against f64.
+    let mut xs: Vec<f32> = lcg_values(9, 37, 10.0);
+    xs[5] = f32::NEG_INFINITY;
+    let max = xs.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let want: Vec<f64> = xs.iter().map(|&x| ((x - max) as f64).exp()).collect();
+    let z = exp_sub_sum(&mut xs, max);
+    for (g, w) in xs.iter().zip(&want) {
+        assert!((*g as f64 - w).abs() <= 3e-7 * w + 1e-30, "{g} vs {w}");
+    }
+    assert!((z as f64 - want.iter().sum::<f64>()).abs() < 1e-5);
 }
