@@ -111,6 +111,9 @@ pub struct RulerArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Write the samples (<out>/<length>/<task>/data.jsonl) and stop.
+    #[arg(long, conflicts_with = "baseline")]
+    pub prepare_only: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -354,8 +357,12 @@ fn eval_ruler(args: RulerArgs, threads: usize, models_dir: &Path) -> Result<()> 
         adapter: args.adapter.as_ref().map(|p| p.display().to_string()),
         chat: !args.no_chat_template,
         progress: !args.no_progress,
+        prepare_only: args.prepare_only,
     };
-    let report = run.run(&engine, &assets)?;
+    let Some(report) = run.run(&engine, &assets)? else {
+        println!("samples written under {}", args.out.display());
+        return Ok(());
+    };
     print!("{}", report.markdown());
     println!(
         "\nreports: {}/report.{{json,md,csv,svg}}",

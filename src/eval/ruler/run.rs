@@ -53,6 +53,8 @@ pub struct RulerRun {
     /// RULER's `base` template.
     pub chat: bool,
     pub progress: bool,
+    /// Write the samples (`data.jsonl`) and stop (RULER's separate `prepare` step).
+    pub prepare_only: bool,
 }
 
 /// Appends JSON lines, flushing each so a kill loses at most the line being written.
@@ -197,8 +199,9 @@ fn check_identity(out: &Path, id: &RunIdentity) -> Result<()> {
 }
 
 impl RulerRun {
-    /// Runs every task × length and writes the reports; returns the report.
-    pub fn run(&self, engine: &Engine, assets: &Assets) -> Result<Report> {
+    /// Runs every task × length and writes the reports; returns the report (`None` with
+    /// `prepare_only`).
+    pub fn run(&self, engine: &Engine, assets: &Assets) -> Result<Option<Report>> {
         let cfg = &self.config;
         let chat = match (self.chat, engine.chat_template.as_ref()) {
             (true, Some(t)) => Some(t),
@@ -263,6 +266,9 @@ impl RulerRun {
                 let preds: Vec<Prediction> = read_jsonl_resumable(&dir.join("pred.jsonl"))?;
                 work.push((len, name.clone(), samples, preds));
             }
+        }
+        if self.prepare_only {
+            return Ok(None);
         }
         let pending: usize = work
             .iter()
@@ -375,6 +381,6 @@ impl RulerRun {
         }
         let rep = Report::new(self, &identity, assets, &names, &lengths, results);
         rep.write(&self.out)?;
-        Ok(rep)
+        Ok(Some(rep))
     }
 }

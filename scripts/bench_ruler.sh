@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# RULER throughput: samples scored per minute by `wildlong eval ruler` at one length, batch 1
+# versus larger batches, on the default model. The samples are prepared once into a shared
+# cache (`--prepare-only`), so each timing covers generation and scoring only. Reports the
+# median of RUNS runs per batch size.
+#   bash scripts/bench_ruler.sh [LENGTH=4096] [SAMPLES_PER_TASK=8] [THREADS=2] [RUNS=1] [BATCHES="1 4 8"]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LEN=${1:-4096}
+N=${2:-8}
+THREADS=${3:-2}
+RUNS=${4:-1}
+BATCHES=${5:-"1 4 8"}
+TASKS=niah_single_2,niah_multikey_2,vt,qa_1
+cargo build --release --quiet
+BIN=target/release/wildlong
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+common=(--threads "$THREADS" eval ruler --model default --lengths "$LEN" --samples "$N"
+        --tasks "$TASKS" --cache-dir "$WORK/cache" --no-progress)
+"$BIN" "${common[@]}" --out "$WORK/prep" --prepare-only > /dev/null
+total=$(( N * $(tr ',' '\n' <<< "$TASKS" | wc -l) ))
+echo "length $LEN, $total samples ($TASKS × $N), $THREADS threads, $(nproc) cores"
+for b in $BATCHES; do
+  times=()
+  for r in $(seq "$RUNS"); do
+    start=$(date +%s.%N)
+    "$BIN" "${common[@]}" --batch-size "$b" --out "$WORK/b$b-$r" > /dev/null
+    end=$(date +%s.%N)
+    times+=("$(echo "$end - $start" | bc)")
+  done
+  med=$(printf '%s\n' "${times[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+  echo "batch $b: median ${med} s, $(echo "scale=2; $total * 60 / $med" | bc) samples/min"
+done
