@@ -51,12 +51,35 @@ pub fn attention(
         && k.dtype() == DType::F32
         && v.dtype() == DType::F32;
     if cpu_f32 && !fused {
-        let scores = q.contiguous()?.matmul(&k.t()?)?; // (b, kvh, g*t, kv)
-        scores.inplace_op1(&MaskedSoftmax {
-            mask: mask_host.clone(),
-            t: mask.dim(2)?,
-        })?;
-        return Ok(scores.matmul(v)?);
+        // One batch row and PREFILL_ROWS query rows at a time: the scores stay a few MB
+        // instead of (b, kvh, g*t, kv) at once.
+        let (b, _, gt, _) = q.dims4()?;
+        let t = mask.dim(2)?;
+        let kv = k.dim(2)?;
+        let mut rows = Vec::with_capacity(b);
+        for bi in 0..b {
+            let (qb, kb, vb) = (
+                q.narrow(0, bi, 1)?,
+                k.narrow(0, bi, 1)?,
+                v.narrow(0, bi, 1)?,
+            );
+            let kt = kb.t()?;
+            let mut blocks = Vec::new();
+            for start in (0..gt).step_by(PREFILL_ROWS) {
+                let n = PREFILL_ROWS.min(gt - start);
+                let scores = qb.narrow(2, start, n)?.contiguous()?.matmul(&kt)?; // (1, kvh, n, kv)
+                scores.inplace_op1(&MaskedSoftmax {
+                    mask: mask_host.clone(),
+                    t,
+                    kv,
+                    batch_row: bi,
+                    first_row: start,
+                })?;
+                blocks.push(scores.matmul(&vb)?); // (1, kvh, n, d)
+            }
+            rows.push(Tensor::cat(&blocks, 2)?);
+        }
+        return Ok(Tensor::cat(&rows, 0)?);
     }
     if !fused {
         return attention_reference(q, k, v, mask);
@@ -167,10 +190,17 @@ impl CustomOp3 for FusedAttention {
     }
 }
 
-/// Adds the mask to scores `(b, kvh, g*t, kv)` and takes the softmax of each row, in place.
+/// Query rows per block of the prefill path.
+const PREFILL_ROWS: usize = 256;
+
+/// Adds the mask to the scores `(1, kvh, n, kv)` of batch row `batch_row`, query rows
+/// `first_row..first_row + n` of each KV head, and takes the softmax of each row, in place.
 struct MaskedSoftmax {
     mask: Arc<Vec<f32>>, // (b, t, kv)
     t: usize,
+    kv: usize,
+    batch_row: usize,
+    first_row: usize,
 }
 
 impl candle_core::InplaceOp1 for MaskedSoftmax {
@@ -179,8 +209,10 @@ impl candle_core::InplaceOp1 for MaskedSoftmax {
     }
 
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
-        let (b, kvh, gt, kv) = l.shape().dims4()?;
-        if !l.is_contiguous() || self.mask.len() != b * self.t * kv || gt % self.t != 0 {
+        let (one, kvh, n, kv) = l.shape().dims4()?;
+        let (t, bi) = (self.t, self.batch_row);
+        let fits = one == 1 && kv == self.kv && self.mask.len() >= (bi + 1) * t * kv;
+        if !l.is_contiguous() || !fits {
             candle_core::bail!(
                 "masked softmax: scores {:?} disagree with the mask",
                 l.shape()
@@ -189,12 +221,10 @@ impl candle_core::InplaceOp1 for MaskedSoftmax {
         let CpuStorage::F32(data) = s else {
             candle_core::bail!("masked softmax: scores must be f32")
         };
-        let data = &mut data[l.start_offset()..l.start_offset() + b * kvh * gt * kv];
-        let t = self.t;
+        let data = &mut data[l.start_offset()..l.start_offset() + kvh * n * kv];
         data.par_chunks_mut(kv).enumerate().for_each(|(idx, row)| {
-            // idx enumerates (batch row, kv head, query row); query row r is query r % t.
-            let bi = idx / (gt * kvh);
-            let ti = (idx % gt) % t;
+            // idx enumerates (kv head, query row); query row r of a head is query r % t.
+            let ti = (self.first_row + idx % n) % t;
             softmax_row(row, &self.mask[(bi * t + ti) * kv..(bi * t + ti + 1) * kv]);
         });
         Ok(())

@@ -89,6 +89,8 @@ fn fused_attention_equals_the_candle_reference_with_padding_and_windows() {
         (24, 24, None),
         (20, 57, None),
         (40, 90, Some(17)),
+        // More query rows than one prefill block (g * t = 300 > 256).
+        (100, 120, None),
     ] {
         // Row 0 unpadded, row 1 left-padded by 3, row 2 padded by 7 (keys and queries).
         let k_pos: Vec<Vec<i64>> = [0i64, 3, 7]
