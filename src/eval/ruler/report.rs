@@ -236,8 +236,10 @@ impl Report {
         use plotters::prelude::*;
         let mut buf = String::new();
         {
-            let root = SVGBackend::with_string(&mut buf, (900, 560)).into_drawing_area();
+            let root = SVGBackend::with_string(&mut buf, (960, 560)).into_drawing_area();
             root.fill(&WHITE).map_err(plot_err)?;
+            // The legend gets its own column so it never hides a line.
+            let (root, legend) = root.split_horizontally(780);
             let xs: Vec<f64> = self.lengths.iter().map(|&l| (l as f64).log2()).collect();
             let (x0, x1) = (
                 xs.first().copied().unwrap_or(0.0) - 0.3,
@@ -248,7 +250,6 @@ impl Report {
                 .margin(12)
                 .x_label_area_size(40)
                 .y_label_area_size(50)
-                .right_y_label_area_size(10)
                 .build_cartesian_2d(x0..x1, 0f64..100f64)
                 .map_err(plot_err)?;
             let lengths = self.lengths.clone();
@@ -267,6 +268,7 @@ impl Report {
                 })
                 .draw()
                 .map_err(plot_err)?;
+            let mut entries = Vec::new();
             for (i, t) in self.tasks.iter().enumerate() {
                 let color = Palette99::pick(i).to_rgba();
                 let pts: Vec<(f64, f64)> = self
@@ -277,14 +279,11 @@ impl Report {
                     .collect();
                 chart
                     .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-                    .map_err(plot_err)?
-                    .label(t.as_str())
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
-                    });
+                    .map_err(plot_err)?;
                 chart
                     .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
                     .map_err(plot_err)?;
+                entries.push((t.clone(), color.stroke_width(2)));
             }
             let avg: Vec<(f64, f64)> = self
                 .lengths
@@ -294,18 +293,17 @@ impl Report {
                 .collect();
             chart
                 .draw_series(LineSeries::new(avg, BLACK.stroke_width(4)))
-                .map_err(plot_err)?
-                .label("average")
-                .legend(|(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 16, y)], BLACK.stroke_width(4))
-                });
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::LowerLeft)
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
                 .map_err(plot_err)?;
+            entries.push(("average".into(), BLACK.stroke_width(4)));
+            for (i, (name, style)) in entries.into_iter().enumerate() {
+                let y = 50 + 20 * i as i32;
+                legend
+                    .draw(&PathElement::new(vec![(10, y), (34, y)], style))
+                    .map_err(plot_err)?;
+                legend
+                    .draw(&Text::new(name, (42, y - 6), ("sans-serif", 13)))
+                    .map_err(plot_err)?;
+            }
             root.present().map_err(plot_err)?;
         }
         Ok(buf)
