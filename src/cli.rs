@@ -370,7 +370,7 @@ fn eval_ruler(args: RulerArgs, threads: usize, models_dir: &Path) -> Result<()> 
     );
     if let Some(base) = baseline {
         let d = report.delta(&base);
-        crate::eval::ruler::run::write_atomic(&args.out.join("delta.md"), d.as_bytes())?;
+        crate::records::write_atomic(&args.out.join("delta.md"), d.as_bytes())?;
         print!("\n{d}");
     }
     Ok(())
@@ -591,27 +591,11 @@ fn read_batch_file(path: &Path) -> Result<Vec<(String, BatchLine)>> {
     Ok(out)
 }
 
-/// Ids already present in an append-only output file; a torn last line (killed run) is ignored.
+/// Ids already present in an append-only output file; a torn last line (killed run) is cut off.
 fn completed_ids(path: &Path) -> Result<std::collections::HashSet<String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut ids = std::collections::HashSet::new();
-    let lines: Vec<&str> = text.lines().collect();
-    for (n, line) in lines.iter().enumerate() {
-        match serde_json::from_str::<serde_json::Value>(line) {
-            Ok(v) => {
-                if let Some(id) = v.get("id") {
-                    ids.insert(id_string(id));
-                }
-            }
-            Err(_) if n + 1 == lines.len() && !text.ends_with('\n') => {
-                // Truncate the torn line so appends start on a fresh line.
-                let keep = text.len() - line.len();
-                let f = std::fs::OpenOptions::new().write(true).open(path)?;
-                f.set_len(keep as u64)?;
-            }
-            Err(e) => bail!("{}:{}: not a result line ({e})", path.display(), n + 1),
-        }
-    }
-    Ok(ids)
+    let lines: Vec<serde_json::Value> = crate::records::read_jsonl_resumable(path)?;
+    Ok(lines
+        .iter()
+        .filter_map(|v| v.get("id").map(id_string))
+        .collect())
 }

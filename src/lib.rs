@@ -7,3 +7,4 @@ pub mod config;
 pub mod engine;
 pub mod eval;
 pub mod models;
+pub mod records;

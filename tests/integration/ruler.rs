@@ -9,11 +9,12 @@ use std::process::{Command, Output};
 use wildlong::config::{EngineConfig, RulerConfig, RulerGenerator};
 use wildlong::eval::ruler::data::Assets;
 use wildlong::eval::ruler::report::Report;
-use wildlong::eval::ruler::run::{prepare_samples, read_jsonl_resumable, Prediction};
+use wildlong::eval::ruler::run::{prepare_samples, Prediction};
 use wildlong::eval::ruler::score::{postprocess, sample_score, score};
 use wildlong::eval::ruler::synth::{depths, zeta, PromptFormat, Sample};
 use wildlong::eval::ruler::tasks::{Metric, RULER_TASKS};
 use wildlong::models::{locate, resolve, Located};
+use wildlong::records::read_jsonl_resumable;
 
 fn located() -> &'static Located {
     static L: std::sync::OnceLock<Located> = std::sync::OnceLock::new();

@@ -2,9 +2,10 @@
 //! score against length per task (SVG), and the delta table against a baseline report.
 
 use crate::eval::ruler::data::{Assets, ESSAY_SOURCE};
-use crate::eval::ruler::run::{write_atomic, RulerRun, RunIdentity};
+use crate::eval::ruler::run::{RulerRun, RunIdentity};
 use crate::eval::ruler::score::{self, round2};
 use crate::eval::ruler::tasks::Metric;
+use crate::records::write_atomic;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -219,42 +219,15 @@ impl<'a> Synth<'a> {
                 lo0
             );
         }
-        let (mut lo, mut hi) = (lo0, lo0.max(8) * 2);
-        while fits(hi)? {
-            lo = hi;
-            hi *= 2;
-        }
-        // Invariant: fits(lo), !fits(hi).
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            if fits(mid)? {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-        Ok(lo)
+        largest_fitting(lo0, lo0.max(8) * 2, fits)
     }
 
     /// Noise sentences of the variable-tracking example: RULER fits it to 500 tokens.
     fn fit_icl(&self) -> Result<usize> {
         let rng = rng_for(self.seed, self.task, 500, usize::MAX);
-        let (mut lo, mut hi) = (1, 64);
-        let count =
-            |n: usize| -> Result<usize> { self.tokenizer_len(&self.vt_icl(n, &mut rng.clone())?) };
-        while count(hi)? <= 500 {
-            lo = hi;
-            hi *= 2;
-        }
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            if count(mid)? <= 500 {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-        Ok(lo)
+        largest_fitting(1, 64, |n| {
+            Ok(self.tokenizer_len(&self.vt_icl(n, &mut rng.clone())?)? <= 500)
+        })
     }
 
     fn tokenizer_len(&self, text: &str) -> Result<usize> {
@@ -452,10 +425,7 @@ impl<'a> Synth<'a> {
             values.push(vs);
         }
         needles.shuffle(rng);
-        let grid = depths();
-        if needles.len() > grid.len() {
-            bail!("at most {} needles per sample", grid.len());
-        }
+        let grid = depths_grid_checked(needles.len())?;
         let depths: Vec<u32> = grid.choose_multiple(rng, needles.len()).copied().collect();
         let context = match haystack {
             HaystackKind::Essay => self.insert_in_essay(n, &needles, &depths),
@@ -795,6 +765,29 @@ impl<'a> Synth<'a> {
             depths: vec![],
         })
     }
+}
+
+/// The largest `n ≥ lo` with `fits(n)`, given `fits(lo)`: doubling from `hi`, then bisection
+/// (RULER's binary search, without its guessed upper bound).
+fn largest_fitting(
+    mut lo: usize,
+    mut hi: usize,
+    fits: impl Fn(usize) -> Result<bool>,
+) -> Result<usize> {
+    while fits(hi)? {
+        lo = hi;
+        hi *= 2;
+    }
+    // Invariant: fits(lo), !fits(hi).
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
 }
 
 fn depths_grid_checked(n: usize) -> Result<Vec<u32>> {
