@@ -106,6 +106,9 @@ pub struct EngineConfig {
     pub threads: usize,
     /// `cpu`, `cuda[:N]` or `metal[:N]`.
     pub device: String,
+    /// Feed the tokens a JSON schema forces (keys, punctuation) in one forward pass; false
+    /// runs one pass per forced token (the reference the fast path is tested against).
+    pub fast_forward: bool,
 }
 
 impl EngineConfig {
@@ -132,6 +135,7 @@ impl Default for EngineConfig {
             max_context: None,
             threads: 0,
             device: "cpu".into(),
+            fast_forward: true,
         }
     }
 }

@@ -89,6 +89,12 @@ impl Constraint {
             .map_err(|e| anyhow!("constrained decoding: {e}"))
     }
 
+    /// Tokens the grammar allows as the only continuation (not yet committed; the caller
+    /// commits each); empty when the next token is a real choice.
+    pub fn forced_tokens(&mut self) -> Vec<u32> {
+        self.matcher.compute_ff_tokens()
+    }
+
     /// The grammar admits nothing more.
     pub fn is_finished(&self) -> bool {
         self.matcher.is_stopped()

@@ -63,6 +63,8 @@ struct Row {
     max_stop_chars: usize,
     done: Option<FinishReason>,
     next_pos: i64,
+    /// Tokens to feed on the next forward pass: the sampled one plus any the grammar forces.
+    pending: Vec<u32>,
 }
 
 impl Engine {
@@ -307,6 +309,7 @@ impl Engine {
                         .unwrap_or(0),
                     done: None,
                     next_pos: start_pos + r.prompt.len() as i64,
+                    pending: Vec::new(),
                 })
             })
             .collect::<Result<_>>()?;
@@ -315,11 +318,10 @@ impl Engine {
         loop {
             // Sample one token for every active row.
             let rows_logits: Vec<Vec<f32>> = logits.to_vec2()?;
-            let mut next = Vec::with_capacity(rows.len());
             for (row, l) in rows.iter_mut().zip(rows_logits) {
+                row.pending.clear();
                 if row.max_new == 0 {
                     row.done = Some(FinishReason::Length);
-                    next.push(0);
                     continue;
                 }
                 let tok = match &mut row.constraint {
@@ -332,13 +334,13 @@ impl Engine {
                     None => row.sampler.sample(l, None)?,
                 };
                 self.advance(row, tok, max_ctx)?;
-                next.push(tok);
+                row.pending.push(tok);
+                self.fast_forward(row, max_ctx)?;
             }
             // Rows that finished leave the batch.
             let keep: Vec<usize> = (0..rows.len())
                 .filter(|&i| rows[i].done.is_none())
                 .collect();
-            let next_tokens: Vec<u32> = keep.iter().map(|&i| next[i]).collect();
             let mut still = Vec::with_capacity(keep.len());
             for (i, row) in rows.into_iter().enumerate() {
                 if keep.contains(&i) {
@@ -353,10 +355,32 @@ impl Engine {
                 break;
             }
             cache.retain_rows(&keep)?;
-            let ids = Tensor::from_vec(next_tokens, (rows.len(), 1), self.model.device())?;
-            let pos: Vec<Vec<i64>> = rows.iter().map(|r| vec![r.next_pos - 1]).collect();
-            let hidden = self.model.forward(&ids, &pos, &mut cache)?;
-            logits = self.model.last_logits(&hidden)?;
+            // Rows feed 1 + forced tokens; shorter rows are left-padded (position -1).
+            let t = rows.iter().map(|r| r.pending.len()).max().unwrap_or(1);
+            let mut ids = Vec::with_capacity(rows.len() * t);
+            let mut pos = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let pad = t - r.pending.len();
+                ids.extend(std::iter::repeat_n(0u32, pad));
+                ids.extend(&r.pending);
+                let first = r.next_pos - r.pending.len() as i64;
+                let mut p = vec![-1i64; pad];
+                p.extend(first..r.next_pos);
+                pos.push(p);
+            }
+            let ids = Tensor::from_vec(ids, (rows.len(), t), self.model.device())?; // (b, t)
+            if self.config.fast_forward || t == 1 {
+                let hidden = self.model.forward(&ids, &pos, &mut cache)?;
+                logits = self.model.last_logits(&hidden)?;
+            } else {
+                // Reference: the same padded columns, one forward pass each.
+                for j in 0..t {
+                    let col = ids.narrow(1, j, 1)?.contiguous()?; // (b, 1)
+                    let p: Vec<Vec<i64>> = pos.iter().map(|p| vec![p[j]]).collect();
+                    let hidden = self.model.forward(&col, &p, &mut cache)?;
+                    logits = self.model.last_logits(&hidden)?;
+                }
+            }
         }
         finished
             .into_iter()
@@ -385,6 +409,25 @@ impl Engine {
             row.done = Some(FinishReason::Stop);
         } else if row.tokens.len() >= row.max_new || row.next_pos >= max_ctx {
             row.done = Some(FinishReason::Length);
+        }
+        Ok(())
+    }
+
+    /// Appends the tokens a row's grammar forces next (JSON keys, punctuation), so that
+    /// they cost one forward pass together instead of one pass each.
+    fn fast_forward(&self, row: &mut Row, max_ctx: i64) -> Result<()> {
+        if row.done.is_some() {
+            return Ok(());
+        }
+        let Some(c) = &mut row.constraint else {
+            return Ok(());
+        };
+        for tok in c.forced_tokens() {
+            self.advance(row, tok, max_ctx)?;
+            row.pending.push(tok);
+            if row.done.is_some() {
+                break;
+            }
         }
         Ok(())
     }

@@ -290,6 +290,64 @@ fn json_schema_constrains_a_135m_model_to_valid_json() {
 }
 
 #[test]
+fn forced_json_tokens_in_one_pass_equal_one_pass_each_and_batching() {
+    // Many forced tokens (keys, punctuation) per row, different counts per row in a batch.
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "document_type": {"type": "string", "maxLength": 30},
+            "task": {"type": "string", "maxLength": 30},
+            "user_intent": {"type": "string", "maxLength": 30},
+            "output_format": {"type": "string", "enum": ["table", "bullet list", "paragraph"]}
+        },
+        "required": ["document_type", "task", "user_intent", "output_format"],
+        "additionalProperties": false,
+        "x-guidance": {"whitespace_flexible": false}
+    });
+    let reqs: Vec<Request> = [
+        "Summarize this contract for me.",
+        "Explain the stack trace below, my Flask app crashes when it starts.",
+        "Turn these meeting notes into action items.",
+    ]
+    .iter()
+    .map(|q| Request {
+        prompt: chat(q),
+        params: GenerationParams {
+            json_schema: Some(schema.clone()),
+            ..greedy(200)
+        },
+    })
+    .collect();
+    let fast = load(
+        &default_model_path(),
+        EngineConfig {
+            max_batch: 3,
+            ..EngineConfig::default()
+        },
+    );
+    let slow = load(
+        &default_model_path(),
+        EngineConfig {
+            max_batch: 3,
+            fast_forward: false,
+            ..EngineConfig::default()
+        },
+    );
+    let a = fast.generate(&reqs, |_, _| {}).unwrap();
+    let b = slow.generate(&reqs, |_, _| {}).unwrap();
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.tokens, y.tokens);
+        assert_eq!(x.finish_reason, FinishReason::Grammar);
+        let v: serde_json::Value = serde_json::from_str(&x.text).unwrap();
+        assert_eq!(v.as_object().unwrap().len(), 4, "{v}");
+    }
+    for (i, r) in reqs.iter().enumerate() {
+        let alone = fast.generate(std::slice::from_ref(r), |_, _| {}).unwrap();
+        assert_eq!(alone[0].tokens, a[i].tokens, "row {i}");
+    }
+}
+
+#[test]
 fn invalid_json_schema_is_refused_before_decoding() {
     let e = default_engine();
     for bad in [
