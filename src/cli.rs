@@ -1,6 +1,9 @@
 //! Command-line interface: argument types (clap derive) and one function per command.
 
-use crate::config::{EngineConfig, GenerationParams, RulerConfig, SamplingParams};
+use crate::config::{
+    EdgeWeight, EngineConfig, GenerationParams, MetaSchema, RulerConfig, SamplingParams, Shard,
+    Stage1Config,
+};
 use crate::engine::chat::Message;
 use crate::engine::generate::{Completion, Engine, Request};
 use crate::engine::weights::WeightFormat;
@@ -48,6 +51,21 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measure prefill, decode, batched and shared-prefix throughput.
     Bench(BenchArgs),
+    /// Stage 1: filter conversations and extract the meta-information of each user query.
+    #[command(
+        after_help = "Examples:\n  wildlong extract --model default --run runs/demo\n  wildlong extract --model default --run runs/wc --input hf://datasets/allenai/WildChat-1M/data/train-00000-of-00014.parquet --shard 2/8\n  wildlong extract --run runs/demo --filter-only\n\nWrites <run>/stage1/queries.jsonl, filter_stats.json and meta[.shard-k-of-n].jsonl (appended per batch;\na killed run resumes, a finished rerun does nothing)."
+    )]
+    Extract(Box<ExtractArgs>),
+    /// Stage 1: normalise values and build one co-occurrence graph per document type.
+    #[command(
+        after_help = "Examples:\n  wildlong graph --run runs/demo\n  wildlong graph --run runs/demo --weight npmi --min-weight 0.1\n\nReads <run>/stage1/meta*.jsonl; writes normalized.jsonl, merges.json, graphs/<type>.{json,dot,graphml},\ngraph_summary.{json,md}."
+    )]
+    Graph(GraphArgs),
+    /// Stage 1: sample paths through the graphs and turn them into instruction blueprints.
+    #[command(
+        after_help = "Examples:\n  wildlong sample --model default --run runs/demo\n  wildlong sample --run runs/demo --per-type 100 --paths-only\n\nWrites <run>/stage1/paths.jsonl, sample_stats.json and blueprints.jsonl (resumable)."
+    )]
+    Sample(Box<SampleArgs>),
     /// Evaluate models on long-context benchmarks.
     #[command(subcommand)]
     Eval(EvalCommand),
@@ -114,6 +132,84 @@ pub struct RulerArgs {
     /// Write the samples (<out>/<length>/<task>/data.jsonl) and stop.
     #[arg(long, conflicts_with = "baseline")]
     pub prepare_only: bool,
+}
+
+/// Options every stage-1 command shares.
+#[derive(Args, Debug)]
+pub struct Stage1Args {
+    /// Run folder; stage 1 reads and writes <run>/stage1/.
+    #[arg(long, default_value = "runs/demo")]
+    pub run: PathBuf,
+    /// Stage 1 settings [default: configs/stage1.toml, built in].
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override one config key, e.g. `--set filter.languages=["English","French"]` or
+    /// `--set graph.weight=npmi` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Hide progress bars.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+impl Stage1Args {
+    fn load(&self) -> Result<(Stage1Config, MetaSchema, PathBuf)> {
+        let cfg = Stage1Config::load(self.config.as_deref(), &self.set)?;
+        let schema = MetaSchema::load(cfg.schema.as_deref())?;
+        Ok((cfg, schema, self.run.join("stage1")))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ExtractArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub stage1: Stage1Args,
+    /// Conversations (JSONL/Parquet path, hf://datasets/OWNER/NAME/FILE, or `sample`); repeatable
+    /// [default: the config's input.paths].
+    #[arg(long)]
+    pub input: Vec<String>,
+    /// This worker's share: k/n takes every n-th query starting at the k-th (1-based).
+    #[arg(long, default_value = "1/1")]
+    pub shard: Shard,
+    /// Only the first N filtered queries.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Stop at the first malformed input line instead of skipping it.
+    #[arg(long)]
+    pub strict: bool,
+    /// Write queries.jsonl and filter_stats.json, then stop (no model needed).
+    #[arg(long)]
+    pub filter_only: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GraphArgs {
+    #[command(flatten)]
+    pub stage1: Stage1Args,
+    /// Edge weight [default: the config's, count].
+    #[arg(long, value_enum)]
+    pub weight: Option<EdgeWeight>,
+    /// Prune edges whose weight is below this.
+    #[arg(long)]
+    pub min_weight: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+pub struct SampleArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub stage1: Stage1Args,
+    /// Blueprints per document type [default: the config's].
+    #[arg(long)]
+    pub per_type: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Write paths.jsonl and stop (no model needed).
+    #[arg(long)]
+    pub paths_only: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -283,6 +379,9 @@ fn run_command(cli: Cli) -> Result<()> {
         }
         Command::Generate(args) => generate(args, cli.threads, &cli.models_dir),
         Command::Bench(args) => crate::bench::run(&args, cli.threads, &cli.models_dir),
+        Command::Extract(args) => extract(*args, cli.threads, &cli.models_dir),
+        Command::Graph(args) => graph(args),
+        Command::Sample(args) => sample(*args, cli.threads, &cli.models_dir),
         Command::Eval(EvalCommand::Ruler(args)) => eval_ruler(*args, cli.threads, &cli.models_dir),
         Command::Eval(EvalCommand::Compare { report, baseline }) => {
             let new = Report::load(&report)?;
@@ -373,6 +472,135 @@ fn eval_ruler(args: RulerArgs, threads: usize, models_dir: &Path) -> Result<()> 
         crate::records::write_atomic(&args.out.join("delta.md"), d.as_bytes())?;
         print!("\n{d}");
     }
+    Ok(())
+}
+
+fn extract(args: ExtractArgs, threads: usize, models_dir: &Path) -> Result<()> {
+    use crate::stage1::extract::{prepare_queries, Extraction};
+    let (mut cfg, schema, dir) = args.stage1.load()?;
+    if !args.input.is_empty() {
+        cfg.input.paths = args.input.clone();
+    }
+    cfg.input.strict |= args.strict;
+    if args.filter_only {
+        prepare_queries(&cfg, &dir)?;
+        print!(
+            "{}",
+            std::fs::read_to_string(dir.join("filter_stats.json"))?
+        );
+        return Ok(());
+    }
+    let engine = models::load_engine(
+        &args.engine.model,
+        models_dir,
+        &args.engine.engine_config(threads)?,
+    )?;
+    let run = Extraction {
+        cfg: &cfg,
+        schema: &schema,
+        dir: dir.clone(),
+        model: args.engine.model.clone(),
+        shard: args.shard,
+        limit: args.limit,
+        progress: !args.stage1.no_progress,
+    };
+    let stats = run.run(&engine)?;
+    let filter: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("filter_stats.json"))?)?;
+    println!(
+        "filter: {} queries kept; dropped by reason: {}",
+        filter["kept"], filter["dropped"]
+    );
+    println!(
+        "extract: {} records, {} rejected -> {}",
+        stats.records,
+        stats.rejects,
+        run.meta_path().display()
+    );
+    if stats.queries_this_run > 0 {
+        println!(
+            "  {} queries in {:.1} s: {:.1} queries/min",
+            stats.queries_this_run,
+            stats.seconds,
+            stats.queries_this_run as f64 * 60.0 / stats.seconds.max(1e-9)
+        );
+    }
+    println!("document types:");
+    let mut types: Vec<_> = stats.document_types.iter().collect();
+    types.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    for (t, n) in types {
+        println!("  {n:>6}  {t}");
+    }
+    Ok(())
+}
+
+fn graph(args: GraphArgs) -> Result<()> {
+    let (mut cfg, schema, dir) = args.stage1.load()?;
+    if let Some(w) = args.weight {
+        cfg.graph.weight = w;
+    }
+    if let Some(w) = args.min_weight {
+        cfg.graph.min_weight = w;
+    }
+    let summaries = crate::stage1::graph::run(&cfg, &schema, &dir)?;
+    println!(
+        "{:<24} {:>8} {:>7} {:>7}",
+        "document type", "queries", "nodes", "edges"
+    );
+    for s in &summaries {
+        println!(
+            "{:<24} {:>8} {:>7} {:>7}",
+            s.document_type, s.queries, s.nodes, s.edges
+        );
+    }
+    println!("graphs and summary in {}", dir.display());
+    Ok(())
+}
+
+fn sample(args: SampleArgs, threads: usize, models_dir: &Path) -> Result<()> {
+    use crate::stage1::{graph, sample};
+    let (mut cfg, _schema, dir) = args.stage1.load()?;
+    if let Some(n) = args.per_type {
+        cfg.sample.per_type = n;
+    }
+    if let Some(s) = args.seed {
+        cfg.sample.seed = s;
+    }
+    cfg.validate()?;
+    let graphs = graph::load_all(&dir)?;
+    let paths = sample::sample_all(&graphs, &cfg.sample, &dir)?;
+    println!(
+        "{} paths -> {}",
+        paths.len(),
+        dir.join("paths.jsonl").display()
+    );
+    if args.paths_only {
+        return Ok(());
+    }
+    let engine = models::load_engine(
+        &args.engine.model,
+        models_dir,
+        &args.engine.engine_config(threads)?,
+    )?;
+    let weighting = graphs
+        .first()
+        .map(|g| serde_json::to_value(g.weighting))
+        .transpose()?
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default();
+    let n = sample::write_blueprints(
+        &engine,
+        &args.engine.model,
+        &paths,
+        &cfg.sample,
+        &weighting,
+        &dir,
+        !args.stage1.no_progress,
+    )?;
+    println!(
+        "{n} new blueprints -> {}",
+        dir.join("blueprints.jsonl").display()
+    );
     Ok(())
 }
 
@@ -485,16 +713,8 @@ fn generate(args: GenerateArgs, threads: usize, models_dir: &Path) -> Result<()>
         eprintln!("nothing to do: every prompt already has a result in the output file");
         return Ok(());
     }
-    let bar = (jobs.len() > 1).then(|| {
-        let pb = indicatif::ProgressBar::new(jobs.len() as u64);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} prompts [{elapsed_precise} < {eta_precise}, {per_sec}]",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        pb
-    });
+    let bar =
+        (jobs.len() > 1).then(|| crate::records::progress_bar(true, jobs.len() as u64, "prompts"));
     let mut out: Box<dyn Write> = match &args.output {
         Some(p) => Box::new(
             std::fs::OpenOptions::new()

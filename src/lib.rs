@@ -8,3 +8,4 @@ pub mod engine;
 pub mod eval;
 pub mod models;
 pub mod records;
+pub mod stage1;

@@ -71,8 +71,94 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let tmp = path.with_extension("tmp");
+    // The pid keeps concurrent writers (shards) off each other's temp files.
+    let name = path
+        .file_name()
+        .map_or("out".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!("{name}.{}.tmp", std::process::id()));
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
+}
+
+/// Writes a whole JSONL file atomically (derived outputs that are rebuilt, not appended).
+pub fn write_jsonl_atomic<T: Serialize>(path: &Path, items: &[T]) -> Result<()> {
+    let mut text = String::new();
+    for v in items {
+        text.push_str(&serde_json::to_string(v)?);
+        text.push('\n');
+    }
+    write_atomic(path, text.as_bytes())
+}
+
+/// Refuses to continue a folder made with other settings (records would mix); the first
+/// run writes the identity file.
+pub fn check_identity<T: Serialize + for<'de> Deserialize<'de> + PartialEq>(
+    path: &Path,
+    id: &T,
+) -> Result<()> {
+    if path.is_file() {
+        let text = std::fs::read_to_string(path)?;
+        let old: T = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a wildlong run file", path.display()))?;
+        if &old != id {
+            bail!(
+                "{} was made with another model, prompt, input or settings:\n  before: {}\n  now:    {}\nuse another output folder or delete this one",
+                path.display(),
+                serde_json::to_string(&old)?,
+                serde_json::to_string(id)?
+            );
+        }
+    } else {
+        write_atomic(path, serde_json::to_string_pretty(id)?.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The progress bar of every long command: `{unit}` done of total, rate and ETA (hidden when
+/// `show` is false).
+pub fn progress_bar(show: bool, len: u64, unit: &str) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(len);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit} [{{elapsed_precise}} < {{eta_precise}}, {{per_sec}}]"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    b
+}
+
+/// One (field, value) step of a blueprint path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathStep {
+    pub field: String,
+    pub value: String,
+}
+
+/// Where a blueprint came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlueprintProvenance {
+    pub model: String,
+    pub prompt_version: String,
+    pub seed: u64,
+    /// Conversations whose queries hold the path's values (a few per value).
+    pub conversation_ids: Vec<String>,
+    /// Edge weighting of the graph the path was sampled from.
+    pub weighting: String,
+}
+
+/// An instruction blueprint (stage 1 → stage 2): a sampled path through one document
+/// type's graph and the instruction template the LLM wrote from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Blueprint {
+    /// Hash of the document type and the path's values.
+    pub id: String,
+    pub document_type: String,
+    pub path: Vec<PathStep>,
+    pub instruction: String,
+    pub provenance: BlueprintProvenance,
 }

@@ -373,3 +373,23 @@ pub fn reference_forward(dir: &Path, tokens: &[u32]) -> Vec<Vec<f64>> {
     };
     xs.iter().map(|x| matvec(&head, &rms(x, &gn))).collect()
 }
+
+/// The `wildlong` binary with one CPU thread and the project's models folder.
+pub fn wildlong(args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_wildlong"));
+    c.args(args)
+        .args(["--threads", "1", "--models-dir"])
+        .arg(root().join("models"));
+    c
+}
+
+/// Stdout of a command that must succeed (else the test fails with its output).
+pub fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}

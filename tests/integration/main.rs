@@ -9,4 +9,5 @@ mod lora;
 mod model;
 mod rope;
 mod ruler;
+mod stage1;
 mod tokenizer;

@@ -5,7 +5,6 @@
 
 use crate::common::*;
 use std::path::Path;
-use std::process::{Command, Output};
 use wildlong::config::{EngineConfig, RulerConfig, RulerGenerator};
 use wildlong::eval::ruler::data::Assets;
 use wildlong::eval::ruler::report::Report;
@@ -313,24 +312,6 @@ fn same_seed_same_samples_other_seed_other_samples() {
     }
 }
 
-fn wildlong(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_wildlong"));
-    c.args(args)
-        .args(["--threads", "1", "--models-dir"])
-        .arg(root().join("models"));
-    c
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 #[test]
 fn killed_evaluation_resumes_without_losing_or_duplicating() {
     let d = tempdir();
@@ -551,7 +532,7 @@ fn data_files_resolve_from_an_hf_dataset_cache() {
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), sha).unwrap();
     std::fs::write(snap.join("squad.json"), "{}").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_wildlong"))
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wildlong"))
         .args([
             "eval",
             "ruler",

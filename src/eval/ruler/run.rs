@@ -107,26 +107,6 @@ fn task_dir(out: &Path, length: usize, task: &str) -> PathBuf {
     out.join(length.to_string()).join(task)
 }
 
-fn check_identity(out: &Path, id: &RunIdentity) -> Result<()> {
-    let path = out.join("run.json");
-    if path.is_file() {
-        let text = std::fs::read_to_string(&path)?;
-        let old: RunIdentity = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a wildlong run.json", path.display()))?;
-        if &old != id {
-            bail!(
-                "{} holds predictions of another model/adapter/template/settings ({} vs {}); choose another --out or delete it",
-                out.display(),
-                old.model,
-                id.model
-            );
-        }
-    } else {
-        write_atomic(&path, serde_json::to_string_pretty(id)?.as_bytes())?;
-    }
-    Ok(())
-}
-
 impl RulerRun {
     /// Runs every task × length and writes the reports; returns the report (`None` with
     /// `prepare_only`).
@@ -154,7 +134,7 @@ impl RulerRun {
         };
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("creating {}", self.out.display()))?;
-        check_identity(&self.out, &identity)?;
+        crate::records::check_identity(&self.out.join("run.json"), &identity)?;
         let max = engine.max_context();
         if let Some(&l) = cfg.lengths.iter().find(|&&l| l > max) {
             bail!("length {l} exceeds the model's context ({max} tokens); pass --max-context to evaluate beyond it");
@@ -209,19 +189,8 @@ impl RulerRun {
                     .count()
             })
             .sum();
-        let bar = if self.progress && pending > 0 {
-            let b = indicatif::ProgressBar::new(pending as u64);
-            b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {pos}/{len} samples, {elapsed} elapsed, ETA {eta}",
-                )
-                .expect("static template")
-                .progress_chars("=> "),
-            );
-            b
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
+        let bar =
+            crate::records::progress_bar(self.progress && pending > 0, pending as u64, "samples");
 
         for (len, name, samples, preds) in &mut work {
             let gen = &cfg.tasks[name.as_str()];
