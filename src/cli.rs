@@ -160,10 +160,63 @@ impl Stage1Args {
     }
 }
 
+/// Generation on an OpenAI-compatible server instead of the local engine.
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// Base URL of an OpenAI-compatible server (vLLM, SGLang, llama.cpp), e.g.
+    /// http://127.0.0.1:8000/v1; `--model` is then the server's model name. The API key is
+    /// read from $OPENAI_API_KEY when set.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// How JSON schemas are sent: json-schema (OpenAI, vLLM, SGLang, llama-server) or
+    /// json-object (llama-cpp-python).
+    #[arg(long, value_enum, default_value = "json-schema")]
+    pub server_json_format: crate::config::JsonFormat,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub server_concurrency: usize,
+    /// Seconds before a request is retried.
+    #[arg(long, default_value_t = 600.0)]
+    pub server_timeout: f64,
+    /// Retries after timeouts, connection errors, HTTP 429 and 5xx.
+    #[arg(long, default_value_t = 3)]
+    pub server_retries: usize,
+}
+
+/// The local engine, or the server when `--server` is given.
+fn load_llm(
+    engine: &EngineArgs,
+    server: &ServerArgs,
+    threads: usize,
+    models_dir: &Path,
+) -> Result<crate::engine::backend::Llm> {
+    use crate::engine::backend::Llm;
+    Ok(match &server.server {
+        Some(url) => Llm::Remote(crate::engine::openai::OpenAiClient::new(
+            crate::config::OpenAiConfig {
+                base_url: url.clone(),
+                model: engine.model.clone(),
+                json_format: server.server_json_format,
+                concurrency: server.server_concurrency,
+                timeout_s: server.server_timeout,
+                max_retries: server.server_retries,
+                ..Default::default()
+            },
+        )?),
+        None => Llm::Local(Box::new(models::load_engine(
+            &engine.model,
+            models_dir,
+            &engine.engine_config(threads)?,
+        )?)),
+    })
+}
+
 #[derive(Args, Debug)]
 pub struct ExtractArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
     #[command(flatten)]
     pub stage1: Stage1Args,
     /// Conversations (JSONL/Parquet path, hf://datasets/OWNER/NAME/FILE, or `sample`); repeatable
@@ -200,6 +253,8 @@ pub struct GraphArgs {
 pub struct SampleArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
     #[command(flatten)]
     pub stage1: Stage1Args,
     /// Blueprints per document type [default: the config's].
@@ -490,11 +545,7 @@ fn extract(args: ExtractArgs, threads: usize, models_dir: &Path) -> Result<()> {
         );
         return Ok(());
     }
-    let engine = models::load_engine(
-        &args.engine.model,
-        models_dir,
-        &args.engine.engine_config(threads)?,
-    )?;
+    let llm = load_llm(&args.engine, &args.server, threads, models_dir)?;
     let run = Extraction {
         cfg: &cfg,
         schema: &schema,
@@ -504,7 +555,7 @@ fn extract(args: ExtractArgs, threads: usize, models_dir: &Path) -> Result<()> {
         limit: args.limit,
         progress: !args.stage1.no_progress,
     };
-    let stats = run.run(&engine)?;
+    let stats = run.run(&llm)?;
     let filter: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("filter_stats.json"))?)?;
     println!(
@@ -577,11 +628,7 @@ fn sample(args: SampleArgs, threads: usize, models_dir: &Path) -> Result<()> {
     if args.paths_only {
         return Ok(());
     }
-    let engine = models::load_engine(
-        &args.engine.model,
-        models_dir,
-        &args.engine.engine_config(threads)?,
-    )?;
+    let llm = load_llm(&args.engine, &args.server, threads, models_dir)?;
     let weighting = graphs
         .first()
         .map(|g| serde_json::to_value(g.weighting))
@@ -589,7 +636,7 @@ fn sample(args: SampleArgs, threads: usize, models_dir: &Path) -> Result<()> {
         .and_then(|v| v.as_str().map(String::from))
         .unwrap_or_default();
     let n = sample::write_blueprints(
-        &engine,
+        &llm,
         &args.engine.model,
         &paths,
         &cfg.sample,

@@ -3,11 +3,13 @@
 //! above this layer runs a model directly.
 
 pub mod attention;
+pub mod backend;
 pub mod chat;
 pub mod constrained;
 pub mod generate;
 pub mod llama;
 pub mod lora;
+pub mod openai;
 pub mod packed;
 pub mod rope;
 pub mod sampling;

@@ -5,7 +5,10 @@
 //! appended per batch, so a killed run resumes without losing or repeating any.
 
 use crate::config::{DocumentTypeMode, MetaSchema, Shard, Stage1Config};
-use crate::engine::generate::{Engine, FinishReason, Request};
+use crate::config::{GenerationParams, SamplingParams};
+use crate::engine::backend::Llm;
+use crate::engine::chat::Message;
+use crate::engine::generate::{Completion, Engine, FinishReason, Request};
 use crate::records::{
     append_line, check_identity, progress_bar, read_jsonl_resumable, write_atomic,
 };
@@ -275,7 +278,7 @@ impl Extraction<'_> {
 
     /// Filters (or reuses the filtered queries), then extracts every query of this shard
     /// not yet done.
-    pub fn run(&self, engine: &Engine) -> Result<ExtractStats> {
+    pub fn run(&self, llm: &Llm) -> Result<ExtractStats> {
         let fingerprint = prepare_queries(self.cfg, &self.dir)?;
         let schema_hash = schema_hash(self.schema, self.cfg);
         let identity = Identity {
@@ -301,23 +304,19 @@ impl Extraction<'_> {
             ..Default::default()
         };
 
-        let template = engine
-            .chat_template
-            .as_ref()
-            .context("the extraction model needs a chat template")?;
-        const MARK: &str = "\u{1}QUERY\u{1}";
-        let rendered = template.render(
-            &extract_messages(self.schema, self.cfg.extract.max_value_chars, MARK),
-            true,
-        )?;
-        let (head, tail) = rendered
-            .split_once(MARK)
-            .context("the chat template dropped the user message")?;
-        let prefix_tokens = engine.tokenizer.encode(head, false)?;
-        let prefix = engine.prefill_prefix(&prefix_tokens)?;
         let json_schema = output_schema(self.schema, self.cfg);
-        let max_tokens = max_output_tokens(self.schema, self.cfg);
-        let batch = engine.config.max_batch.max(1);
+        let params = |seed: u64| GenerationParams {
+            max_tokens: max_output_tokens(self.schema, self.cfg),
+            sampling: SamplingParams {
+                temperature: self.cfg.extract.temperature,
+                seed,
+                ..Default::default()
+            },
+            json_schema: Some(json_schema.clone()),
+            ..Default::default()
+        };
+        let local = llm.local().map(|e| LocalPrompt::new(e, self)).transpose()?;
+        let batch = llm.batch_size();
 
         let queries_path = self.dir.join("queries.jsonl");
         let total = for_each_chunk(
@@ -337,53 +336,27 @@ impl Extraction<'_> {
             self.limit,
             batch * 8,
             |q| !done.contains(&q.id),
-            |mut chunk| {
+            |chunk| {
+                let mut prepared: Vec<Prepared> = chunk
+                    .into_iter()
+                    .map(|q| match &local {
+                        Some(l) => l.prepare(self, q),
+                        None => Ok(self.prepare_remote(q)),
+                    })
+                    .collect::<Result<_>>()?;
                 // Similar lengths together: less padding per batch.
-                let mut prepared = chunk
-                    .drain(..)
-                    .map(|q| self.prepare(engine, head, tail, &prefix_tokens, q))
-                    .collect::<Result<Vec<_>>>()?;
-                prepared.sort_by_key(|p| p.tokens.len());
+                prepared.sort_by_key(|p| p.prompt_tokens);
                 for group in prepared.chunks(batch) {
-                    let (shared, alone): (Vec<&Prepared>, Vec<&Prepared>) =
-                        group.iter().partition(|p| p.shares_prefix);
-                    let request = |p: &Prepared| Request {
-                        prompt: if p.shares_prefix {
-                            p.tokens[prefix_tokens.len()..].to_vec()
-                        } else {
-                            p.tokens.clone()
-                        },
-                        params: crate::config::GenerationParams {
-                            max_tokens,
-                            sampling: crate::config::SamplingParams {
-                                temperature: self.cfg.extract.temperature,
-                                seed: p.seed,
-                                ..Default::default()
-                            },
-                            json_schema: Some(json_schema.clone()),
-                            ..Default::default()
-                        },
+                    let outs = match &local {
+                        Some(l) => l.generate(group, &params)?,
+                        None => llm.chat_batch(
+                            &group
+                                .iter()
+                                .map(|p| (p.messages.clone(), params(p.seed)))
+                                .collect::<Vec<_>>(),
+                        )?,
                     };
-                    let mut outs = Vec::new();
-                    if !shared.is_empty() {
-                        let reqs: Vec<Request> = shared.iter().map(|p| request(p)).collect();
-                        outs.extend(
-                            shared
-                                .iter()
-                                .copied()
-                                .zip(engine.generate_with_prefix(&prefix, &reqs)?),
-                        );
-                    }
-                    if !alone.is_empty() {
-                        let reqs: Vec<Request> = alone.iter().map(|p| request(p)).collect();
-                        outs.extend(
-                            alone
-                                .iter()
-                                .copied()
-                                .zip(engine.generate(&reqs, |_, _| {})?),
-                        );
-                    }
-                    for (p, c) in outs {
+                    for (p, c) in group.iter().zip(outs) {
                         stats.queries_this_run += 1;
                         match self.parse(&c.text, c.finish_reason) {
                             Ok(meta) => {
@@ -398,7 +371,11 @@ impl Extraction<'_> {
                                         schema_hash: schema_hash.clone(),
                                         seed: p.seed,
                                         query_truncated: p.truncated,
-                                        prompt_tokens: p.tokens.len(),
+                                        prompt_tokens: if c.prompt_tokens > 0 {
+                                            c.prompt_tokens
+                                        } else {
+                                            p.prompt_tokens
+                                        },
                                         generated_tokens: c.tokens.len(),
                                     },
                                 };
@@ -443,42 +420,35 @@ impl Extraction<'_> {
         Ok(stats)
     }
 
-    fn prepare(
-        &self,
-        engine: &Engine,
-        head: &str,
-        tail: &str,
-        prefix: &[u32],
-        q: Query,
-    ) -> Result<Prepared> {
-        let max = self.cfg.extract.max_query_tokens.max(16);
-        let ids = engine.tokenizer.encode(&q.text, false)?;
-        let (text, truncated) = if ids.len() > max {
-            let keep_head = max * 2 / 3;
-            let keep_tail = max - keep_head;
-            let a = engine.tokenizer.decode(&ids[..keep_head], false)?;
-            let b = engine
-                .tokenizer
-                .decode(&ids[ids.len() - keep_tail..], false)?;
-            (format!("{a}\n[...]\n{b}"), true)
+    fn seed(&self, id: &str) -> u64 {
+        let digest = Sha256::new()
+            .chain_update(self.cfg.extract.seed.to_le_bytes())
+            .chain_update(id.as_bytes())
+            .finalize();
+        u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+    }
+
+    /// For a server (no tokenizer here): queries longer than `max_query_tokens` × 4
+    /// characters keep their first two thirds and last third.
+    fn prepare_remote(&self, q: Query) -> Prepared {
+        let max = self.cfg.extract.max_query_tokens.max(16) * 4;
+        let chars: Vec<char> = q.text.chars().collect();
+        let (text, truncated) = if chars.len() > max {
+            let head: String = chars[..max * 2 / 3].iter().collect();
+            let tail: String = chars[chars.len() - (max - max * 2 / 3)..].iter().collect();
+            (format!("{head}\n[...]\n{tail}"), true)
         } else {
             (q.text.clone(), false)
         };
-        let tokens = engine
-            .tokenizer
-            .encode(&format!("{head}{text}{tail}"), false)?;
-        let shares_prefix = tokens.len() > prefix.len() && tokens.starts_with(prefix);
-        let digest = Sha256::new()
-            .chain_update(self.cfg.extract.seed.to_le_bytes())
-            .chain_update(q.id.as_bytes())
-            .finalize();
-        Ok(Prepared {
+        Prepared {
+            seed: self.seed(&q.id),
+            messages: extract_messages(self.schema, self.cfg.extract.max_value_chars, &text),
+            prompt_tokens: text.len() / 4,
             id: q.id,
-            tokens,
-            shares_prefix,
+            tokens: Vec::new(),
+            shares_prefix: false,
             truncated,
-            seed: u64::from_le_bytes(digest[..8].try_into().expect("8 bytes")),
-        })
+        }
     }
 
     /// The model's JSON as field → value, checked against the schema.
@@ -513,12 +483,113 @@ impl Extraction<'_> {
     }
 }
 
+/// One query ready to send.
 struct Prepared {
     id: String,
+    /// Local engine: the whole prompt's tokens.
     tokens: Vec<u32>,
     shares_prefix: bool,
+    /// Server: the chat.
+    messages: Vec<Message>,
+    prompt_tokens: usize,
     truncated: bool,
     seed: u64,
+}
+
+/// The local engine's extraction prompt: everything before the query is prefilled once
+/// and shared by every query whose tokens start with it.
+struct LocalPrompt<'e> {
+    engine: &'e Engine,
+    head: String,
+    tail: String,
+    prefix_tokens: Vec<u32>,
+    prefix: std::sync::Arc<crate::engine::llama::SharedPrefix>,
+}
+
+impl<'e> LocalPrompt<'e> {
+    fn new(engine: &'e Engine, x: &Extraction) -> Result<Self> {
+        let template = engine
+            .chat_template
+            .as_ref()
+            .context("the extraction model needs a chat template")?;
+        const MARK: &str = "\u{1}QUERY\u{1}";
+        let rendered = template.render(
+            &extract_messages(x.schema, x.cfg.extract.max_value_chars, MARK),
+            true,
+        )?;
+        let (head, tail) = rendered
+            .split_once(MARK)
+            .context("the chat template dropped the user message")?;
+        let prefix_tokens = engine.tokenizer.encode(head, false)?;
+        let prefix = engine.prefill_prefix(&prefix_tokens)?;
+        Ok(Self {
+            engine,
+            head: head.to_string(),
+            tail: tail.to_string(),
+            prefix_tokens,
+            prefix,
+        })
+    }
+
+    fn prepare(&self, x: &Extraction, q: Query) -> Result<Prepared> {
+        let tok = &self.engine.tokenizer;
+        let max = x.cfg.extract.max_query_tokens.max(16);
+        let ids = tok.encode(&q.text, false)?;
+        let (text, truncated) = if ids.len() > max {
+            let keep_head = max * 2 / 3;
+            let a = tok.decode(&ids[..keep_head], false)?;
+            let b = tok.decode(&ids[ids.len() - (max - keep_head)..], false)?;
+            (format!("{a}\n[...]\n{b}"), true)
+        } else {
+            (q.text.clone(), false)
+        };
+        let tokens = tok.encode(&format!("{}{text}{}", self.head, self.tail), false)?;
+        let shares_prefix =
+            tokens.len() > self.prefix_tokens.len() && tokens.starts_with(&self.prefix_tokens);
+        Ok(Prepared {
+            seed: x.seed(&q.id),
+            id: q.id,
+            prompt_tokens: tokens.len(),
+            tokens,
+            shares_prefix,
+            messages: Vec::new(),
+            truncated,
+        })
+    }
+
+    /// Completions for `group`, in its order (shared-prefix rows and the rest batched apart).
+    fn generate(
+        &self,
+        group: &[Prepared],
+        params: &impl Fn(u64) -> GenerationParams,
+    ) -> Result<Vec<Completion>> {
+        let n = self.prefix_tokens.len();
+        let (shared, alone): (Vec<usize>, Vec<usize>) =
+            (0..group.len()).partition(|&i| group[i].shares_prefix);
+        let req = |i: usize, skip: usize| Request {
+            prompt: group[i].tokens[skip..].to_vec(),
+            params: params(group[i].seed),
+        };
+        let mut out: Vec<Option<Completion>> = (0..group.len()).map(|_| None).collect();
+        if !shared.is_empty() {
+            let reqs: Vec<Request> = shared.iter().map(|&i| req(i, n)).collect();
+            for (&i, c) in shared
+                .iter()
+                .zip(self.engine.generate_with_prefix(&self.prefix, &reqs)?)
+            {
+                out[i] = Some(c);
+            }
+        }
+        if !alone.is_empty() {
+            let reqs: Vec<Request> = alone.iter().map(|&i| req(i, 0)).collect();
+            for (&i, c) in alone.iter().zip(self.engine.generate(&reqs, |_, _| {})?) {
+                out[i] = Some(c);
+            }
+        }
+        out.into_iter()
+            .map(|c| c.context("a row got no completion"))
+            .collect()
+    }
 }
 
 /// Every meta record of a stage-1 folder (all shards), in file order.

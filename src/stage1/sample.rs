@@ -5,7 +5,7 @@
 //! (`blueprints.jsonl`, appended per batch, resumable).
 
 use crate::config::{GenerationParams, SampleConfig, SamplingParams};
-use crate::engine::generate::{Engine, Request};
+use crate::engine::backend::Llm;
 use crate::records::{
     append_line, progress_bar, read_jsonl_resumable, write_atomic, Blueprint, BlueprintProvenance,
     PathStep,
@@ -211,7 +211,7 @@ pub fn sample_all(
 
 /// Writes a blueprint for every path not yet in `<dir>/blueprints.jsonl`.
 pub fn write_blueprints(
-    engine: &Engine,
+    llm: &Llm,
     model: &str,
     paths: &[SampledPath],
     cfg: &SampleConfig,
@@ -243,9 +243,9 @@ pub fn write_blueprints(
     });
     let pb = progress_bar(progress, paths.len() as u64, "blueprints");
     pb.set_position(done.len() as u64);
-    let batch = engine.config.max_batch.max(1);
+    let batch = llm.batch_size();
     for group in todo.chunks(batch) {
-        let reqs = group
+        let reqs: Vec<_> = group
             .iter()
             .map(|p| {
                 let seed = u64::from_le_bytes(
@@ -256,9 +256,9 @@ pub fn write_blueprints(
                         .try_into()
                         .expect("8 bytes"),
                 );
-                Ok(Request {
-                    prompt: engine.chat_prompt(&blueprint_messages(&p.document_type, &p.path))?,
-                    params: GenerationParams {
+                (
+                    blueprint_messages(&p.document_type, &p.path),
+                    GenerationParams {
                         max_tokens: 16 + 2 * cfg.max_instruction_chars,
                         sampling: SamplingParams {
                             temperature: cfg.temperature,
@@ -268,10 +268,10 @@ pub fn write_blueprints(
                         json_schema: Some(schema.clone()),
                         ..Default::default()
                     },
-                })
+                )
             })
-            .collect::<Result<Vec<_>>>()?;
-        let outs = engine.generate(&reqs, |_, _| {})?;
+            .collect();
+        let outs = llm.chat_batch(&reqs)?;
         for ((p, r), c) in group.iter().zip(&reqs).zip(outs) {
             let v: serde_json::Value = serde_json::from_str(&c.text).with_context(|| {
                 format!("path {}: the model's output is not JSON: {}", p.id, c.text)
@@ -291,7 +291,7 @@ pub fn write_blueprints(
                     provenance: BlueprintProvenance {
                         model: model.to_string(),
                         prompt_version: BLUEPRINT_VERSION.into(),
-                        seed: r.params.sampling.seed,
+                        seed: r.1.sampling.seed,
                         conversation_ids: p.conversation_ids.clone(),
                         weighting: weighting.to_string(),
                     },

@@ -7,6 +7,7 @@ mod engine;
 mod kernels;
 mod lora;
 mod model;
+mod openai;
 mod rope;
 mod ruler;
 mod stage1;

@@ -1,0 +1,185 @@
+//! The OpenAI-compatible backend: chat completions over HTTP (ureq), for running the same
+//! stages against vLLM, SGLang, llama.cpp or a hosted API. Requests run `concurrency` at a
+//! time; timeouts, connection errors, 429 and 5xx are retried with exponential backoff;
+//! other errors fail with the server's message. It does not tokenize: prompts are messages.
+
+use crate::config::{GenerationParams, JsonFormat, OpenAiConfig};
+use crate::engine::chat::Message;
+use crate::engine::generate::{Completion, FinishReason};
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use std::time::Duration;
+
+pub struct OpenAiClient {
+    pub config: OpenAiConfig,
+    agent: ureq::Agent,
+    api_key: Option<String>,
+}
+
+/// One failed attempt: whether another attempt may succeed.
+enum Failure {
+    Retry(String),
+    Fatal(String),
+}
+
+impl OpenAiClient {
+    pub fn new(config: OpenAiConfig) -> Result<Self> {
+        if config.base_url.is_empty() {
+            bail!("the OpenAI-compatible backend needs a base URL (e.g. http://127.0.0.1:8000/v1)");
+        }
+        if !(config.base_url.starts_with("http://") || config.base_url.starts_with("https://")) {
+            bail!(
+                "server URL {:?} must start with http:// or https://",
+                config.base_url
+            );
+        }
+        if config.concurrency == 0 || config.timeout_s.is_nan() || config.timeout_s <= 0.0 {
+            bail!("server concurrency and timeout must be positive");
+        }
+        let timeout = Duration::from_secs_f64(config.timeout_s);
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(timeout.min(Duration::from_secs(30)))
+            .timeout(timeout)
+            .build();
+        let api_key = std::env::var(&config.api_key_env)
+            .ok()
+            .filter(|k| !k.is_empty());
+        Ok(Self {
+            config,
+            agent,
+            api_key,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "{}/chat/completions",
+            self.config.base_url.trim_end_matches('/')
+        )
+    }
+
+    /// The request body for one chat.
+    pub fn body(&self, messages: &[Message], p: &GenerationParams) -> serde_json::Value {
+        let mut b = json!({
+            "model": self.config.model,
+            "messages": messages.iter().map(|m| json!({"role": m.role, "content": m.content})).collect::<Vec<_>>(),
+            "max_tokens": p.max_tokens,
+            "temperature": p.sampling.temperature,
+            "seed": p.sampling.seed,
+        });
+        if let Some(t) = p.sampling.top_p {
+            b["top_p"] = json!(t);
+        }
+        if let Some(k) = p.sampling.top_k {
+            b["top_k"] = json!(k);
+        }
+        if !p.stop.is_empty() {
+            b["stop"] = json!(p.stop);
+        }
+        if let Some(schema) = &p.json_schema {
+            // x-guidance is an llguidance extension other servers would reject.
+            let mut s = schema.clone();
+            if let Some(o) = s.as_object_mut() {
+                o.remove("x-guidance");
+            }
+            b["response_format"] = match self.config.json_format {
+                JsonFormat::JsonSchema => json!({"type": "json_schema",
+                    "json_schema": {"name": "output", "schema": s, "strict": true}}),
+                JsonFormat::JsonObject => json!({"type": "json_object", "schema": s}),
+            };
+        }
+        b
+    }
+
+    fn attempt(&self, body: &serde_json::Value) -> std::result::Result<Completion, Failure> {
+        let mut req = self.agent.post(&self.url());
+        if let Some(k) = &self.api_key {
+            req = req.set("Authorization", &format!("Bearer {k}"));
+        }
+        let resp = match req.send_json(body.clone()) {
+            Ok(r) => r,
+            Err(ureq::Error::Status(code, r)) => {
+                let text = r.into_string().unwrap_or_default();
+                let msg = format!(
+                    "HTTP {code}: {}",
+                    text.chars().take(500).collect::<String>()
+                );
+                return Err(if code == 429 || code >= 500 {
+                    Failure::Retry(msg)
+                } else {
+                    Failure::Fatal(msg)
+                });
+            }
+            Err(ureq::Error::Transport(t)) => return Err(Failure::Retry(t.to_string())),
+        };
+        let v: serde_json::Value = resp
+            .into_json()
+            .map_err(|e| Failure::Retry(format!("reading the response: {e}")))?;
+        let choice = &v["choices"][0];
+        let text = choice["message"]["content"]
+            .as_str()
+            .ok_or_else(|| Failure::Fatal(format!("no choices[0].message.content in {v}")))?
+            .to_string();
+        let finish_reason = match choice["finish_reason"].as_str() {
+            Some("length") => FinishReason::Length,
+            Some("stop") | None => FinishReason::Eos,
+            Some(_) => FinishReason::Stop,
+        };
+        Ok(Completion {
+            text,
+            tokens: Vec::new(),
+            prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize,
+            finish_reason,
+        })
+    }
+
+    /// One chat completion, retried as configured.
+    pub fn chat(&self, messages: &[Message], params: &GenerationParams) -> Result<Completion> {
+        let body = self.body(messages, params);
+        let mut wait = self.config.retry_backoff_s;
+        let mut last = String::new();
+        for attempt in 0..=self.config.max_retries {
+            if attempt > 0 {
+                tracing::warn!("{}: {last}; retry {attempt} in {wait:.1} s", self.url());
+                std::thread::sleep(Duration::from_secs_f64(wait));
+                wait *= 2.0;
+            }
+            match self.attempt(&body) {
+                Ok(c) => return Ok(c),
+                Err(Failure::Fatal(m)) => bail!("{}: {m}", self.url()),
+                Err(Failure::Retry(m)) => last = m,
+            }
+        }
+        bail!(
+            "{}: gave up after {} attempts: {last}",
+            self.url(),
+            self.config.max_retries + 1
+        )
+    }
+
+    /// Chat completions for every request, `concurrency` in flight, in input order.
+    pub fn chat_batch(&self, reqs: &[(Vec<Message>, GenerationParams)]) -> Result<Vec<Completion>> {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let out: Vec<std::sync::Mutex<Option<Result<Completion>>>> =
+            reqs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        std::thread::scope(|s| {
+            for _ in 0..self.config.concurrency.min(reqs.len()) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((m, p)) = reqs.get(i) else { break };
+                    let r = self.chat(m, p);
+                    *out[i].lock().expect("not poisoned") = Some(r);
+                });
+            }
+        });
+        out.into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                r.into_inner()
+                    .expect("not poisoned")
+                    .with_context(|| format!("request {i} was not run"))?
+                    .with_context(|| format!("request {i}"))
+            })
+            .collect()
+    }
+}
