@@ -59,6 +59,19 @@ pub fn from_toml_with_overrides<T: serde::de::DeserializeOwned>(
     T::deserialize(toml::Value::Table(table)).map_err(|e| anyhow::anyhow!("{what}: {e}"))
 }
 
+/// [`from_toml_with_overrides`], then `validate`, with the file named in its error.
+fn load_validated<T: serde::de::DeserializeOwned>(
+    path: Option<&Path>,
+    builtin: &str,
+    sets: &[String],
+    validate: impl Fn(&T) -> Result<()>,
+) -> Result<T> {
+    let c: T = from_toml_with_overrides(path, builtin, sets)?;
+    let name = path.map_or("built-in config".into(), |p| p.display().to_string());
+    validate(&c).with_context(|| name)?;
+    Ok(c)
+}
+
 /// How one continuation is sampled.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -416,10 +429,7 @@ impl Stage1Config {
 
     /// A file (or the built-in defaults) with `--set` overrides, validated.
     pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Self> {
-        let c: Self = from_toml_with_overrides(path, Self::BUILTIN, sets)?;
-        let name = path.map_or("built-in config".into(), |p| p.display().to_string());
-        c.validate().with_context(|| name)?;
-        Ok(c)
+        load_validated(path, Self::BUILTIN, sets, Self::validate)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -944,6 +954,118 @@ impl Default for OpenAiConfig {
             retry_backoff_s: 1.0,
             concurrency: 8,
             json_format: JsonFormat::JsonSchema,
+        }
+    }
+}
+
+/// Stage 2 (`configs/stage2.toml` spells out these defaults).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Stage2Config {
+    pub documents: DocumentsConfig,
+    pub assemble: AssembleConfig,
+}
+
+impl Stage2Config {
+    pub const BUILTIN: &'static str = include_str!("../configs/stage2.toml");
+
+    pub fn builtin() -> Self {
+        toml::from_str(Self::BUILTIN).expect("configs/stage2.toml is valid (tested)")
+    }
+
+    /// A file (or the built-in defaults) with `--set` overrides, validated.
+    pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Self> {
+        load_validated(path, Self::BUILTIN, sets, Self::validate)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let a = &self.assemble;
+        if a.buckets.is_empty() || a.buckets.contains(&0) {
+            anyhow::bail!("assemble.buckets must list token lengths > 0");
+        }
+        if !a.quotas.is_empty() && a.quotas.len() != a.buckets.len() {
+            anyhow::bail!(
+                "assemble.quotas has {} entries for {} buckets",
+                a.quotas.len(),
+                a.buckets.len()
+            );
+        }
+        if a.min_documents < 2 || a.min_documents > a.max_documents {
+            anyhow::bail!("assemble.min_documents must be ≥ 2 and ≤ assemble.max_documents");
+        }
+        if !(0.0..=1.0).contains(&a.multi_document_share) || !(0.0..0.5).contains(&a.fill_tolerance)
+        {
+            anyhow::bail!(
+                "assemble.multi_document_share must be in [0, 1] and fill_tolerance in [0, 0.5)"
+            );
+        }
+        if a.buckets.iter().any(|&b| b <= a.reserve_tokens) {
+            anyhow::bail!(
+                "every bucket must be larger than assemble.reserve_tokens ({})",
+                a.reserve_tokens
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Where stage 2's documents come from and what happens to unusable ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DocumentsConfig {
+    /// JSONL or Parquet files (a `text` column), folders of .txt/.md files,
+    /// `hf://datasets/OWNER/NAME/FILE`, or `sample` (the built-in corpus).
+    pub paths: Vec<String>,
+    /// Characters of a document's beginning the classifier reads.
+    pub classify_chars: usize,
+}
+
+impl Default for DocumentsConfig {
+    fn default() -> Self {
+        Self {
+            paths: vec!["sample".into()],
+            classify_chars: 4000,
+        }
+    }
+}
+
+/// Sample assembly to token budgets (SPEC §2 stage 2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AssembleConfig {
+    /// Total tokens of a sample (documents + instruction + answer), per bucket.
+    pub buckets: Vec<usize>,
+    /// Samples per bucket (same order); empty = `per_bucket` each.
+    pub quotas: Vec<usize>,
+    pub per_bucket: usize,
+    /// Tokens of each bucket kept for the instruction and the answer.
+    pub reserve_tokens: usize,
+    /// The document block fills bucket − reserve to within this fraction.
+    pub fill_tolerance: f64,
+    /// Share of multi-document bundles.
+    pub multi_document_share: f64,
+    pub min_documents: usize,
+    pub max_documents: usize,
+    /// Task families of multi-document bundles.
+    pub task_families: Vec<String>,
+    pub seed: u64,
+}
+
+impl Default for AssembleConfig {
+    fn default() -> Self {
+        Self {
+            buckets: vec![4096, 8192],
+            quotas: vec![],
+            per_bucket: 8,
+            reserve_tokens: 1024,
+            fill_tolerance: 0.05,
+            multi_document_share: 0.25,
+            min_documents: 2,
+            max_documents: 5,
+            task_families: ["comparison", "aggregation", "cross-document consistency"]
+                .map(String::from)
+                .to_vec(),
+            seed: 11,
         }
     }
 }

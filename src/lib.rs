@@ -9,3 +9,4 @@ pub mod eval;
 pub mod models;
 pub mod records;
 pub mod stage1;
+pub mod stage2;

@@ -6,6 +6,11 @@ use serde::{Deserialize, Serialize};
 use std::io::{BufRead, Write};
 use std::path::Path;
 
+/// Lowercase hex of bytes (content hashes in ids and file names).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Appends JSON lines, flushing each so a kill loses at most the line being written.
 pub fn append_line<T: Serialize>(path: &Path, v: &T) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()

@@ -132,9 +132,7 @@ fn convert(raw: RawConversation) -> std::result::Result<Row, String> {
     }))
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use crate::records::hex;
 
 /// One input: a file (JSONL or Parquet by extension) or the built-in sample.
 #[derive(Debug, Clone, PartialEq)]

@@ -11,4 +11,5 @@ mod openai;
 mod rope;
 mod ruler;
 mod stage1;
+mod stage2;
 mod tokenizer;
