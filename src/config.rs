@@ -964,6 +964,35 @@ impl Default for OpenAiConfig {
 pub struct Stage2Config {
     pub documents: DocumentsConfig,
     pub assemble: AssembleConfig,
+    pub generate: Stage2GenerateConfig,
+}
+
+/// Adaptive generation: rewrite each blueprint for its document(s), then answer it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Stage2GenerateConfig {
+    /// Blueprints per context (all share the context's prefill).
+    pub instructions_per_context: usize,
+    pub max_instruction_chars: usize,
+    /// At most this many answer tokens (and never past the bucket).
+    pub max_answer_tokens: usize,
+    /// Answers with fewer words are rejected (`too_short`).
+    pub min_answer_words: usize,
+    pub temperature: f64,
+    pub seed: u64,
+}
+
+impl Default for Stage2GenerateConfig {
+    fn default() -> Self {
+        Self {
+            instructions_per_context: 2,
+            max_instruction_chars: 400,
+            max_answer_tokens: 512,
+            min_answer_words: 3,
+            temperature: 0.0,
+            seed: 13,
+        }
+    }
 }
 
 impl Stage2Config {

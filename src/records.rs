@@ -11,6 +11,29 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// sha256 of a seed followed by labels (no separators): the seed of one item's own RNG, so
+/// that an item's randomness does not depend on what else is processed.
+pub fn derived_seed(seed: u64, labels: &[&[u8]]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(seed.to_le_bytes());
+    for l in labels {
+        h.update(l);
+    }
+    h.finalize().into()
+}
+
+/// The first 8 bytes of [`derived_seed`] (per-request sampling seeds).
+pub fn derived_u64(seed: u64, labels: &[&[u8]]) -> u64 {
+    let d = derived_seed(seed, labels);
+    u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+/// A ChaCha8 generator seeded by [`derived_seed`].
+pub fn derived_rng(seed: u64, labels: &[&[u8]]) -> rand_chacha::ChaCha8Rng {
+    rand::SeedableRng::from_seed(derived_seed(seed, labels))
+}
+
 /// Appends JSON lines, flushing each so a kill loses at most the line being written.
 pub fn append_line<T: Serialize>(path: &Path, v: &T) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
@@ -166,4 +189,82 @@ pub struct Blueprint {
     pub path: Vec<PathStep>,
     pub instruction: String,
     pub provenance: BlueprintProvenance,
+}
+
+/// A content-addressed store of generation results: request hash → result, one JSON file
+/// each (`<dir>/<h[..2]>/<h>.json`, written atomically). A killed run or several shards
+/// writing at once never lose or duplicate a result, and a rerun asks only for what is
+/// missing.
+pub struct Store {
+    dir: std::path::PathBuf,
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The key of a request: sha256 over its parts (model, prompt version, prompt, settings…).
+    pub fn key(parts: &[&[u8]]) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for p in parts {
+            h.update((p.len() as u64).to_le_bytes());
+            h.update(p);
+        }
+        hex(&h.finalize())
+    }
+
+    fn path(&self, key: &str) -> std::path::PathBuf {
+        self.dir.join(&key[..2]).join(format!("{key}.json"))
+    }
+
+    pub fn get<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>> {
+        let p = self.path(key);
+        match std::fs::read_to_string(&p) {
+            Ok(text) => Ok(Some(
+                serde_json::from_str(&text).with_context(|| format!("{}: damaged", p.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        }
+    }
+
+    pub fn put<T: Serialize>(&self, key: &str, v: &T) -> Result<()> {
+        write_atomic(&self.path(key), serde_json::to_string(v)?.as_bytes())
+    }
+}
+
+/// Where a synthesized pair came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PairMetadata {
+    pub document_ids: Vec<String>,
+    pub document_type: String,
+    /// The length bucket and the prompt's tokens (documents + instruction, chat template included).
+    pub bucket: usize,
+    pub prompt_tokens: usize,
+    pub multi_document: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_family: Option<String>,
+    pub blueprint_id: String,
+    pub blueprint_path: Vec<PathStep>,
+    pub blueprint_instruction: String,
+    pub conversation_ids: Vec<String>,
+    pub model: String,
+    pub prompt_version: String,
+    pub seed: u64,
+    /// sha256 of the messages.
+    pub hash: String,
+}
+
+/// One long-context instruction–response pair (stage 2 → training): the HF/OpenAI
+/// `messages` chat format plus metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pair {
+    pub id: String,
+    pub messages: Vec<crate::engine::chat::Message>,
+    pub metadata: PairMetadata,
 }

@@ -421,11 +421,7 @@ impl Extraction<'_> {
     }
 
     fn seed(&self, id: &str) -> u64 {
-        let digest = Sha256::new()
-            .chain_update(self.cfg.extract.seed.to_le_bytes())
-            .chain_update(id.as_bytes())
-            .finalize();
-        u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+        crate::records::derived_u64(self.cfg.extract.seed, &[id.as_bytes()])
     }
 
     /// For a server (no tokenizer here): queries longer than `max_query_tokens` × 4

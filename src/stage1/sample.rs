@@ -16,7 +16,7 @@ use crate::stage1::prompts::{blueprint_messages, BLUEPRINT_VERSION};
 use anyhow::{bail, Context, Result};
 use petgraph::graph::NodeIndex;
 use petgraph::visit::EdgeRef;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -84,11 +84,7 @@ pub struct TypeSampleStats {
 }
 
 fn type_rng(seed: u64, document_type: &str) -> ChaCha8Rng {
-    let d = Sha256::new()
-        .chain_update(seed.to_le_bytes())
-        .chain_update(document_type.as_bytes())
-        .finalize();
-    ChaCha8Rng::from_seed(d.into())
+    crate::records::derived_rng(seed, &[document_type.as_bytes()])
 }
 
 /// Distinct paths for one type, up to `quota`.
@@ -248,14 +244,7 @@ pub fn write_blueprints(
         let reqs: Vec<_> = group
             .iter()
             .map(|p| {
-                let seed = u64::from_le_bytes(
-                    Sha256::new()
-                        .chain_update(cfg.seed.to_le_bytes())
-                        .chain_update(p.id.as_bytes())
-                        .finalize()[..8]
-                        .try_into()
-                        .expect("8 bytes"),
-                );
+                let seed = crate::records::derived_u64(cfg.seed, &[p.id.as_bytes()]);
                 (
                     blueprint_messages(&p.document_type, &p.path),
                     GenerationParams {

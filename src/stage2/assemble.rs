@@ -11,7 +11,7 @@ use crate::records::hex;
 use crate::stage2::documents::Document;
 use anyhow::Result;
 use rand::seq::{IndexedRandom, SliceRandom};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -210,13 +210,7 @@ pub fn assemble(
         let quota = cfg.quotas.get(bi).copied().unwrap_or(cfg.per_bucket);
         let budget = bucket - cfg.reserve_tokens;
         let floor = (budget as f64 * (1.0 - cfg.fill_tolerance)).ceil() as usize;
-        let mut rng = ChaCha8Rng::from_seed(
-            Sha256::new()
-                .chain_update(cfg.seed.to_le_bytes())
-                .chain_update(bucket.to_le_bytes())
-                .finalize()
-                .into(),
-        );
+        let mut rng: ChaCha8Rng = crate::records::derived_rng(cfg.seed, &[&bucket.to_le_bytes()]);
         let n_multi = (quota as f64 * cfg.multi_document_share).round() as usize;
         let mut bs = BucketStats {
             wanted: quota,

@@ -5,3 +5,5 @@
 
 pub mod assemble;
 pub mod documents;
+pub mod prompts;
+pub mod synth;

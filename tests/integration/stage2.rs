@@ -188,3 +188,104 @@ fn contexts_fit_and_fill_their_budgets() {
         ctx.iter().map(|c| &c.id).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn answer_gates_reject_by_reason() {
+    use wildlong::engine::generate::FinishReason::{Eos, Length};
+    use wildlong::stage2::synth::answer_gate;
+    let doc = "Revenue was 4200 in 2023 and the tenant pays 15 per cent.";
+    assert_eq!(answer_gate("  ", Eos, doc, 3), Some("empty_answer"));
+    assert_eq!(
+        answer_gate("I'm sorry, I can't help.", Eos, doc, 3),
+        Some("refusal")
+    );
+    assert_eq!(
+        answer_gate("Revenue was high and", Length, doc, 3),
+        Some("answer_cut_off")
+    );
+    assert_eq!(answer_gate("Yes.", Eos, doc, 3), Some("too_short"));
+    assert_eq!(
+        answer_gate("Revenue was 4300 in 2023.", Eos, doc, 3),
+        Some("ungrounded_number")
+    );
+    assert_eq!(
+        answer_gate("Revenue was 4200 in 2023, a 5 point rise.", Eos, doc, 3),
+        None
+    );
+}
+
+#[test]
+fn synthesis_pairs_fit_their_bucket_and_resume_from_the_store() {
+    use wildlong::config::{Shard, Stage2GenerateConfig};
+    use wildlong::records::{Blueprint, Store};
+    use wildlong::stage2::synth::Synth;
+    let e = default_engine();
+    let docs = corpus();
+    let cfg = AssembleConfig {
+        buckets: vec![2048],
+        per_bucket: 2,
+        multi_document_share: 0.5,
+        max_documents: 2,
+        ..AssembleConfig::default()
+    };
+    let (ctx, _) = assemble(&e.tokenizer, &docs, &cfg).unwrap();
+    assert_eq!(ctx.len(), 2);
+    let blueprints: Vec<Blueprint> = ["novel", "source code", "technical manual", "legal contract"]
+        .iter()
+        .map(|t| {
+            serde_json::from_value(serde_json::json!({
+                "id": format!("bp-{t}"), "document_type": t,
+                "path": [{"field": "task", "value": "summarize key points"}],
+                "instruction": format!("Summarize the main points of this {t} in a few sentences."),
+                "provenance": {"model": "m", "prompt_version": "v", "seed": 1,
+                    "conversation_ids": ["c1"], "weighting": "count"}
+            }))
+            .unwrap()
+        })
+        .collect();
+    let d = tempdir();
+    let gen = Stage2GenerateConfig {
+        instructions_per_context: 1,
+        max_answer_tokens: 48,
+        max_instruction_chars: 200,
+        ..Stage2GenerateConfig::default()
+    };
+    let synth = |store: &std::path::Path| Synth {
+        engine: e,
+        model: "default".into(),
+        cfg: &gen,
+        store: Store::open(store).unwrap(),
+    };
+    let s1 = synth(&d.path().join("store"));
+    let (pairs, stats) = s1
+        .run(&ctx, &blueprints, Shard::default(), d.path())
+        .unwrap();
+    assert_eq!(stats.contexts, 2);
+    assert_eq!(stats.generated, 4, "{stats:?}");
+    assert_eq!(
+        pairs.len() + stats.rejected.values().sum::<usize>(),
+        2,
+        "{stats:?}"
+    );
+    for p in &pairs {
+        assert_eq!(p.messages.len(), 2);
+        let c = ctx
+            .iter()
+            .find(|c| c.documents[0].id == p.metadata.document_ids[0])
+            .unwrap();
+        assert!(p.messages[0].content.starts_with(&c.text));
+        assert!(p.metadata.prompt_tokens < c.bucket);
+        assert_eq!(p.metadata.multi_document, c.is_multi());
+        assert_eq!(p.metadata.conversation_ids, ["c1"]);
+        assert_eq!(p.metadata.prompt_version, "synth-v1");
+    }
+    let written = std::fs::read_to_string(d.path().join("data.jsonl")).unwrap();
+    assert_eq!(written.lines().count(), pairs.len());
+    // A second run reads every result from the store: nothing generated, same pairs.
+    let (again, stats2) = synth(&d.path().join("store"))
+        .run(&ctx, &blueprints, Shard::default(), d.path())
+        .unwrap();
+    assert_eq!(stats2.generated, 0);
+    assert_eq!(stats2.reused, 4);
+    assert_eq!(again, pairs);
+}
