@@ -66,6 +66,11 @@ pub enum Command {
         after_help = "Examples:\n  wildlong sample --model default --run runs/demo\n  wildlong sample --run runs/demo --per-type 100 --paths-only\n\nWrites <run>/stage1/paths.jsonl, sample_stats.json and blueprints.jsonl (resumable)."
     )]
     Sample(Box<SampleArgs>),
+    /// Stage 2: pair long documents with blueprints, rewrite and answer them over the full context.
+    #[command(
+        after_help = "Examples:\n  wildlong synth --model default --run runs/demo\n  wildlong synth --model default --run runs/demo --documents corpus/ --set assemble.buckets=[8192,16384]\n\nReads documents (default: the built-in sample corpus) and <run>/stage1/blueprints.jsonl; writes\n<run>/stage2/contexts.jsonl, data[.shard-k-of-n].jsonl, README.md (dataset card) and stats. Results are\nkept in a content-addressed store (<run>/stage2/store): a killed run resumes, a rerun generates nothing."
+    )]
+    Synth(Box<SynthArgs>),
     /// Evaluate models on long-context benchmarks.
     #[command(subcommand)]
     Eval(EvalCommand),
@@ -267,6 +272,31 @@ pub struct SampleArgs {
     pub paths_only: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Run folder; stage 2 writes <run>/stage2/.
+    #[arg(long, default_value = "runs/demo")]
+    pub run: PathBuf,
+    /// Stage 2 settings [default: configs/stage2.toml, built in].
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override one config key, e.g. `--set assemble.buckets=[8192]` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Documents: JSONL/Parquet files, folders of .txt/.md, hf://datasets/..., or `sample`
+    /// (repeatable) [default: the config's documents.paths].
+    #[arg(long)]
+    pub documents: Vec<String>,
+    /// Blueprints [default: <run>/stage1/blueprints.jsonl].
+    #[arg(long)]
+    pub blueprints: Option<PathBuf>,
+    /// This worker's share of the contexts (k/n, 1-based).
+    #[arg(long, default_value = "1/1")]
+    pub shard: Shard,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum ModelsCommand {
     /// Install the default model (SmolLM2-135M-Instruct Q4_1 GGUF) under the models folder,
@@ -436,6 +466,7 @@ fn run_command(cli: Cli) -> Result<()> {
         Command::Bench(args) => crate::bench::run(&args, cli.threads, &cli.models_dir),
         Command::Extract(args) => extract(*args, cli.threads, &cli.models_dir),
         Command::Graph(args) => graph(args),
+        Command::Synth(args) => synth(*args, cli.threads, &cli.models_dir),
         Command::Sample(args) => sample(*args, cli.threads, &cli.models_dir),
         Command::Eval(EvalCommand::Ruler(args)) => eval_ruler(*args, cli.threads, &cli.models_dir),
         Command::Eval(EvalCommand::Compare { report, baseline }) => {
@@ -647,6 +678,92 @@ fn sample(args: SampleArgs, threads: usize, models_dir: &Path) -> Result<()> {
     println!(
         "{n} new blueprints -> {}",
         dir.join("blueprints.jsonl").display()
+    );
+    Ok(())
+}
+
+fn synth(args: SynthArgs, threads: usize, models_dir: &Path) -> Result<()> {
+    use crate::records::{
+        read_jsonl_resumable, write_atomic, write_jsonl_atomic, Blueprint, Store,
+    };
+    use crate::stage2::{assemble, card, documents::DocumentReader, synth::Synth};
+    let mut cfg = crate::config::Stage2Config::load(args.config.as_deref(), &args.set)?;
+    if !args.documents.is_empty() {
+        cfg.documents.paths = args.documents.clone();
+    }
+    let schema = MetaSchema::builtin();
+    let dir = args.run.join("stage2");
+    let bp_path = args
+        .blueprints
+        .clone()
+        .unwrap_or_else(|| args.run.join("stage1/blueprints.jsonl"));
+    if !bp_path.is_file() {
+        bail!(
+            "{}: no blueprints (run `wildlong sample` first, or pass --blueprints)",
+            bp_path.display()
+        );
+    }
+    let blueprints: Vec<Blueprint> = read_jsonl_resumable(&bp_path)?;
+    if blueprints.is_empty() {
+        bail!("{}: holds no blueprints", bp_path.display());
+    }
+    let engine = models::load_engine(
+        &args.engine.model,
+        models_dir,
+        &args.engine.engine_config(threads)?,
+    )?;
+    let mut reader = DocumentReader::new(&engine.tokenizer, &schema, cfg.documents.classify_chars);
+    for p in &cfg.documents.paths {
+        reader.read(p)?;
+    }
+    let (docs, doc_stats) = reader.finish()?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_atomic(
+        &dir.join("documents_stats.json"),
+        serde_json::to_string_pretty(&doc_stats)?.as_bytes(),
+    )?;
+    let (contexts, asm) = assemble::assemble(&engine.tokenizer, &docs, &cfg.assemble)?;
+    write_jsonl_atomic(&dir.join("contexts.jsonl"), &contexts)?;
+    write_atomic(
+        &dir.join("assembly_stats.json"),
+        serde_json::to_string_pretty(&asm)?.as_bytes(),
+    )?;
+    let synth = Synth {
+        engine: &engine,
+        model: args.engine.model.clone(),
+        cfg: &cfg.generate,
+        store: Store::open(&dir.join("store"))?,
+    };
+    let (pairs, stats) = synth.run(&contexts, &blueprints, args.shard, &dir)?;
+    let mut rejected = stats.rejected.clone();
+    for (k, v) in &doc_stats.skipped {
+        *rejected.entry(format!("document: {k}")).or_default() += v;
+    }
+    for (b, s) in &asm.buckets {
+        if s.shortfall > 0 {
+            *rejected
+                .entry(format!("assembly: bucket {b} short of documents"))
+                .or_default() += s.shortfall;
+        }
+    }
+    let suffix = args.shard.suffix();
+    write_atomic(
+        &dir.join(format!("synth_stats{suffix}.json")),
+        serde_json::to_string_pretty(&stats)?.as_bytes(),
+    )?;
+    write_atomic(
+        &dir.join(format!("README{suffix}.md")),
+        card::render(&pairs, &rejected, &args.engine.model).as_bytes(),
+    )?;
+    println!(
+        "{} documents, {} contexts; {} pairs -> {} ({} generated, {} from the store); rejected: {:?}",
+        docs.len(),
+        contexts.len(),
+        pairs.len(),
+        dir.join(format!("data{suffix}.jsonl")).display(),
+        stats.generated,
+        stats.reused,
+        rejected
     );
     Ok(())
 }

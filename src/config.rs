@@ -989,7 +989,7 @@ impl Default for Stage2GenerateConfig {
             max_instruction_chars: 400,
             max_answer_tokens: 512,
             min_answer_words: 3,
-            temperature: 0.0,
+            temperature: 0.8,
             seed: 13,
         }
     }

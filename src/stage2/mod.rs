@@ -4,6 +4,7 @@
 //! dataset writer are not built yet.
 
 pub mod assemble;
+pub mod card;
 pub mod documents;
 pub mod prompts;
 pub mod synth;

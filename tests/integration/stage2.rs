@@ -230,20 +230,9 @@ fn synthesis_pairs_fit_their_bucket_and_resume_from_the_store() {
     };
     let (ctx, _) = assemble(&e.tokenizer, &docs, &cfg).unwrap();
     assert_eq!(ctx.len(), 2);
-    let blueprints: Vec<Blueprint> = ["novel", "source code", "technical manual", "legal contract"]
-        .iter()
-        .map(|t| {
-            serde_json::from_value(serde_json::json!({
-                "id": format!("bp-{t}"), "document_type": t,
-                "path": [{"field": "task", "value": "summarize key points"}],
-                "instruction": format!("Summarize the main points of this {t} in a few sentences."),
-                "provenance": {"model": "m", "prompt_version": "v", "seed": 1,
-                    "conversation_ids": ["c1"], "weighting": "count"}
-            }))
-            .unwrap()
-        })
-        .collect();
     let d = tempdir();
+    let blueprints: Vec<Blueprint> =
+        wildlong::records::read_jsonl_resumable(&blueprint_file(d.path())).unwrap();
     let gen = Stage2GenerateConfig {
         instructions_per_context: 1,
         max_answer_tokens: 48,
@@ -288,4 +277,98 @@ fn synthesis_pairs_fit_their_bucket_and_resume_from_the_store() {
     assert_eq!(stats2.generated, 0);
     assert_eq!(stats2.reused, 4);
     assert_eq!(again, pairs);
+}
+
+fn blueprint_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let p = dir.join("blueprints.jsonl");
+    let lines: Vec<String> = ["novel", "source code", "technical manual", "legal contract"]
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "id": format!("bp-{t}"), "document_type": t,
+                "path": [{"field": "task", "value": "summarize key points"}],
+                "instruction": format!("Summarize the main points of this {t} in a few sentences."),
+                "provenance": {"model": "m", "prompt_version": "v", "seed": 1,
+                    "conversation_ids": ["c1"], "weighting": "count"}
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
+}
+
+#[test]
+fn killed_synthesis_resumes_to_the_same_dataset() {
+    let d = tempdir();
+    let bp = blueprint_file(d.path());
+    let args = |run: &std::path::Path| {
+        vec![
+            "synth".to_string(),
+            "--model".into(),
+            "default".into(),
+            "--run".into(),
+            run.to_str().unwrap().into(),
+            "--blueprints".into(),
+            bp.to_str().unwrap().into(),
+            "--set".into(),
+            "assemble.buckets=[2048]".into(),
+            "--set".into(),
+            "assemble.per_bucket=2".into(),
+            "--set".into(),
+            "generate.instructions_per_context=1".into(),
+            "--set".into(),
+            "generate.max_answer_tokens=32".into(),
+            "--set".into(),
+            "generate.min_answer_words=1".into(),
+            "--batch-size".into(),
+            "1".into(),
+        ]
+    };
+    let run = |dir: &std::path::Path| {
+        let a = args(dir);
+        wildlong(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let whole = d.path().join("whole");
+    ok(&run(&whole).output().unwrap());
+    let reference = std::fs::read_to_string(whole.join("stage2/data.jsonl")).unwrap();
+    let card = std::fs::read_to_string(whole.join("stage2/README.md")).unwrap();
+    let n = reference.lines().count();
+    assert!(card.contains(&format!("| total | {n} |")), "{card}");
+
+    let killed = d.path().join("killed");
+    let store = killed.join("stage2/store");
+    let mut child = run(&killed).spawn().unwrap();
+    let count = |p: &std::path::Path| {
+        std::fs::read_dir(p)
+            .map(|r| {
+                r.filter_map(|e| e.ok())
+                    .map(|e| std::fs::read_dir(e.path()).map(|x| x.count()).unwrap_or(0))
+                    .sum::<usize>()
+            })
+            .unwrap_or(0)
+    };
+    let t0 = std::time::Instant::now();
+    while count(&store) < 1 {
+        assert!(t0.elapsed().as_secs() < 600, "no result after 10 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let kept = count(&store);
+    let out = ok(&run(&killed).output().unwrap());
+    assert!(
+        out.contains(&format!("{kept} from the store")) || kept == 4,
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(killed.join("stage2/data.jsonl")).unwrap(),
+        reference
+    );
+    // Missing blueprints: a clear error.
+    let o = wildlong(&["synth", "--run", d.path().join("none").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("run `wildlong sample` first"));
 }
