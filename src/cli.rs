@@ -405,6 +405,9 @@ pub struct GenerateArgs {
     pub top_k: Option<usize>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// > 1 discourages repeating the last 64 generated tokens (HF's repetition_penalty).
+    #[arg(long)]
+    pub repetition_penalty: Option<f64>,
     /// Stop string (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
@@ -826,6 +829,7 @@ fn generate(args: GenerateArgs, threads: usize, models_dir: &Path) -> Result<()>
             top_k: args.top_k,
             top_p: args.top_p,
             seed: args.seed,
+            repetition_penalty: args.repetition_penalty,
         },
         stop: args.stop.clone(),
         eos_token_ids: vec![],

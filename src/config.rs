@@ -81,6 +81,8 @@ pub struct SamplingParams {
     pub top_k: Option<usize>,
     pub top_p: Option<f64>,
     pub seed: u64,
+    /// > 1 discourages repeating the last 64 generated tokens (HF `repetition_penalty`).
+    pub repetition_penalty: Option<f64>,
 }
 
 impl SamplingParams {
@@ -100,6 +102,11 @@ impl SamplingParams {
                 anyhow::bail!("top_p must be in (0, 1], got {p}");
             }
         }
+        if let Some(r) = self.repetition_penalty {
+            if !(r.is_finite() && r > 0.0) {
+                anyhow::bail!("repetition_penalty must be a finite number > 0, got {r}");
+            }
+        }
         Ok(())
     }
 }
@@ -111,6 +118,7 @@ impl Default for SamplingParams {
             top_k: None,
             top_p: None,
             seed: 42,
+            repetition_penalty: None,
         }
     }
 }
@@ -979,6 +987,8 @@ pub struct Stage2GenerateConfig {
     /// Answers with fewer words are rejected (`too_short`).
     pub min_answer_words: usize,
     pub temperature: f64,
+    /// > 1 discourages repeating recent tokens (small models loop without it).
+    pub repetition_penalty: Option<f64>,
     pub seed: u64,
 }
 
@@ -990,6 +1000,7 @@ impl Default for Stage2GenerateConfig {
             max_answer_tokens: 512,
             min_answer_words: 3,
             temperature: 0.8,
+            repetition_penalty: Some(1.2),
             seed: 13,
         }
     }

@@ -328,10 +328,13 @@ impl Engine {
                     Some(c) => {
                         let mask = c.mask()?;
                         let n = mask.len();
-                        row.sampler
-                            .sample(l, Some(&|i: usize| i < n && mask.is_allowed(i as u32)))?
+                        row.sampler.sample(
+                            l,
+                            Some(&|i: usize| i < n && mask.is_allowed(i as u32)),
+                            &row.tokens,
+                        )?
                     }
-                    None => row.sampler.sample(l, None)?,
+                    None => row.sampler.sample(l, None, &row.tokens)?,
                 };
                 self.advance(row, tok, max_ctx)?;
                 row.pending.push(tok);

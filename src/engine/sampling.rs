@@ -8,6 +8,23 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 pub struct Sampler {
     inner: LogitsProcessor,
+    repetition_penalty: Option<f32>,
+}
+
+/// Tokens of the recent output the repetition penalty looks at (llama.cpp's `repeat_last_n`).
+pub const REPEAT_WINDOW: usize = 64;
+
+/// The CTRL / HF `repetition_penalty`: logits of tokens in `history` are divided by
+/// `penalty` when positive and multiplied by it when negative (each token once).
+pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {
+    let mut seen = std::collections::HashSet::new();
+    for &t in history {
+        let i = t as usize;
+        if i < logits.len() && seen.insert(i) {
+            let l = &mut logits[i];
+            *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+        }
+    }
 }
 
 impl Sampler {
@@ -29,15 +46,22 @@ impl Sampler {
         };
         Self {
             inner: LogitsProcessor::from_sampling(p.seed, sampling),
+            repetition_penalty: p.repetition_penalty.map(|x| x as f32),
         }
     }
 
-    /// Samples one token from `logits`; `allowed(i) == false` removes token i.
+    /// Samples one token from `logits`; `allowed(i) == false` removes token i; `history`
+    /// (the row's generated tokens) feeds the repetition penalty.
     pub fn sample(
         &mut self,
         mut logits: Vec<f32>,
         allowed: Option<&dyn Fn(usize) -> bool>,
+        history: &[u32],
     ) -> Result<u32> {
+        if let Some(p) = self.repetition_penalty {
+            let from = history.len().saturating_sub(REPEAT_WINDOW);
+            apply_repetition_penalty(&mut logits, &history[from..], p);
+        }
         if let Some(ok) = allowed {
             for (i, l) in logits.iter_mut().enumerate() {
                 if !ok(i) {

@@ -102,6 +102,7 @@ impl Synth<'_> {
             sampling: SamplingParams {
                 temperature: self.cfg.temperature,
                 seed,
+                repetition_penalty: self.cfg.repetition_penalty,
                 ..Default::default()
             },
             json_schema: schema,

@@ -106,6 +106,7 @@ fn sampling_is_seeded_per_row_and_independent_of_batching() {
             top_p: Some(0.95),
             top_k: Some(50),
             seed,
+            repetition_penalty: None,
         },
         ..Default::default()
     };
@@ -392,4 +393,41 @@ fn chunked_prefill_generates_the_same_tokens() {
     for (a, b) in base.iter().zip(&chunked) {
         assert_eq!(a.tokens, b.tokens);
     }
+}
+
+#[test]
+fn repetition_penalty_follows_the_ctrl_formula() {
+    use wildlong::engine::sampling::{apply_repetition_penalty, Sampler};
+    // Positive logits divided by the penalty, negative ones multiplied, each token once.
+    let mut l = vec![2.0f32, -2.0, 1.0, 0.5];
+    apply_repetition_penalty(&mut l, &[0, 1, 0, 9], 2.0);
+    assert_eq!(l, [1.0, -4.0, 1.0, 0.5]);
+    // Greedy: token 0 wins without the penalty, token 2 with it.
+    let logits = vec![2.0f32, -2.0, 1.5, 0.5];
+    let p = SamplingParams {
+        temperature: 0.0,
+        ..Default::default()
+    };
+    assert_eq!(
+        Sampler::new(&p).sample(logits.clone(), None, &[0]).unwrap(),
+        0
+    );
+    let p = SamplingParams {
+        repetition_penalty: Some(2.0),
+        ..p
+    };
+    assert_eq!(
+        Sampler::new(&p).sample(logits.clone(), None, &[0]).unwrap(),
+        2
+    );
+    // Only the last 64 generated tokens count.
+    let mut old = vec![0u32];
+    old.extend(std::iter::repeat_n(3u32, 64));
+    assert_eq!(Sampler::new(&p).sample(logits, None, &old).unwrap(), 0);
+    assert!(SamplingParams {
+        repetition_penalty: Some(0.0),
+        ..Default::default()
+    }
+    .validate()
+    .is_err());
 }
