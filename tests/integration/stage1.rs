@@ -815,7 +815,10 @@ fn end_to_end_on_the_default_model_over_the_sample_queries() {
             r.document_type,
             schema.map_document_type(&r.meta["document_type"])
         );
-        assert_eq!(r.provenance.prompt_version, "extract-v1");
+        assert_eq!(
+            r.provenance.prompt_version,
+            wildlong::stage1::prompts::EXTRACT_VERSION
+        );
         assert_eq!(r.provenance.model, "default");
     }
 
