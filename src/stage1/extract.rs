@@ -148,8 +148,8 @@ pub fn schema_hash(schema: &MetaSchema, cfg: &Stage1Config) -> String {
 
 /// Runs the filter over every input into `<dir>/queries.jsonl` (streamed through a temp
 /// file, then renamed), unless a previous run with the same inputs and filter made it.
-/// Returns the fingerprint of the query list.
-pub fn prepare_queries(cfg: &Stage1Config, dir: &Path) -> Result<String> {
+/// Returns the fingerprint of the query list and the number of queries in it.
+pub fn prepare_queries(cfg: &Stage1Config, dir: &Path) -> Result<(String, usize)> {
     let fingerprint = sha(&[
         serde_json::to_string(&cfg.input)?.as_bytes(),
         serde_json::to_string(&cfg.filter)?.as_bytes(),
@@ -166,8 +166,10 @@ pub fn prepare_queries(cfg: &Stage1Config, dir: &Path) -> Result<String> {
     }
     if queries.is_file() {
         if let Ok(text) = std::fs::read_to_string(&stats_path) {
-            if serde_json::from_str::<Saved>(&text).is_ok_and(|s| s.fingerprint == fingerprint) {
-                return Ok(fingerprint);
+            if let Ok(s) = serde_json::from_str::<Saved>(&text) {
+                if s.fingerprint == fingerprint {
+                    return Ok((fingerprint, s.kept));
+                }
             }
         }
     }
@@ -226,7 +228,7 @@ pub fn prepare_queries(cfg: &Stage1Config, dir: &Path) -> Result<String> {
         &stats_path,
         serde_json::to_string_pretty(&saved)?.as_bytes(),
     )?;
-    Ok(fingerprint)
+    Ok((fingerprint, total_kept))
 }
 
 /// Streams `queries.jsonl`, calling `f` on the chunks of this shard's queries that `keep`
@@ -238,10 +240,9 @@ fn for_each_chunk(
     chunk: usize,
     mut keep: impl FnMut(&Query) -> bool,
     mut f: impl FnMut(Vec<Query>) -> Result<()>,
-) -> Result<usize> {
+) -> Result<()> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut pending = Vec::new();
-    let mut owned = 0;
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
         if limit.is_some_and(|l| i >= l) {
             break;
@@ -250,7 +251,6 @@ fn for_each_chunk(
         if !shard.owns(i) {
             continue;
         }
-        owned += 1;
         let q: Query =
             serde_json::from_str(&line).with_context(|| format!("{}:{}", path.display(), i + 1))?;
         if keep(&q) {
@@ -263,7 +263,7 @@ fn for_each_chunk(
     if !pending.is_empty() {
         f(pending)?;
     }
-    Ok(owned)
+    Ok(())
 }
 
 impl Extraction<'_> {
@@ -279,7 +279,7 @@ impl Extraction<'_> {
     /// Filters (or reuses the filtered queries), then extracts every query of this shard
     /// not yet done.
     pub fn run(&self, llm: &Llm) -> Result<ExtractStats> {
-        let fingerprint = prepare_queries(self.cfg, &self.dir)?;
+        let (fingerprint, kept) = prepare_queries(self.cfg, &self.dir)?;
         let schema_hash = schema_hash(self.schema, self.cfg);
         let identity = Identity {
             model: self.model.clone(),
@@ -319,14 +319,9 @@ impl Extraction<'_> {
         let batch = llm.batch_size();
 
         let queries_path = self.dir.join("queries.jsonl");
-        let total = for_each_chunk(
-            &queries_path,
-            self.shard,
-            self.limit,
-            usize::MAX,
-            |_| false,
-            |_| Ok(()),
-        )?;
+        // This shard's queries, from the filter's count (no pass over the file).
+        let listed = self.limit.map_or(kept, |l| l.min(kept));
+        let total = (0..listed).filter(|&i| self.shard.owns(i)).count();
         let pb = progress_bar(self.progress, total as u64, "queries");
         pb.set_position(done.len() as u64);
         let started = std::time::Instant::now();
