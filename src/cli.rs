@@ -276,6 +276,12 @@ pub struct SampleArgs {
 pub struct SynthArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// With --server: the model whose tokenizer and chat template measure the prompts (the
+    /// served model's own, as a models spec) [default: default].
+    #[arg(long, default_value = "default")]
+    pub tokenizer: String,
     /// Run folder; stage 2 writes <run>/stage2/.
     #[arg(long, default_value = "runs/demo")]
     pub run: PathBuf,
@@ -295,6 +301,10 @@ pub struct SynthArgs {
     /// This worker's share of the contexts (k/n, 1-based).
     #[arg(long, default_value = "1/1")]
     pub shard: Shard,
+    /// Merge the finished shards' outputs in <run>/stage2 into data.jsonl and the card
+    /// (no model needed).
+    #[arg(long)]
+    pub merge: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -689,13 +699,22 @@ fn synth(args: SynthArgs, threads: usize, models_dir: &Path) -> Result<()> {
     use crate::records::{
         read_jsonl_resumable, write_atomic, write_jsonl_atomic, Blueprint, Store,
     };
-    use crate::stage2::{assemble, card, documents::DocumentReader, synth::Synth};
+    use crate::stage2::{
+        assemble, documents::DocumentReader, gates::Decontaminator, output, synth::Synth,
+    };
     let mut cfg = crate::config::Stage2Config::load(args.config.as_deref(), &args.set)?;
     if !args.documents.is_empty() {
         cfg.documents.paths = args.documents.clone();
     }
-    let schema = MetaSchema::builtin();
     let dir = args.run.join("stage2");
+    if args.merge {
+        let (pairs, stats) =
+            output::merge(&dir, cfg.gates.near_duplicate_threshold, cfg.generate.seed)?;
+        let path = output::finish(&dir, "", &pairs, &stats, &cfg, &args.engine.model)?;
+        println!("merged {} pairs -> {}", pairs.len(), path.display());
+        return Ok(());
+    }
+    let schema = MetaSchema::builtin();
     let bp_path = args
         .blueprints
         .clone()
@@ -710,54 +729,66 @@ fn synth(args: SynthArgs, threads: usize, models_dir: &Path) -> Result<()> {
     if blueprints.is_empty() {
         bail!("{}: holds no blueprints", bp_path.display());
     }
-    let engine = models::load_engine(
-        &args.engine.model,
-        models_dir,
-        &args.engine.engine_config(threads)?,
-    )?;
-    let mut reader = DocumentReader::new(&engine.tokenizer, &schema, cfg.documents.classify_chars);
+    let llm = load_llm(&args.engine, &args.server, threads, models_dir)?;
+    // Prompts are measured with the target model's tokenizer and chat template.
+    let located;
+    let (tokenizer, template, max_context) = match llm.local() {
+        Some(e) => (&e.tokenizer, e.chat_template.as_ref(), e.max_context()),
+        None => {
+            located = models::locate(
+                models::resolve(&args.tokenizer, models_dir)?,
+                &args.engine.engine_config(threads)?,
+            )?;
+            let ctx = located.config.context_length;
+            (&located.tokenizer, located.chat_template.as_ref(), ctx)
+        }
+    };
+    let template = template.context("synthesis needs a model with a chat template")?;
+    let decontaminate = match cfg.gates.decontaminate {
+        true => Some(Decontaminator::ruler(
+            cfg.gates.decontaminate_ngram,
+            cfg.gates.squad.as_deref(),
+            cfg.gates.hotpotqa.as_deref(),
+        )?),
+        false => None,
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let store = Store::open(&dir.join("store"))?;
+    let mut reader = DocumentReader::new(tokenizer, &schema, &cfg.documents);
+    reader.max_context = max_context;
+    reader.decontaminate = decontaminate.as_ref();
     for p in &cfg.documents.paths {
         reader.read(p)?;
     }
+    reader.classify(&llm, &args.engine.model, &store)?;
     let (docs, doc_stats) = reader.finish()?;
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     write_atomic(
         &dir.join("documents_stats.json"),
         serde_json::to_string_pretty(&doc_stats)?.as_bytes(),
     )?;
-    let (contexts, asm) = assemble::assemble(&engine.tokenizer, &docs, &cfg.assemble)?;
+    if let Some(&b) = cfg.assemble.buckets.iter().find(|&&b| b > max_context) {
+        bail!("bucket {b} is longer than the model's context ({max_context} tokens)");
+    }
+    let (contexts, asm) = assemble::assemble(tokenizer, &docs, &cfg.assemble)?;
     write_jsonl_atomic(&dir.join("contexts.jsonl"), &contexts)?;
     write_atomic(
         &dir.join("assembly_stats.json"),
         serde_json::to_string_pretty(&asm)?.as_bytes(),
     )?;
     let synth = Synth {
-        engine: &engine,
+        llm: &llm,
+        tokenizer,
+        template,
         model: args.engine.model.clone(),
-        cfg: &cfg.generate,
-        store: Store::open(&dir.join("store"))?,
+        cfg: &cfg,
+        decontaminate: decontaminate.as_ref(),
+        store,
     };
+    let t0 = std::time::Instant::now();
     let (pairs, stats) = synth.run(&contexts, &blueprints, args.shard, &dir)?;
-    let mut rejected = stats.rejected.clone();
-    for (k, v) in &doc_stats.skipped {
-        *rejected.entry(format!("document: {k}")).or_default() += v;
-    }
-    for (b, s) in &asm.buckets {
-        if s.shortfall > 0 {
-            *rejected
-                .entry(format!("assembly: bucket {b} short of documents"))
-                .or_default() += s.shortfall;
-        }
-    }
+    let secs = t0.elapsed().as_secs_f64();
     let suffix = args.shard.suffix();
-    write_atomic(
-        &dir.join(format!("synth_stats{suffix}.json")),
-        serde_json::to_string_pretty(&stats)?.as_bytes(),
-    )?;
-    write_atomic(
-        &dir.join(format!("README{suffix}.md")),
-        card::render(&pairs, &rejected, &args.engine.model).as_bytes(),
-    )?;
+    output::finish(&dir, &suffix, &pairs, &stats, &cfg, &args.engine.model)?;
     println!(
         "{} documents, {} contexts; {} pairs -> {} ({} generated, {} from the store); rejected: {:?}",
         docs.len(),
@@ -766,8 +797,15 @@ fn synth(args: SynthArgs, threads: usize, models_dir: &Path) -> Result<()> {
         dir.join(format!("data{suffix}.jsonl")).display(),
         stats.generated,
         stats.reused,
-        rejected
+        stats.rejected
     );
+    if stats.generated > 0 {
+        println!(
+            "  {} contexts in {secs:.1} s: {:.2} pairs/min",
+            stats.contexts,
+            pairs.len() as f64 * 60.0 / secs
+        );
+    }
     Ok(())
 }
 

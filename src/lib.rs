@@ -10,3 +10,4 @@ pub mod models;
 pub mod records;
 pub mod stage1;
 pub mod stage2;
+pub mod text;

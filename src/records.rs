@@ -241,6 +241,8 @@ impl Store {
 /// Where a synthesized pair came from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PairMetadata {
+    /// The assembled context (`contexts.jsonl`) the pair was made from.
+    pub context_id: String,
     pub document_ids: Vec<String>,
     pub document_type: String,
     /// The length bucket and the prompt's tokens (documents + instruction, chat template included).
@@ -252,10 +254,15 @@ pub struct PairMetadata {
     pub blueprint_id: String,
     pub blueprint_path: Vec<PathStep>,
     pub blueprint_instruction: String,
+    /// The blueprint adapted to these documents (the user turn's last part).
+    pub instruction: String,
     pub conversation_ids: Vec<String>,
     pub model: String,
     pub prompt_version: String,
     pub seed: u64,
+    /// SQuAD token F1 between this answer and the model's answer without the documents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_book_f1: Option<f64>,
     /// sha256 of the messages.
     pub hash: String,
 }

@@ -1,11 +1,20 @@
 //! Stage 2's documents: read from JSONL or Parquet (a `text` column; optional `id`, `title`,
 //! `document_type`, `source`, `licence`), folders of `.txt`/`.md` files, `hf://` files, or
 //! the built-in sample corpus; measured with the target model's tokenizer; typed onto the
-//! stage-1 taxonomy (a given type first, else a cheap heuristic on the beginning). Unusable
+//! stage-1 taxonomy (a given type first, else a cheap heuristic on the beginning, and the
+//! LLM for what the heuristic cannot place). Documents that overlap the evaluation sources,
+//! and (by policy) documents longer than the model's context, are skipped. Unusable
 //! documents are counted by reason, never fatal unless nothing is left.
 
-use crate::config::MetaSchema;
+use crate::config::{
+    DocumentClassifier, DocumentsConfig, GenerationParams, MetaSchema, SamplingParams,
+    TooLongPolicy,
+};
+use crate::engine::backend::Llm;
+use crate::engine::chat::Message;
 use crate::engine::tokenizer::Tokenizer;
+use crate::records::Store;
+use crate::stage2::gates::Decontaminator;
 use anyhow::{bail, Context, Result};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use serde::{Deserialize, Serialize};
@@ -24,7 +33,7 @@ pub struct Document {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
     pub document_type: String,
-    /// `given` (the input names a type) or `heuristic`.
+    /// `given` (the input names a type), `heuristic` or `llm`.
     pub type_from: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
@@ -42,6 +51,10 @@ pub struct DocumentStats {
     /// `where: reason` of the first skipped documents.
     pub examples: Vec<String>,
     pub types: BTreeMap<String, usize>,
+    /// Kept documents longer than the model's context (cut to the buckets).
+    pub longer_than_context: usize,
+    /// Documents typed by the LLM.
+    pub typed_by_llm: usize,
 }
 
 impl DocumentStats {
@@ -187,17 +200,22 @@ struct RawParts {
 pub struct DocumentReader<'a> {
     pub tokenizer: &'a Tokenizer,
     pub schema: &'a MetaSchema,
-    pub classify_chars: usize,
+    pub cfg: &'a DocumentsConfig,
+    /// The model's context length (the too-long policy's limit).
+    pub max_context: usize,
+    pub decontaminate: Option<&'a Decontaminator>,
     pub stats: DocumentStats,
     pub documents: Vec<Document>,
 }
 
 impl<'a> DocumentReader<'a> {
-    pub fn new(tokenizer: &'a Tokenizer, schema: &'a MetaSchema, classify_chars: usize) -> Self {
+    pub fn new(tokenizer: &'a Tokenizer, schema: &'a MetaSchema, cfg: &'a DocumentsConfig) -> Self {
         Self {
             tokenizer,
             schema,
-            classify_chars,
+            cfg,
+            max_context: usize::MAX,
+            decontaminate: None,
             stats: DocumentStats::default(),
             documents: Vec::new(),
         }
@@ -208,15 +226,37 @@ impl<'a> DocumentReader<'a> {
             self.stats.skip("empty", what);
             return Ok(());
         }
+        if let Some(d) = self.decontaminate {
+            let shared = d.shared(&parts.text);
+            if shared > 0 {
+                self.stats.skip(
+                    "contaminated",
+                    format!(
+                        "{what} (shares {shared} word {}-grams with RULER's sources)",
+                        d.n
+                    ),
+                );
+                return Ok(());
+            }
+        }
+        let tokens = self.tokenizer.encode(&parts.text, false)?.len();
+        if tokens > self.max_context {
+            if self.cfg.too_long == TooLongPolicy::Skip {
+                self.stats.skip(
+                    "longer_than_context",
+                    format!("{what} ({tokens} tokens > {})", self.max_context),
+                );
+                return Ok(());
+            }
+            self.stats.longer_than_context += 1;
+        }
         let (document_type, type_from) = match &parts.document_type {
             Some(t) => (self.schema.map_document_type(t), "given"),
             None => {
-                let head: String = parts.text.chars().take(self.classify_chars).collect();
+                let head: String = parts.text.chars().take(self.cfg.classify_chars).collect();
                 (heuristic_type(&head).to_string(), "heuristic")
             }
         };
-        let tokens = self.tokenizer.encode(&parts.text, false)?.len();
-        *self.stats.types.entry(document_type.clone()).or_default() += 1;
         self.stats.read += 1;
         self.documents.push(Document {
             id: parts.id.unwrap_or_else(|| content_id(&parts.text)),
@@ -231,8 +271,93 @@ impl<'a> DocumentReader<'a> {
         Ok(())
     }
 
+    /// With the LLM classifier: the documents the heuristic left at `other` are typed by
+    /// the LLM from their beginning (answers kept in `store`, so a rerun asks nothing).
+    pub fn classify(&mut self, llm: &Llm, model: &str, store: &Store) -> Result<()> {
+        if self.cfg.classifier != DocumentClassifier::Llm {
+            return Ok(());
+        }
+        let todo: Vec<usize> = (0..self.documents.len())
+            .filter(|&i| {
+                let d = &self.documents[i];
+                d.type_from == "heuristic" && d.document_type == "other"
+            })
+            .collect();
+        let names: Vec<&str> = self
+            .schema
+            .document_types
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {"document_type": {"type": "string", "enum": names}},
+            "required": ["document_type"], "additionalProperties": false,
+            "x-guidance": {"whitespace_flexible": false}
+        });
+        let mut reqs = Vec::new();
+        let mut keys = Vec::new();
+        let mut pending = Vec::new();
+        for &i in &todo {
+            let head: String = self.documents[i]
+                .text
+                .chars()
+                .take(self.cfg.classify_chars)
+                .collect();
+            let messages = crate::stage2::prompts::classify_turn(&head, &names);
+            let params = GenerationParams {
+                max_tokens: 64,
+                sampling: SamplingParams {
+                    temperature: 0.0,
+                    ..Default::default()
+                },
+                json_schema: Some(schema.clone()),
+                ..Default::default()
+            };
+            let key = Store::key(&[
+                model.as_bytes(),
+                crate::stage2::prompts::CLASSIFY_VERSION.as_bytes(),
+                serde_json::to_string(&messages)?.as_bytes(),
+            ]);
+            match store.get::<String>(&key)? {
+                Some(t) => self.set_llm_type(i, &t),
+                None => {
+                    reqs.push((messages, params));
+                    keys.push(key);
+                    pending.push(i);
+                }
+            }
+        }
+        for ((chunk, ks), is) in reqs
+            .chunks(llm.batch_size())
+            .zip(keys.chunks(llm.batch_size()))
+            .zip(pending.chunks(llm.batch_size()))
+        {
+            let batch: Vec<(Vec<Message>, GenerationParams)> = chunk.to_vec();
+            for ((c, k), &i) in llm.chat_batch(&batch)?.into_iter().zip(ks).zip(is) {
+                let t = serde_json::from_str::<serde_json::Value>(&c.text)
+                    .ok()
+                    .and_then(|v| v["document_type"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| "other".into());
+                store.put(k, &t)?;
+                self.set_llm_type(i, &t);
+            }
+        }
+        Ok(())
+    }
+
+    fn set_llm_type(&mut self, i: usize, raw: &str) {
+        let d = &mut self.documents[i];
+        d.document_type = self.schema.map_document_type(raw);
+        d.type_from = "llm".into();
+        self.stats.typed_by_llm += 1;
+    }
+
     /// The documents read, or an error when none is usable.
-    pub fn finish(self) -> Result<(Vec<Document>, DocumentStats)> {
+    pub fn finish(mut self) -> Result<(Vec<Document>, DocumentStats)> {
+        for d in &self.documents {
+            *self.stats.types.entry(d.document_type.clone()).or_default() += 1;
+        }
         if self.documents.is_empty() {
             bail!(
                 "no usable documents (skipped by reason: {:?}; first: {:?})",

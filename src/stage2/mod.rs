@@ -1,10 +1,12 @@
 //! Stage 2 of WildLong: long documents + stage-1 blueprints → long-context instruction–
-//! response pairs. Built so far: reading and typing documents, and assembling single- and
-//! multi-document contexts to token budgets. Adaptive generation, quality gates and the
-//! dataset writer are not built yet.
+//! response pairs: documents read, typed and measured; contexts assembled to token
+//! budgets (single documents and same-type bundles); blueprints adapted and answered over
+//! the full context; quality gates; `data.jsonl` (+ Parquet) and a dataset card.
 
 pub mod assemble;
 pub mod card;
 pub mod documents;
+pub mod gates;
+pub mod output;
 pub mod prompts;
 pub mod synth;

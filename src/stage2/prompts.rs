@@ -39,3 +39,30 @@ pub fn rewrite_request(
     s.push_str(" Answer with JSON: {\"instruction\": \"...\"}");
     s
 }
+
+pub const CLASSIFY_VERSION: &str = "classify-v1";
+
+/// Asks which taxonomy type a document is, from its beginning.
+pub fn classify_turn(head: &str, types: &[&str]) -> Vec<Message> {
+    vec![
+        Message::new(
+            "system",
+            "You sort documents into types. You answer with JSON only.",
+        ),
+        Message::new(
+            "user",
+            format!(
+                "Here is the beginning of a document:\n\n{head}\n\nWhich type of document is it? Choose one of: {}. Answer with JSON: {{\"document_type\": \"...\"}}",
+                types.join(", ")
+            ),
+        ),
+    ]
+}
+
+/// The instruction alone, without the documents (the closed-book check).
+pub fn closed_book_turn(instruction: &str) -> Vec<Message> {
+    vec![
+        Message::new("system", "You are a helpful assistant."),
+        Message::new("user", instruction),
+    ]
+}

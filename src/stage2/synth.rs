@@ -1,18 +1,23 @@
-//! Adaptive generation on the local engine: for each context, a few blueprints of its
-//! document type are rewritten into concrete instructions for these documents, then
-//! answered over the full context. Every request over one context continues the same
-//! prefilled prefix (system + documents). Results live in a content-addressed store, so a
-//! killed run resumes and shards never collide; `data[.shard-k-of-n].jsonl` is rebuilt from
-//! the store. Gates applied here: empty or refusing answers, too-short or cut-off answers,
-//! no room left in the bucket, numbers in the answer that the documents do not contain.
-//! Not yet: the closed-book check, near-duplicate instructions, decontamination.
+//! Adaptive generation: for each context, a few blueprints of its document type are
+//! rewritten into concrete instructions for these documents, then answered over the full
+//! context. On the local engine every request over one context continues the same
+//! prefilled prefix (system + documents); on an OpenAI-compatible server each request
+//! carries the whole context (servers with prefix caching reuse it). Results live in a
+//! content-addressed store, so a killed run resumes and shards never collide;
+//! `data[.shard-k-of-n].jsonl` is rebuilt from the store. The gates of [`gates`] are
+//! applied in a fixed order (answer, grounding, closed-book, decontamination, then
+//! near-duplicate instructions in context order), so the same store gives the same data.
 
-use crate::config::{GenerationParams, SamplingParams, Shard, Stage2GenerateConfig};
-use crate::engine::chat::Message;
-use crate::engine::generate::{Engine, FinishReason, Request};
+use crate::config::{GenerationParams, SamplingParams, Shard, Stage2Config};
+use crate::engine::backend::Llm;
+use crate::engine::chat::{ChatTemplate, Message};
+use crate::engine::generate::{Completion, FinishReason, Request};
+use crate::engine::tokenizer::Tokenizer;
 use crate::records::{hex, write_jsonl_atomic, Blueprint, Pair, PairMetadata, Store};
 use crate::stage2::assemble::Context;
-use crate::stage2::prompts::{rewrite_request, user_turn, VERSION};
+use crate::stage2::gates::{answer_gate, closed_book, Decontaminator};
+use crate::stage2::prompts::{closed_book_turn, rewrite_request, user_turn, VERSION};
+use crate::text::NearDuplicates;
 use anyhow::{Context as _, Result};
 use rand::seq::IndexedRandom;
 use serde::{Deserialize, Serialize};
@@ -38,56 +43,27 @@ pub struct SynthStats {
     pub generated: usize,
 }
 
-const REFUSALS: [&str; 6] = [
-    "i'm sorry",
-    "i am sorry",
-    "i cannot",
-    "i can't",
-    "as an ai",
-    "i am unable",
-];
-
-/// Why an answer is not kept, if it is not.
-pub fn answer_gate(
-    answer: &str,
-    finish: FinishReason,
-    documents: &str,
-    min_words: usize,
-) -> Option<&'static str> {
-    let a = answer.trim();
-    if a.is_empty() {
-        return Some("empty_answer");
-    }
-    let lower = a.to_lowercase();
-    if REFUSALS.iter().any(|r| lower.starts_with(r)) {
-        return Some("refusal");
-    }
-    if finish == FinishReason::Length {
-        return Some("answer_cut_off");
-    }
-    if a.split_whitespace().count() < min_words {
-        return Some("too_short");
-    }
-    // Numbers of two or more digits must come from the documents.
-    let mut digits = String::new();
-    for c in a.chars().chain(std::iter::once(' ')) {
-        if c.is_ascii_digit() {
-            digits.push(c);
-        } else {
-            if digits.len() >= 2 && !documents.contains(&digits) {
-                return Some("ungrounded_number");
-            }
-            digits.clear();
-        }
-    }
-    None
+pub struct Synth<'a> {
+    pub llm: &'a Llm,
+    /// The target model's tokenizer and chat template (prompt lengths are measured with
+    /// them whichever backend generates).
+    pub tokenizer: &'a Tokenizer,
+    pub template: &'a ChatTemplate,
+    pub model: String,
+    pub cfg: &'a Stage2Config,
+    pub decontaminate: Option<&'a Decontaminator>,
+    pub store: Store,
 }
 
-pub struct Synth<'a> {
-    pub engine: &'a Engine,
-    pub model: String,
-    pub cfg: &'a Stage2GenerateConfig,
-    pub store: Store,
+/// One request over a context: its store key, the text after the documents, parameters.
+struct Item {
+    key: String,
+    request: String,
+    params: GenerationParams,
+}
+
+fn reject(stats: &mut SynthStats, reason: &str) {
+    *stats.rejected.entry(reason.into()).or_default() += 1;
 }
 
 impl Synth<'_> {
@@ -100,9 +76,9 @@ impl Synth<'_> {
         GenerationParams {
             max_tokens,
             sampling: SamplingParams {
-                temperature: self.cfg.temperature,
+                temperature: self.cfg.generate.temperature,
                 seed,
-                repetition_penalty: self.cfg.repetition_penalty,
+                repetition_penalty: self.cfg.generate.repetition_penalty,
                 ..Default::default()
             },
             json_schema: schema,
@@ -110,18 +86,19 @@ impl Synth<'_> {
         }
     }
 
-    /// Runs `requests` (suffix texts after the context's prefix) through the store: cached
-    /// ones are read, the rest generated together over one prefill.
+    /// Runs `items` through the store: cached ones are read, the rest generated. `context`
+    /// is `None` for requests without the documents; otherwise, on the local engine, the
+    /// items continue one prefill of `prefix_tokens` and end with the template's `tail`.
     fn run_requests(
         &self,
-        prefix_tokens: &[u32],
-        items: Vec<(String, String, GenerationParams)>,
+        context: Option<(&str, &[u32], &str)>,
+        items: &[Item],
         stats: &mut SynthStats,
     ) -> Result<Vec<Generated>> {
         let mut out: Vec<Option<Generated>> = Vec::with_capacity(items.len());
         let mut missing = Vec::new();
-        for (i, (key, _, _)) in items.iter().enumerate() {
-            let got = self.store.get::<Generated>(key)?;
+        for (i, it) in items.iter().enumerate() {
+            let got = self.store.get::<Generated>(&it.key)?;
             if got.is_none() {
                 missing.push(i);
             } else {
@@ -129,30 +106,55 @@ impl Synth<'_> {
             }
             out.push(got);
         }
-        if !missing.is_empty() {
-            let prefix = self.engine.prefill_prefix(prefix_tokens)?;
-            let reqs = missing
-                .iter()
-                .map(|&i| {
-                    Ok(Request {
-                        prompt: self.engine.tokenizer.encode(&items[i].1, false)?,
-                        params: items[i].2.clone(),
+        if missing.is_empty() {
+            return out
+                .into_iter()
+                .map(|g| g.context("a request got no result"))
+                .collect();
+        }
+        let done: Vec<Completion> = match (self.llm, context) {
+            (Llm::Local(engine), Some((_, prefix_tokens, tail))) => {
+                let prefix = engine.prefill_prefix(prefix_tokens)?;
+                let reqs = missing
+                    .iter()
+                    .map(|&i| {
+                        Ok(Request {
+                            prompt: engine
+                                .tokenizer
+                                .encode(&format!("{}{tail}", items[i].request), false)?,
+                            params: items[i].params.clone(),
+                        })
                     })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            for (&i, c) in missing
-                .iter()
-                .zip(self.engine.generate_with_prefix(&prefix, &reqs)?)
-            {
-                let g = Generated {
-                    text: c.text,
-                    finish_reason: c.finish_reason,
-                    tokens: c.tokens.len(),
-                };
-                self.store.put(&items[i].0, &g)?;
-                stats.generated += 1;
-                out[i] = Some(g);
+                    .collect::<Result<Vec<_>>>()?;
+                engine.generate_with_prefix(&prefix, &reqs)?
             }
+            (_, context) => {
+                let reqs: Vec<(Vec<Message>, GenerationParams)> = missing
+                    .iter()
+                    .map(|&i| {
+                        let messages = match context {
+                            Some((documents, _, _)) => user_turn(documents, &items[i].request),
+                            None => closed_book_turn(&items[i].request),
+                        };
+                        (messages, items[i].params.clone())
+                    })
+                    .collect();
+                self.llm.chat_batch(&reqs)?
+            }
+        };
+        for (&i, c) in missing.iter().zip(done) {
+            let tokens = match c.tokens.len() {
+                0 => self.tokenizer.encode(&c.text, false)?.len(),
+                n => n,
+            };
+            let g = Generated {
+                text: c.text,
+                finish_reason: c.finish_reason,
+                tokens,
+            };
+            self.store.put(&items[i].key, &g)?;
+            stats.generated += 1;
+            out[i] = Some(g);
         }
         out.into_iter()
             .map(|g| g.context("a request got no result"))
@@ -169,80 +171,78 @@ impl Synth<'_> {
     ) -> Result<(Vec<Pair>, SynthStats)> {
         let mut stats = SynthStats::default();
         let mut pairs = Vec::new();
-        let template = self
-            .engine
-            .chat_template
-            .as_ref()
-            .context("synthesis needs a model with a chat template")?;
+        let g = &self.cfg.generate;
+        let gates = &self.cfg.gates;
         let mut by_type: BTreeMap<&str, Vec<&Blueprint>> = BTreeMap::new();
         for b in blueprints {
             by_type.entry(b.document_type.as_str()).or_default().push(b);
         }
         let schema = serde_json::json!({
             "type": "object",
-            "properties": {"instruction": {"type": "string", "minLength": 20, "maxLength": self.cfg.max_instruction_chars}},
+            "properties": {"instruction": {"type": "string", "minLength": 20, "maxLength": g.max_instruction_chars}},
             "required": ["instruction"], "additionalProperties": false,
             "x-guidance": {"whitespace_flexible": false, "json_allowed_escapes": "\"\\"}
         });
+        let mut near = NearDuplicates::new(128, 16, 3, gates.near_duplicate_threshold, g.seed);
         for (ci, c) in contexts.iter().enumerate() {
             if !shard.owns(ci) {
                 continue;
             }
             stats.contexts += 1;
             let Some(pool) = by_type.get(c.document_type.as_str()) else {
-                *stats
-                    .rejected
-                    .entry("no_blueprint_of_type".into())
-                    .or_default() += 1;
+                reject(&mut stats, "no_blueprint_of_type");
                 continue;
             };
-            let mut rng = crate::records::derived_rng(self.cfg.seed, &[c.id.as_bytes()]);
+            let mut rng = crate::records::derived_rng(g.seed, &[c.id.as_bytes()]);
             let chosen: Vec<&Blueprint> = pool
-                .choose_multiple(&mut rng, self.cfg.instructions_per_context)
+                .choose_multiple(&mut rng, g.instructions_per_context)
                 .copied()
                 .collect();
             const MARK: &str = "\u{1}REQUEST\u{1}";
-            let rendered = template.render(&user_turn(&c.text, MARK), true)?;
+            let rendered = self.template.render(&user_turn(&c.text, MARK), true)?;
             let (head, tail) = rendered
                 .split_once(MARK)
                 .context("the chat template dropped the user message")?;
-            let prefix_tokens = self.engine.tokenizer.encode(head, false)?;
+            let prefix_tokens = self.tokenizer.encode(head, false)?;
+            let ctx = Some((c.text.as_str(), prefix_tokens.as_slice(), tail));
             let seed = |b: &Blueprint| {
-                crate::records::derived_u64(self.cfg.seed, &[c.id.as_bytes(), b.id.as_bytes()])
+                crate::records::derived_u64(g.seed, &[c.id.as_bytes(), b.id.as_bytes()])
             };
-            let key = |kind: &str, b: &Blueprint, text: &str, p: &GenerationParams| {
-                Store::key(&[
-                    self.model.as_bytes(),
-                    VERSION.as_bytes(),
-                    kind.as_bytes(),
-                    c.id.as_bytes(),
-                    b.id.as_bytes(),
-                    text.as_bytes(),
-                    serde_json::to_string(p).unwrap_or_default().as_bytes(),
-                ])
-            };
+            let item =
+                |kind: &str, b: &Blueprint, request: String, params: GenerationParams| Item {
+                    key: Store::key(&[
+                        self.model.as_bytes(),
+                        VERSION.as_bytes(),
+                        kind.as_bytes(),
+                        c.id.as_bytes(),
+                        b.id.as_bytes(),
+                        request.as_bytes(),
+                        serde_json::to_string(&params)
+                            .unwrap_or_default()
+                            .as_bytes(),
+                    ]),
+                    request,
+                    params,
+                };
             // 1. Rewrite each blueprint for these documents.
-            let rewrites: Vec<(String, String, GenerationParams)> = chosen
+            let rewrites: Vec<Item> = chosen
                 .iter()
                 .map(|b| {
-                    let text = format!(
-                        "{}{tail}",
-                        rewrite_request(
-                            &c.document_type,
-                            c.documents.len(),
-                            c.task_family.as_deref(),
-                            &b.instruction
-                        )
+                    let request = rewrite_request(
+                        &c.document_type,
+                        c.documents.len(),
+                        c.task_family.as_deref(),
+                        &b.instruction,
                     );
                     let p = self.params(
-                        16 + 2 * self.cfg.max_instruction_chars,
+                        16 + 2 * g.max_instruction_chars,
                         seed(b),
                         Some(schema.clone()),
                     );
-                    (key("rewrite", b, &text, &p), text, p)
+                    item("rewrite", b, request, p)
                 })
                 .collect();
-            let rewritten = self.run_requests(&prefix_tokens, rewrites, &mut stats)?;
+            let rewritten = self.run_requests(ctx, &rewrites, &mut stats)?;
             // 2. Answer each instruction over the full context.
             let mut answers = Vec::new();
             let mut kept = Vec::new();
@@ -252,32 +252,72 @@ impl Synth<'_> {
                     .and_then(|v| v["instruction"].as_str().map(|s| s.trim().to_string()))
                     .filter(|s| !s.is_empty());
                 let Some(instruction) = instruction else {
-                    *stats.rejected.entry("rewrite_not_json".into()).or_default() += 1;
+                    reject(&mut stats, "rewrite_not_json");
                     continue;
                 };
-                let text = format!("{instruction}{tail}");
-                let used = prefix_tokens.len() + self.engine.tokenizer.encode(&text, false)?.len();
-                let room = c
-                    .bucket
-                    .saturating_sub(used)
-                    .min(self.cfg.max_answer_tokens);
+                let used = prefix_tokens.len()
+                    + self
+                        .tokenizer
+                        .encode(&format!("{instruction}{tail}"), false)?
+                        .len();
+                let room = c.bucket.saturating_sub(used).min(g.max_answer_tokens);
                 if room < 16 {
-                    *stats
-                        .rejected
-                        .entry("no_room_for_answer".into())
-                        .or_default() += 1;
+                    reject(&mut stats, "no_room_for_answer");
                     continue;
                 }
                 let p = self.params(room, seed(b), None);
-                answers.push((key("answer", b, &text, &p), text, p));
+                answers.push(item("answer", b, instruction.clone(), p));
                 kept.push((*b, instruction, used));
             }
-            let answered = self.run_requests(&prefix_tokens, answers, &mut stats)?;
+            let answered = self.run_requests(ctx, &answers, &mut stats)?;
+            // 3. Answer and grounding gates.
+            let mut passed = Vec::new();
             for ((b, instruction, used), a) in kept.into_iter().zip(answered) {
-                if let Some(reason) =
-                    answer_gate(&a.text, a.finish_reason, &c.text, self.cfg.min_answer_words)
-                {
-                    *stats.rejected.entry(reason.into()).or_default() += 1;
+                match answer_gate(
+                    &a.text,
+                    a.finish_reason,
+                    &c.text,
+                    &instruction,
+                    gates.min_answer_words,
+                    gates.max_ungrounded_names,
+                ) {
+                    Some(reason) => reject(&mut stats, reason),
+                    None => passed.push((b, instruction, used, a)),
+                }
+            }
+            // 4. The closed-book check: the same instruction without the documents.
+            let closed: Vec<Option<f64>> = match gates.closed_book_max_f1 {
+                None => vec![None; passed.len()],
+                Some(_) => {
+                    let items: Vec<Item> = passed
+                        .iter()
+                        .map(|(b, instruction, _, a)| {
+                            let p = self.params(a.tokens.max(32), seed(b), None);
+                            item("closed_book", b, instruction.clone(), p)
+                        })
+                        .collect();
+                    self.run_requests(None, &items, &mut stats)?
+                        .iter()
+                        .zip(&passed)
+                        .map(|(cb, (_, _, _, a))| Some(closed_book(&a.text, &cb.text, 1.0).0))
+                        .collect()
+                }
+            };
+            for ((b, instruction, used, a), f1) in passed.into_iter().zip(closed) {
+                if let (Some(f1), Some(max)) = (f1, gates.closed_book_max_f1) {
+                    if f1 >= max {
+                        reject(&mut stats, "closed_book");
+                        continue;
+                    }
+                }
+                if let Some(d) = self.decontaminate {
+                    if d.shared(&format!("{instruction}\n{}", a.text)) > 0 {
+                        reject(&mut stats, "contaminated");
+                        continue;
+                    }
+                }
+                if near.check_and_insert(&instruction) {
+                    reject(&mut stats, "near_duplicate_instruction");
                     continue;
                 }
                 let messages = vec![
@@ -291,6 +331,7 @@ impl Synth<'_> {
                     id: hash[..16].to_string(),
                     messages,
                     metadata: PairMetadata {
+                        context_id: c.id.clone(),
                         document_ids: c.documents.iter().map(|d| d.id.clone()).collect(),
                         document_type: c.document_type.clone(),
                         bucket: c.bucket,
@@ -300,10 +341,12 @@ impl Synth<'_> {
                         blueprint_id: b.id.clone(),
                         blueprint_path: b.path.clone(),
                         blueprint_instruction: b.instruction.clone(),
+                        instruction: instruction.clone(),
                         conversation_ids: b.provenance.conversation_ids.clone(),
                         model: self.model.clone(),
                         prompt_version: VERSION.into(),
                         seed: seed(b),
+                        closed_book_f1: f1,
                         hash,
                     },
                 });

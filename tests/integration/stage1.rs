@@ -11,11 +11,12 @@ use wildlong::config::{
 };
 use wildlong::records::{read_jsonl_resumable, Blueprint};
 use wildlong::stage1::extract::{prepare_queries, MetaRecord};
-use wildlong::stage1::filter::{estimated_jaccard, MinHasher, Query};
+use wildlong::stage1::filter::Query;
 use wildlong::stage1::graph::{npmi, pmi, TypeGraph};
 use wildlong::stage1::input::Source;
 use wildlong::stage1::normalize::{normalize, NormalizedRecord};
 use wildlong::stage1::sample::{sample_paths, walk};
+use wildlong::text::{estimated_jaccard, MinHasher};
 
 #[test]
 fn builtin_configs_parse_and_spell_out_the_defaults() {

@@ -1,17 +1,20 @@
-//! Stage 2 so far: the sample corpus (real, long, licensed), document reading and bad input,
-//! the type heuristic, and assembly to token budgets (fit, fill, same-type bundles with
-//! delimiters, quotas, histogram, seeds) with the default model's tokenizer.
+//! Stage 2: the sample corpus (real, long, licensed), document reading and bad input, the
+//! type heuristic and the LLM classifier, decontamination, the too-long policy, assembly to
+//! token budgets (fit, fill, same-type bundles with delimiters, quotas, histogram, seeds)
+//! with the default model's tokenizer, the quality gates, synthesis with the default model
+//! (store, resume after SIGKILL, shards merged), Parquet output.
 
 use crate::common::*;
 use std::collections::HashSet;
-use wildlong::config::{AssembleConfig, MetaSchema, Stage2Config};
+use wildlong::config::{AssembleConfig, DocumentsConfig, MetaSchema, Stage2Config};
 use wildlong::stage2::assemble::{assemble, delimiter};
 use wildlong::stage2::documents::{heuristic_type, Document, DocumentReader};
 
 fn corpus() -> Vec<Document> {
     let e = default_engine();
     let schema = MetaSchema::builtin();
-    let mut r = DocumentReader::new(&e.tokenizer, &schema, 4000);
+    let docs_cfg = DocumentsConfig::default();
+    let mut r = DocumentReader::new(&e.tokenizer, &schema, &docs_cfg);
     r.read("sample").unwrap();
     r.finish().unwrap().0
 }
@@ -59,6 +62,7 @@ fn sample_corpus_is_long_licensed_and_varied() {
 fn unusable_documents_are_counted_not_fatal() {
     let e = default_engine();
     let schema = MetaSchema::builtin();
+    let docs_cfg = DocumentsConfig::default();
     let d = tempdir();
     std::fs::write(
         d.path().join("a.txt"),
@@ -74,7 +78,7 @@ fn unusable_documents_are_counted_not_fatal() {
         "{\"_header\": {}}\n{\"id\": 7, \"text\": \"Quarterly revenue rose 4%.\", \"document_type\": \"10-K\"}\n{\"title\": \"no text\"}\n{\"text\": 5}\nnot json\n",
     )
     .unwrap();
-    let mut r = DocumentReader::new(&e.tokenizer, &schema, 4000);
+    let mut r = DocumentReader::new(&e.tokenizer, &schema, &docs_cfg);
     r.read(d.path().to_str().unwrap()).unwrap();
     r.read(jsonl.to_str().unwrap()).unwrap();
     let (docs, stats) = r.finish().unwrap();
@@ -96,11 +100,11 @@ fn unusable_documents_are_counted_not_fatal() {
     // Nothing usable: a clear error.
     let empty = d.path().join("empty.jsonl");
     std::fs::write(&empty, "").unwrap();
-    let mut r = DocumentReader::new(&e.tokenizer, &schema, 4000);
+    let mut r = DocumentReader::new(&e.tokenizer, &schema, &docs_cfg);
     r.read(empty.to_str().unwrap()).unwrap();
     assert!(format!("{:#}", r.finish().unwrap_err()).contains("no usable documents"));
     // Parquet without a text column (conversations are not documents).
-    let mut r = DocumentReader::new(&e.tokenizer, &schema, 4000);
+    let mut r = DocumentReader::new(&e.tokenizer, &schema, &docs_cfg);
     let p = fixture("stage1/wildchat_tiny.parquet");
     let err = format!("{:#}", r.read(p.to_str().unwrap()).unwrap_err());
     assert!(
@@ -192,34 +196,286 @@ fn contexts_fit_and_fill_their_budgets() {
 #[test]
 fn answer_gates_reject_by_reason() {
     use wildlong::engine::generate::FinishReason::{Eos, Length};
-    use wildlong::stage2::synth::answer_gate;
-    let doc = "Revenue was 4200 in 2023 and the tenant pays 15 per cent.";
-    assert_eq!(answer_gate("  ", Eos, doc, 3), Some("empty_answer"));
+    use wildlong::stage2::gates::answer_gate;
+    let doc = "Revenue was 4200 in 2023 and the tenant pays 15 per cent. Mr. Holt of Acme Corp signed: \"the lessee shall keep the premises in good repair\".";
+    let gate = |a: &str, f| answer_gate(a, f, doc, "What did Holt sign?", 3, 0.25);
+    assert_eq!(gate("  ", Eos), Some("empty_answer"));
+    assert_eq!(gate("I'm sorry, I can't help.", Eos), Some("refusal"));
+    assert_eq!(gate("Revenue was high and", Length), Some("answer_cut_off"));
+    assert_eq!(gate("Yes.", Eos), Some("too_short"));
     assert_eq!(
-        answer_gate("I'm sorry, I can't help.", Eos, doc, 3),
-        Some("refusal")
-    );
-    assert_eq!(
-        answer_gate("Revenue was high and", Length, doc, 3),
-        Some("answer_cut_off")
-    );
-    assert_eq!(answer_gate("Yes.", Eos, doc, 3), Some("too_short"));
-    assert_eq!(
-        answer_gate("Revenue was 4300 in 2023.", Eos, doc, 3),
+        gate("Revenue was 4300 in 2023.", Eos),
         Some("ungrounded_number")
     );
+    assert_eq!(gate("Revenue was 4200 in 2023, a 5 point rise.", Eos), None);
+    // Quotes of three or more words must be in the documents (case and spacing aside).
     assert_eq!(
-        answer_gate("Revenue was 4200 in 2023, a 5 point rise.", Eos, doc, 3),
+        gate(
+            "Holt agreed that “the  Lessee shall keep the premises” tidy.",
+            Eos
+        ),
         None
     );
+    assert_eq!(
+        gate("Holt agreed that \"the lessee must paint the walls\".", Eos),
+        Some("ungrounded_quote")
+    );
+    // Names not at a sentence start: in the documents or the instruction; one missing of
+    // four is within the 25% allowed, two are not.
+    assert_eq!(
+        gate("It was signed by Holt for Acme Corp in Dublin.", Eos),
+        None
+    );
+    assert_eq!(
+        gate("It was signed by Holt in Dublin with Smith.", Eos),
+        Some("ungrounded_name")
+    );
+    assert_eq!(gate("The lease. Revenue rose: Tenants pay.", Eos), None);
+}
+
+#[test]
+fn names_and_quotes_are_found_where_they_stand() {
+    use wildlong::stage2::gates::{names, quotes};
+    let n = names("The report by Alice Smith cites NASA.\n- Budgets rose. See Table 3 and I agree.\n1. Bob's plan");
+    let got: Vec<&str> = n.iter().map(String::as_str).collect();
+    assert_eq!(got, ["Alice", "NASA", "Smith", "Table"]);
+    assert_eq!(
+        quotes("He said \"go now\" and “stay here for ever” then \"ok\""),
+        ["stay here for ever"]
+    );
+}
+
+#[test]
+fn token_f1_follows_squads_definition() {
+    use wildlong::text::token_f1;
+    // SQuAD v1.1 evaluate.py: lowercase, punctuation deleted, articles dropped.
+    assert!((token_f1("The cat sat.", "a cat sat on the mat") - 2.0 / 3.0).abs() < 1e-12);
+    assert_eq!(token_f1("Paris", "paris!"), 1.0);
+    assert_eq!(token_f1("the", "a"), 0.0);
+    assert_eq!(token_f1("", "x"), 0.0);
+    // Repeated words count once per occurrence in the reference.
+    assert!((token_f1("dog dog dog", "dog cat") - 0.4).abs() < 1e-12);
+}
+
+#[test]
+fn decontamination_finds_ruler_sources_and_spares_the_corpus() {
+    use wildlong::stage2::gates::Decontaminator;
+    let d = Decontaminator::ruler(13, None, None).unwrap();
+    // A passage of the essay haystack, re-wrapped and re-cased, inside other text.
+    let haystack = wildlong::eval::ruler::data::Assets::load(None, None).unwrap();
+    let passage = haystack.essay_words[5000..5040].join("\n").to_uppercase();
+    assert!(d.shared(&format!("Intro words here. {passage} Outro.")) >= 20);
+    // A SQuAD paragraph and a HotpotQA question.
+    let para = &haystack.squad.docs[3];
+    assert!(d.shared(para) > 0);
+    let q = haystack
+        .hotpotqa
+        .qas
+        .iter()
+        .find(|q| q.query.split_whitespace().count() >= 13)
+        .unwrap();
+    assert!(d.shared(&q.query) > 0);
+    assert_eq!(
+        d.shared(
+            "A new sentence of our own that nobody has ever written down before today, surely."
+        ),
+        0
+    );
+    // The sample corpus does not overlap (no Sherlock Holmes in it), so nothing is skipped.
+    let e = default_engine();
+    let schema = MetaSchema::builtin();
+    let cfg = DocumentsConfig::default();
+    let mut r = DocumentReader::new(&e.tokenizer, &schema, &cfg);
+    r.decontaminate = Some(&d);
+    r.read("sample").unwrap();
+    let dir = tempdir();
+    let f = dir.path().join("docs.jsonl");
+    std::fs::write(
+        &f,
+        serde_json::json!({"id": "leak", "text": format!("Notes.\n{passage}\nMore notes."), "document_type": "novel"}).to_string() + "\n",
+    )
+    .unwrap();
+    r.read(f.to_str().unwrap()).unwrap();
+    let (docs, stats) = r.finish().unwrap();
+    assert!(docs.len() >= 24 && docs.iter().all(|d| d.id != "leak"));
+    assert_eq!(stats.skipped, [("contaminated".to_string(), 1)].into());
+}
+
+#[test]
+fn documents_longer_than_the_context_are_cut_or_skipped_by_policy() {
+    use wildlong::config::TooLongPolicy;
+    let e = default_engine();
+    let schema = MetaSchema::builtin();
+    for policy in [TooLongPolicy::Truncate, TooLongPolicy::Skip] {
+        let cfg = DocumentsConfig {
+            too_long: policy,
+            ..DocumentsConfig::default()
+        };
+        let mut r = DocumentReader::new(&e.tokenizer, &schema, &cfg);
+        r.max_context = 8192;
+        r.read("sample").unwrap();
+        let n_long = r.documents.iter().filter(|d| d.tokens > 8192).count();
+        let (docs, stats) = r.finish().unwrap();
+        match policy {
+            TooLongPolicy::Truncate => {
+                assert!(n_long > 0);
+                assert_eq!(stats.longer_than_context, n_long);
+                assert!(stats.skipped.is_empty());
+            }
+            TooLongPolicy::Skip => {
+                assert!(docs.iter().all(|d| d.tokens <= 8192));
+                assert!(stats.skipped["longer_than_context"] > 0);
+                assert_eq!(stats.longer_than_context, 0);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_llm_types_what_the_heuristic_cannot_place() {
+    use wildlong::config::DocumentClassifier;
+    use wildlong::engine::backend::Llm;
+    use wildlong::records::Store;
+    let e = load(
+        &default_model_path(),
+        wildlong::config::EngineConfig::default(),
+    );
+    let llm = Llm::Local(Box::new(e));
+    let tok = &llm.local().unwrap().tokenizer;
+    let schema = MetaSchema::builtin();
+    let d = tempdir();
+    let docs = d.path().join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    std::fs::write(
+        docs.join("story.txt"),
+        "Chapter One\n\nThe rain had not stopped for three days when Margaret finally opened the letter from her brother. She read it twice by the window, then folded it and put it in the drawer with the others.",
+    )
+    .unwrap();
+    std::fs::write(
+        docs.join("lib.py"),
+        "import os\nimport sys\n\ndef main():\n    for p in sys.argv[1:]:\n        print(os.path.getsize(p))\n\nif __name__ == '__main__':\n    main()\n",
+    )
+    .unwrap();
+    std::fs::rename(docs.join("lib.py"), docs.join("lib.txt")).unwrap();
+    let store = Store::open(&d.path().join("store")).unwrap();
+    let names: HashSet<String> = schema
+        .document_types
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
+    for classifier in [
+        DocumentClassifier::Heuristic,
+        DocumentClassifier::Llm,
+        DocumentClassifier::Llm,
+    ] {
+        let cfg = DocumentsConfig {
+            classifier,
+            ..DocumentsConfig::default()
+        };
+        let mut r = DocumentReader::new(tok, &schema, &cfg);
+        r.read(docs.to_str().unwrap()).unwrap();
+        r.classify(&llm, "default", &store).unwrap();
+        let (got, stats) = r.finish().unwrap();
+        // The heuristic places the program; the story is left to the LLM.
+        assert_eq!(got[0].id, "lib.txt");
+        assert_eq!(
+            (got[0].document_type.as_str(), got[0].type_from.as_str()),
+            ("source code", "heuristic")
+        );
+        match classifier {
+            DocumentClassifier::Heuristic => {
+                assert_eq!(
+                    (got[1].document_type.as_str(), got[1].type_from.as_str()),
+                    ("other", "heuristic")
+                );
+            }
+            DocumentClassifier::Llm => {
+                assert_eq!(got[1].type_from, "llm");
+                assert!(
+                    names.contains(&got[1].document_type),
+                    "{}",
+                    got[1].document_type
+                );
+                assert_eq!(stats.typed_by_llm, 1);
+            }
+        }
+    }
+    // The answer is stored under the request: the third pass asked nothing new.
+    assert_eq!(
+        std::fs::read_dir(d.path().join("store")).unwrap().count(),
+        1
+    );
+}
+
+#[test]
+fn parquet_output_holds_the_pairs() {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use wildlong::engine::chat::Message;
+    use wildlong::records::{Pair, PairMetadata};
+    let pair = |i: usize, multi: bool| Pair {
+        id: format!("p{i}"),
+        messages: vec![
+            Message::new("user", format!("Document text {i}\n\nWhat is it?")),
+            Message::new(
+                "assistant",
+                format!("Answer {i} with “quotes” and ünïcode."),
+            ),
+        ],
+        metadata: PairMetadata {
+            context_id: format!("c{i}"),
+            document_ids: vec!["a".into(), "b".into()],
+            document_type: "novel".into(),
+            bucket: 4096,
+            prompt_tokens: 3000 + i,
+            multi_document: multi,
+            task_family: None,
+            blueprint_id: "bp".into(),
+            blueprint_path: vec![],
+            blueprint_instruction: "Summarize.".into(),
+            instruction: "What is it?".into(),
+            conversation_ids: vec!["c1".into()],
+            model: "default".into(),
+            prompt_version: "synth-v1".into(),
+            seed: 7,
+            closed_book_f1: Some(0.25),
+            hash: "h".into(),
+        },
+    };
+    let mut pairs = vec![pair(0, false), pair(1, true)];
+    pairs[1].messages.push(Message::new("user", "And then?"));
+    let d = tempdir();
+    let path = d.path().join("data.parquet");
+    wildlong::stage2::output::write_parquet(&path, &pairs).unwrap();
+    let r = SerializedFileReader::new(std::fs::File::open(&path).unwrap()).unwrap();
+    assert_eq!(r.metadata().file_metadata().num_rows(), 2);
+    let rows: Vec<serde_json::Value> = r
+        .get_row_iter(None)
+        .unwrap()
+        .map(|r| r.unwrap().to_json_value())
+        .collect();
+    for (row, p) in rows.iter().zip(&pairs) {
+        assert_eq!(row["id"], p.id.as_str());
+        let msgs: Vec<Message> = serde_json::from_value(row["messages"].clone()).unwrap();
+        assert_eq!(msgs, p.messages);
+        assert_eq!(row["bucket"], 4096);
+        assert_eq!(row["prompt_tokens"], p.metadata.prompt_tokens as u64);
+        assert_eq!(row["multi_document"], p.metadata.multi_document);
+        let meta: PairMetadata = serde_json::from_str(row["metadata"].as_str().unwrap()).unwrap();
+        assert_eq!(meta, p.metadata);
+    }
 }
 
 #[test]
 fn synthesis_pairs_fit_their_bucket_and_resume_from_the_store() {
     use wildlong::config::{Shard, Stage2GenerateConfig};
+    use wildlong::engine::backend::Llm;
     use wildlong::records::{Blueprint, Store};
     use wildlong::stage2::synth::Synth;
-    let e = default_engine();
+    let llm = Llm::Local(Box::new(load(
+        &default_model_path(),
+        wildlong::config::EngineConfig::default(),
+    )));
+    let e = llm.local().unwrap();
     let docs = corpus();
     let cfg = AssembleConfig {
         buckets: vec![2048],
@@ -233,16 +489,22 @@ fn synthesis_pairs_fit_their_bucket_and_resume_from_the_store() {
     let d = tempdir();
     let blueprints: Vec<Blueprint> =
         wildlong::records::read_jsonl_resumable(&blueprint_file(d.path())).unwrap();
-    let gen = Stage2GenerateConfig {
-        instructions_per_context: 1,
-        max_answer_tokens: 48,
-        max_instruction_chars: 200,
-        ..Stage2GenerateConfig::default()
+    let stage2 = Stage2Config {
+        generate: Stage2GenerateConfig {
+            instructions_per_context: 1,
+            max_answer_tokens: 48,
+            max_instruction_chars: 200,
+            ..Stage2GenerateConfig::default()
+        },
+        ..Stage2Config::default()
     };
     let synth = |store: &std::path::Path| Synth {
-        engine: e,
+        llm: &llm,
+        tokenizer: &e.tokenizer,
+        template: e.chat_template.as_ref().unwrap(),
         model: "default".into(),
-        cfg: &gen,
+        cfg: &stage2,
+        decontaminate: None,
         store: Store::open(store).unwrap(),
     };
     let s1 = synth(&d.path().join("store"));
@@ -250,7 +512,14 @@ fn synthesis_pairs_fit_their_bucket_and_resume_from_the_store() {
         .run(&ctx, &blueprints, Shard::default(), d.path())
         .unwrap();
     assert_eq!(stats.contexts, 2);
-    assert_eq!(stats.generated, 4, "{stats:?}");
+    // Two rewrites, two answers, and a closed-book answer for each that passed the gates.
+    let passed = pairs.len()
+        + stats.rejected.get("closed_book").unwrap_or(&0)
+        + stats
+            .rejected
+            .get("near_duplicate_instruction")
+            .unwrap_or(&0);
+    assert_eq!(stats.generated, 4 + passed, "{stats:?}");
     assert_eq!(
         pairs.len() + stats.rejected.values().sum::<usize>(),
         2,
@@ -258,11 +527,11 @@ fn synthesis_pairs_fit_their_bucket_and_resume_from_the_store() {
     );
     for p in &pairs {
         assert_eq!(p.messages.len(), 2);
-        let c = ctx
-            .iter()
-            .find(|c| c.documents[0].id == p.metadata.document_ids[0])
-            .unwrap();
+        let c = ctx.iter().find(|c| c.id == p.metadata.context_id).unwrap();
+        assert_eq!(p.metadata.document_ids[0], c.documents[0].id);
         assert!(p.messages[0].content.starts_with(&c.text));
+        assert!(p.messages[0].content.ends_with(&p.metadata.instruction));
+        assert!(p.metadata.closed_book_f1.unwrap() < 0.5);
         assert!(p.metadata.prompt_tokens < c.bucket);
         assert_eq!(p.metadata.multi_document, c.is_multi());
         assert_eq!(p.metadata.conversation_ids, ["c1"]);
@@ -275,11 +544,11 @@ fn synthesis_pairs_fit_their_bucket_and_resume_from_the_store() {
         .run(&ctx, &blueprints, Shard::default(), d.path())
         .unwrap();
     assert_eq!(stats2.generated, 0);
-    assert_eq!(stats2.reused, 4);
+    assert_eq!(stats2.reused, stats.generated);
     assert_eq!(again, pairs);
 }
 
-fn blueprint_file(dir: &std::path::Path) -> std::path::PathBuf {
+pub(crate) fn blueprint_file(dir: &std::path::Path) -> std::path::PathBuf {
     let p = dir.join("blueprints.jsonl");
     let lines: Vec<String> = ["novel", "source code", "technical manual", "legal contract"]
         .iter()
@@ -320,7 +589,7 @@ fn killed_synthesis_resumes_to_the_same_dataset() {
             "--set".into(),
             "generate.max_answer_tokens=32".into(),
             "--set".into(),
-            "generate.min_answer_words=1".into(),
+            "gates.min_answer_words=1".into(),
             "--batch-size".into(),
             "1".into(),
         ]
@@ -357,14 +626,37 @@ fn killed_synthesis_resumes_to_the_same_dataset() {
     child.wait().unwrap();
     let kept = count(&store);
     let out = ok(&run(&killed).output().unwrap());
-    assert!(
-        out.contains(&format!("{kept} from the store")) || kept == 4,
-        "{out}"
-    );
+    assert!(out.contains(&format!("{kept} from the store")), "{out}");
     assert_eq!(
         std::fs::read_to_string(killed.join("stage2/data.jsonl")).unwrap(),
         reference
     );
+    // Two shards, then the merge: the same dataset and card as one run.
+    let sharded = d.path().join("sharded");
+    for k in ["1/2", "2/2"] {
+        let mut a = args(&sharded);
+        a.extend(["--shard".to_string(), k.to_string()]);
+        ok(&wildlong(&a.iter().map(String::as_str).collect::<Vec<_>>())
+            .output()
+            .unwrap());
+    }
+    assert!(sharded.join("stage2/data.shard-2-of-2.jsonl").is_file());
+    let merge = ["synth", "--merge", "--run", sharded.to_str().unwrap()];
+    let out = ok(&wildlong(&merge).output().unwrap());
+    assert!(out.contains(&format!("merged {n} pairs")), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(sharded.join("stage2/data.jsonl")).unwrap(),
+        reference
+    );
+    assert_eq!(
+        std::fs::read_to_string(sharded.join("stage2/README.md")).unwrap(),
+        card
+    );
+    // A missing shard is named.
+    std::fs::remove_file(sharded.join("stage2/data.shard-1-of-2.jsonl")).unwrap();
+    let o = wildlong(&merge).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("shards [2] of 2 found"));
     // Missing blueprints: a clear error.
     let o = wildlong(&["synth", "--run", d.path().join("none").to_str().unwrap()])
         .output()
