@@ -239,3 +239,300 @@ fn stage1_runs_through_the_server() {
     let bp = std::fs::read_to_string(d.path().join("stage1/blueprints.jsonl")).unwrap();
     assert!(bp.contains("\"instruction\":\"instruction value\""), "{bp}");
 }
+
+#[test]
+fn stage2_runs_through_the_server() {
+    let s = Stub::start();
+    let d = tempdir();
+    let run = d.path().join("run");
+    let bp = crate::stage2::blueprint_file(d.path());
+    // One untyped document the heuristic cannot place: the server types it.
+    let folder = d.path().join("docs");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::write(
+        folder.join("letter.txt"),
+        "Dear Anna, the garden is in bloom and we think of you often.",
+    )
+    .unwrap();
+    let url = s.url("ok");
+    let args = [
+        "synth",
+        "--server",
+        url.as_str(),
+        "--model",
+        "stub-model",
+        "--run",
+        run.to_str().unwrap(),
+        "--blueprints",
+        bp.to_str().unwrap(),
+        "--documents",
+        "sample",
+        "--documents",
+        folder.to_str().unwrap(),
+        "--set",
+        "assemble.buckets=[2048]",
+        "--set",
+        "assemble.per_bucket=2",
+        "--set",
+        "assemble.multi_document_share=0.5",
+    ];
+    let out = ok(&wildlong(&args).output().unwrap());
+    let dir = run.join("stage2");
+    let docs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("documents_stats.json")).unwrap())
+            .unwrap();
+    assert_eq!(docs["typed_by_llm"], 1, "{docs}");
+    let contexts: Vec<wildlong::stage2::assemble::Context> =
+        wildlong::records::read_jsonl_resumable(&dir.join("contexts.jsonl")).unwrap();
+    assert_eq!(contexts.len(), 2);
+    let reqs = s.requests("ok");
+    let user_of = |b: &serde_json::Value| {
+        let m = b["messages"].as_array().unwrap();
+        m.last().unwrap()["content"].as_str().unwrap().to_string()
+    };
+    // The classifier's request: the taxonomy as an enum.
+    let classify: Vec<_> = reqs
+        .iter()
+        .filter(|b| user_of(b).contains("Dear Anna"))
+        .collect();
+    assert_eq!(classify.len(), 1);
+    assert!(
+        classify[0]["response_format"]["json_schema"]["schema"]["properties"]["document_type"]
+            ["enum"]
+            .as_array()
+            .unwrap()
+            .len()
+            > 20
+    );
+    // Rewrites (with a schema) and answers carry the whole context; the answer's user turn
+    // is the context, a blank line and the instruction.
+    let with_context =
+        |b: &&serde_json::Value| contexts.iter().any(|c| user_of(b).starts_with(&c.text));
+    let rewrites = reqs
+        .iter()
+        .filter(with_context)
+        .filter(|b| b.get("response_format").is_some())
+        .count();
+    let answers: Vec<_> = reqs
+        .iter()
+        .filter(with_context)
+        .filter(|b| b.get("response_format").is_none())
+        .collect();
+    // One blueprint per type in the file: one instruction per context.
+    assert_eq!(rewrites, 2);
+    assert_eq!(answers.len(), 2);
+    for a in &answers {
+        assert!(user_of(a).ends_with("\n\ninstruction value"));
+        assert_eq!(a["messages"][0]["role"], "system");
+    }
+    // Closed-book requests: the instruction alone.
+    let closed = reqs
+        .iter()
+        .filter(|b| user_of(b) == "instruction value")
+        .count();
+    assert!(closed >= 1);
+    assert_eq!(reqs.len(), 1 + 2 + 2 + closed);
+    // The stub gives every blueprint the same instruction: one pair, the other a
+    // near-duplicate.
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("synth_stats.json")).unwrap())
+            .unwrap();
+    assert_eq!(stats["pairs"], 1, "{stats} {out}");
+    assert_eq!(
+        stats["rejected"]["near_duplicate_instruction"], 1,
+        "{stats}"
+    );
+    let data = std::fs::read_to_string(dir.join("data.jsonl")).unwrap();
+    let pair: wildlong::records::Pair = serde_json::from_str(data.trim()).unwrap();
+    assert_eq!(pair.metadata.model, "stub-model");
+    assert!(pair.messages[1].content.starts_with("echo: "));
+    // A rerun asks the server nothing.
+    ok(&wildlong(&args).output().unwrap());
+    assert_eq!(s.requests("ok").len(), reqs.len());
+}
+
+/// llama.cpp's server (llama-cpp-python[server], installed by scripts/test.sh into
+/// target/pyenv) serving the default GGUF on loopback; killed on drop.
+struct LlamaServer {
+    child: Child,
+    port: u16,
+}
+
+impl LlamaServer {
+    fn python() -> PathBuf {
+        let p = std::env::var_os("WILDLONG_LLAMA_PYTHON")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root().join("target/pyenv/bin/python"));
+        assert!(
+            p.is_file(),
+            "{} is missing: scripts/test.sh installs llama-cpp-python[server] there (or set WILDLONG_LLAMA_PYTHON)",
+            p.display()
+        );
+        p
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// Starts the server without waiting for it.
+    fn spawn(port: u16) -> Self {
+        let child = Command::new(Self::python())
+            .args(["-m", "llama_cpp.server", "--model"])
+            .arg(default_model_path())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--n_ctx", "4096", "--n_threads", "1", "--verbose", "false"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the llama.cpp server starts");
+        Self { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn llama_cpp_server_serves_the_backend_and_stage2() {
+    let port = LlamaServer::free_port();
+    let srv = LlamaServer::spawn(port);
+    let cfg = |f: &dyn Fn(&mut OpenAiConfig)| {
+        let mut c = OpenAiConfig {
+            base_url: srv.url(),
+            model: "smollm2".into(),
+            json_format: JsonFormat::JsonObject,
+            timeout_s: 60.0,
+            max_retries: 12,
+            retry_backoff_s: 0.5,
+            ..Default::default()
+        };
+        f(&mut c);
+        OpenAiClient::new(c).unwrap()
+    };
+    // Sent before the server listens: connection errors are retried with backoff until it
+    // answers (0.5 s doubling, 12 retries: about half an hour at most).
+    let greedy = GenerationParams {
+        max_tokens: 12,
+        ..Default::default()
+    };
+    let out = cfg(&|_| {})
+        .chat(&user("What is the capital of France?"), &greedy)
+        .unwrap();
+    assert!(!out.text.trim().is_empty());
+    assert!(out.prompt_tokens > 5, "{}", out.prompt_tokens);
+    // The token cap is reported as `length`.
+    let capped = GenerationParams {
+        max_tokens: 3,
+        ..Default::default()
+    };
+    let out = cfg(&|_| {})
+        .chat(&user("Write a long story about a dragon."), &capped)
+        .unwrap();
+    assert_eq!(out.finish_reason, FinishReason::Length);
+    // JSON constrained by the schema (llama-cpp-python's json_object + schema).
+    let schema = serde_json::json!({"type": "object",
+        "properties": {"city": {"type": "string"}, "size": {"enum": ["big", "small"]}},
+        "required": ["city", "size"], "additionalProperties": false});
+    let json = GenerationParams {
+        max_tokens: 60,
+        json_schema: Some(schema),
+        ..Default::default()
+    };
+    let out = cfg(&|_| {})
+        .chat(&user("Name a city and its size."), &json)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out.text).unwrap();
+    assert!(v["city"].is_string(), "{v}");
+    assert!(v["size"] == "big" || v["size"] == "small", "{v}");
+    // A timeout far shorter than a long generation: every attempt times out, and the
+    // client gives up after its retries with the transport's message.
+    let long = GenerationParams {
+        max_tokens: 2000,
+        sampling: wildlong::config::SamplingParams {
+            temperature: 1.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let e = format!(
+        "{:#}",
+        cfg(&|c| {
+            c.timeout_s = 0.05;
+            c.max_retries = 1;
+            c.retry_backoff_s = 0.05;
+        })
+        .chat(&user("Write a very long essay about the sea."), &long)
+        .unwrap_err()
+    );
+    assert!(e.contains("gave up after 2 attempts"), "{e}");
+    // A client error (a prompt longer than the server's context): no retry, its message.
+    let huge = "word ".repeat(6000);
+    let e = format!(
+        "{:#}",
+        cfg(&|_| {}).chat(&user(&huge), &greedy).unwrap_err()
+    );
+    assert!(e.contains("HTTP 400"), "{e}");
+    // Stage 2 through the server: documents typed and answered, pairs written.
+    let d = tempdir();
+    let bp = crate::stage2::blueprint_file(d.path());
+    let run = d.path().join("run");
+    let url = srv.url();
+    let out = ok(&wildlong(&[
+        "synth",
+        "--server",
+        url.as_str(),
+        "--server-json-format",
+        "json-object",
+        "--server-concurrency",
+        "2",
+        "--model",
+        "smollm2",
+        "--run",
+        run.to_str().unwrap(),
+        "--blueprints",
+        bp.to_str().unwrap(),
+        "--set",
+        "assemble.buckets=[2048]",
+        "--set",
+        "assemble.per_bucket=2",
+        "--set",
+        "generate.max_answer_tokens=64",
+    ])
+    .output()
+    .unwrap());
+    let stats: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("stage2/synth_stats.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stats["contexts"], 2, "{out}");
+    // Two rewrites, two answers, a closed-book answer for each that passed the gates.
+    assert!(stats["generated"].as_u64().unwrap() >= 4, "{stats}");
+    let rejected: u64 = stats["rejected"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(stats["pairs"].as_u64().unwrap() + rejected, 2, "{stats}");
+    for line in std::fs::read_to_string(run.join("stage2/data.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let p: wildlong::records::Pair = serde_json::from_str(line).unwrap();
+        assert_eq!(p.metadata.model, "smollm2");
+        assert!(p.metadata.prompt_tokens <= 2048);
+    }
+}
