@@ -139,19 +139,26 @@ pub struct RulerArgs {
     pub prepare_only: bool,
 }
 
-/// Options every stage-1 command shares.
-#[derive(Args, Debug)]
-pub struct Stage1Args {
-    /// Run folder; stage 1 reads and writes <run>/stage1/.
+/// The run folder and the stage's settings, shared by the stage commands.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Run folder; each stage reads and writes its own subfolder (<run>/stage1, <run>/stage2).
     #[arg(long, default_value = "runs/demo")]
     pub run: PathBuf,
-    /// Stage 1 settings [default: configs/stage1.toml, built in].
+    /// This stage's settings [default: configs/stage1.toml or configs/stage2.toml, built in].
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Override one config key, e.g. `--set filter.languages=["English","French"]` or
-    /// `--set graph.weight=npmi` (repeatable).
+    /// Override one config key, e.g. `--set filter.languages=["English","French"]`,
+    /// `--set graph.weight=npmi` or `--set assemble.buckets=[8192]` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+}
+
+/// Options every stage-1 command shares.
+#[derive(Args, Debug, Clone)]
+pub struct Stage1Args {
+    #[command(flatten)]
+    pub run: RunArgs,
     /// Hide progress bars.
     #[arg(long)]
     pub no_progress: bool,
@@ -159,9 +166,9 @@ pub struct Stage1Args {
 
 impl Stage1Args {
     fn load(&self) -> Result<(Stage1Config, MetaSchema, PathBuf)> {
-        let cfg = Stage1Config::load(self.config.as_deref(), &self.set)?;
+        let cfg = Stage1Config::load(self.run.config.as_deref(), &self.run.set)?;
         let schema = MetaSchema::load(cfg.schema.as_deref())?;
-        Ok((cfg, schema, self.run.join("stage1")))
+        Ok((cfg, schema, self.run.run.join("stage1")))
     }
 }
 
@@ -282,15 +289,8 @@ pub struct SynthArgs {
     /// served model's own, as a models spec) [default: default].
     #[arg(long, default_value = "default")]
     pub tokenizer: String,
-    /// Run folder; stage 2 writes <run>/stage2/.
-    #[arg(long, default_value = "runs/demo")]
-    pub run: PathBuf,
-    /// Stage 2 settings [default: configs/stage2.toml, built in].
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Override one config key, e.g. `--set assemble.buckets=[8192]` (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
+    #[command(flatten)]
+    pub run: RunArgs,
     /// Documents: JSONL/Parquet files, folders of .txt/.md, hf://datasets/..., or `sample`
     /// (repeatable) [default: the config's documents.paths].
     #[arg(long)]
@@ -702,15 +702,19 @@ fn synth(args: SynthArgs, threads: usize, models_dir: &Path) -> Result<()> {
     use crate::stage2::{
         assemble, documents::DocumentReader, gates::Decontaminator, output, synth::Synth,
     };
-    let mut cfg = crate::config::Stage2Config::load(args.config.as_deref(), &args.set)?;
+    let mut cfg = crate::config::Stage2Config::load(args.run.config.as_deref(), &args.run.set)?;
     if !args.documents.is_empty() {
         cfg.documents.paths = args.documents.clone();
     }
-    let dir = args.run.join("stage2");
+    let dir = args.run.run.join("stage2");
     if args.merge {
         let (pairs, stats) =
             output::merge(&dir, cfg.gates.near_duplicate_threshold, cfg.generate.seed)?;
-        let path = output::finish(&dir, "", &pairs, &stats, &cfg, &args.engine.model)?;
+        // The card names the model that made the pairs.
+        let model = pairs
+            .first()
+            .map_or(args.engine.model.clone(), |p| p.metadata.model.clone());
+        let path = output::finish(&dir, "", &pairs, &stats, &cfg, &model)?;
         println!("merged {} pairs -> {}", pairs.len(), path.display());
         return Ok(());
     }
@@ -718,7 +722,7 @@ fn synth(args: SynthArgs, threads: usize, models_dir: &Path) -> Result<()> {
     let bp_path = args
         .blueprints
         .clone()
-        .unwrap_or_else(|| args.run.join("stage1/blueprints.jsonl"));
+        .unwrap_or_else(|| args.run.run.join("stage1/blueprints.jsonl"));
     if !bp_path.is_file() {
         bail!(
             "{}: no blueprints (run `wildlong sample` first, or pass --blueprints)",

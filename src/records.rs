@@ -48,6 +48,78 @@ pub fn append_line<T: Serialize>(path: &Path, v: &T) -> Result<()> {
     Ok(())
 }
 
+/// Calls `f` with each row of a Parquet file as JSON (1-based row number), reading only the
+/// `columns` the file has. A file without the `required` column is an error naming the
+/// columns it has, followed by `expected`.
+pub fn for_each_parquet_row(
+    path: &Path,
+    columns: &[&str],
+    required: &str,
+    expected: &str,
+    mut f: impl FnMut(usize, std::result::Result<serde_json::Value, String>) -> Result<()>,
+) -> Result<()> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::schema::types::Type;
+    let name = path.display().to_string();
+    let file = std::fs::File::open(path).with_context(|| format!("opening {name}"))?;
+    let reader =
+        SerializedFileReader::new(file).with_context(|| format!("{name}: not a Parquet file"))?;
+    let schema = reader.metadata().file_metadata().schema();
+    let fields: Vec<std::sync::Arc<Type>> = schema
+        .get_fields()
+        .iter()
+        .filter(|t| columns.contains(&t.name()))
+        .cloned()
+        .collect();
+    if !fields.iter().any(|t| t.name() == required) {
+        let found: Vec<&str> = schema.get_fields().iter().map(|t| t.name()).collect();
+        anyhow::bail!(
+            "{name}: no `{required}` column (found: {}){expected}",
+            found.join(", ")
+        );
+    }
+    let projection = Type::group_type_builder(schema.name())
+        .with_fields(fields)
+        .build()
+        .with_context(|| format!("{name}: building the column projection"))?;
+    let rows = reader
+        .get_row_iter(Some(projection))
+        .with_context(|| format!("{name}: reading rows"))?;
+    for (i, row) in rows.enumerate() {
+        f(
+            i + 1,
+            row.map(|r| r.to_json_value()).map_err(|e| e.to_string()),
+        )?;
+    }
+    Ok(())
+}
+
+/// Calls `f` with each non-blank line of a JSONL input (1-based line number, the text or
+/// why it is not UTF-8), reading bytes so that one bad line does not end the input.
+pub fn for_each_jsonl_line(
+    name: &str,
+    mut reader: impl std::io::BufRead,
+    mut f: impl FnMut(usize, std::result::Result<&str, std::str::Utf8Error>) -> Result<()>,
+) -> Result<()> {
+    let mut buf = Vec::new();
+    let mut line = 0usize;
+    loop {
+        buf.clear();
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .with_context(|| format!("reading {name}"))?;
+        if n == 0 {
+            return Ok(());
+        }
+        line += 1;
+        match std::str::from_utf8(&buf) {
+            Ok(t) if t.trim().is_empty() => {}
+            Ok(t) => f(line, Ok(t.trim()))?,
+            Err(e) => f(line, Err(e))?,
+        }
+    }
+}
+
 /// Reads a JSONL file written by `append_line`; a torn last line (a killed writer) is cut
 /// off the file so that later appends start on a clean line.
 pub fn read_jsonl_resumable<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {

@@ -5,13 +5,10 @@
 //! strict mode. It does not filter: that is `filter.rs`.
 
 use anyhow::{bail, Context, Result};
-use parquet::file::reader::{FileReader, SerializedFileReader};
-use parquet::schema::types::Type;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// The built-in illustrative sample (written for this project, see its header line).
 pub const SAMPLE: &str = include_str!("data/wildchat_sample.jsonl");
@@ -199,47 +196,33 @@ impl Source {
 
 fn read_jsonl(
     name: &str,
-    mut reader: impl BufRead,
+    reader: impl BufRead,
     strict: bool,
     stats: &mut InputStats,
     f: &mut impl FnMut(Conversation) -> Result<()>,
 ) -> Result<()> {
-    let mut buf = Vec::new();
-    let mut line = 0usize;
-    loop {
-        buf.clear();
-        let n = reader
-            .read_until(b'\n', &mut buf)
-            .with_context(|| format!("reading {name}"))?;
-        if n == 0 {
-            return Ok(());
-        }
-        line += 1;
-        let text = match std::str::from_utf8(&buf) {
-            Ok(t) => t.trim(),
+    crate::records::for_each_jsonl_line(name, reader, |line, text| {
+        let text = match text {
+            Ok(t) => t,
             Err(e) => {
-                stats.bad(
+                return stats.bad(
                     strict,
                     format!("{name}:{line}: not valid UTF-8 (byte {})", e.valid_up_to()),
-                )?;
-                continue;
+                )
             }
         };
-        if text.is_empty() {
-            continue;
-        }
         let row = serde_json::from_str::<RawConversation>(text)
             .map_err(|e| e.to_string())
             .and_then(convert);
         match row {
-            Ok(Row::Header) => {}
+            Ok(Row::Header) => Ok(()),
             Ok(Row::Conversation(c)) => {
                 stats.rows += 1;
-                f(c)?;
+                f(c)
             }
-            Err(e) => stats.bad(strict, format!("{name}:{line}: {e}"))?,
+            Err(e) => stats.bad(strict, format!("{name}:{line}: {e}")),
         }
-    }
+    })
 }
 
 /// The columns read from Parquet (WildChat has many more, e.g. moderation scores).
@@ -260,49 +243,23 @@ fn read_parquet(
     f: &mut impl FnMut(Conversation) -> Result<()>,
 ) -> Result<()> {
     let name = path.display().to_string();
-    let file = std::fs::File::open(path).with_context(|| format!("opening {name}"))?;
-    let reader =
-        SerializedFileReader::new(file).with_context(|| format!("{name}: not a Parquet file"))?;
-    let schema = reader.metadata().file_metadata().schema();
-    let fields: Vec<Arc<Type>> = schema
-        .get_fields()
-        .iter()
-        .filter(|t| COLUMNS.contains(&t.name()))
-        .cloned()
-        .collect();
-    if !fields.iter().any(|t| t.name() == "conversation") {
-        let found: Vec<&str> = schema.get_fields().iter().map(|t| t.name()).collect();
-        bail!(
-            "{name}: no `conversation` column (found: {}); expected WildChat's columns: conversation (list of {{role, content}}), language, toxic, redacted, conversation_hash",
-            found.join(", ")
-        );
-    }
-    let projection = Type::group_type_builder(schema.name())
-        .with_fields(fields)
-        .build()
-        .with_context(|| format!("{name}: building the column projection"))?;
-    let rows = reader
-        .get_row_iter(Some(projection))
-        .with_context(|| format!("{name}: reading rows"))?;
-    for (i, row) in rows.enumerate() {
-        let row = match row {
-            Ok(r) => r,
-            Err(e) => {
-                stats.bad(strict, format!("{name}: row {}: {e}", i + 1))?;
-                continue;
+    crate::records::for_each_parquet_row(
+        path,
+        &COLUMNS,
+        "conversation",
+        "; expected WildChat's columns: conversation (list of {role, content}), language, toxic, redacted, conversation_hash",
+        |row, value| {
+            let conv = value
+                .and_then(|v| serde_json::from_value::<RawConversation>(v).map_err(|e| e.to_string()))
+                .and_then(convert);
+            match conv {
+                Ok(Row::Conversation(c)) => {
+                    stats.rows += 1;
+                    f(c)
+                }
+                Ok(Row::Header) => Ok(()),
+                Err(e) => stats.bad(strict, format!("{name}: row {row}: {e}")),
             }
-        };
-        let conv = serde_json::from_value::<RawConversation>(row.to_json_value())
-            .map_err(|e| e.to_string())
-            .and_then(convert);
-        match conv {
-            Ok(Row::Conversation(c)) => {
-                stats.rows += 1;
-                f(c)?;
-            }
-            Ok(Row::Header) => {}
-            Err(e) => stats.bad(strict, format!("{name}: row {}: {e}", i + 1))?,
-        }
-    }
-    Ok(())
+        },
+    )
 }

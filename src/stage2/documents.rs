@@ -16,7 +16,6 @@ use crate::engine::tokenizer::Tokenizer;
 use crate::records::Store;
 use crate::stage2::gates::Decontaminator;
 use anyhow::{bail, Context, Result};
-use parquet::file::reader::{FileReader, SerializedFileReader};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -386,26 +385,13 @@ impl<'a> DocumentReader<'a> {
         self.read_jsonl(&name, std::io::BufReader::new(f))
     }
 
-    fn read_jsonl(&mut self, name: &str, mut r: impl BufRead) -> Result<()> {
-        let mut buf = Vec::new();
-        let mut line = 0;
-        loop {
-            buf.clear();
-            if r.read_until(b'\n', &mut buf)
-                .with_context(|| format!("reading {name}"))?
-                == 0
-            {
-                return Ok(());
-            }
-            line += 1;
+    fn read_jsonl(&mut self, name: &str, r: impl BufRead) -> Result<()> {
+        crate::records::for_each_jsonl_line(name, r, |line, text| {
             let what = format!("{name}:{line}");
-            let Ok(text) = std::str::from_utf8(&buf) else {
+            let Ok(text) = text else {
                 self.stats.skip("not UTF-8", what);
-                continue;
+                return Ok(());
             };
-            if text.trim().is_empty() {
-                continue;
-            }
             match serde_json::from_str::<RawDocument>(text)
                 .map_err(|e| e.to_string())
                 .and_then(RawDocument::into_parts)
@@ -414,35 +400,25 @@ impl<'a> DocumentReader<'a> {
                 Ok(None) => {}
                 Err(e) => self.stats.skip(&format!("malformed ({e})"), what),
             }
-        }
+            Ok(())
+        })
     }
 
     fn read_parquet(&mut self, path: &Path) -> Result<()> {
         let name = path.display().to_string();
-        let file = std::fs::File::open(path).with_context(|| format!("opening {name}"))?;
-        let reader = SerializedFileReader::new(file)
-            .with_context(|| format!("{name}: not a Parquet file"))?;
-        let schema = reader.metadata().file_metadata().schema();
-        if !schema.get_fields().iter().any(|t| t.name() == "text") {
-            let found: Vec<&str> = schema.get_fields().iter().map(|t| t.name()).collect();
-            bail!("{name}: no `text` column (found: {})", found.join(", "));
-        }
-        for (i, row) in reader.get_row_iter(None)?.enumerate() {
-            let what = format!("{name}: row {}", i + 1);
-            let parts = row
-                .map_err(|e| e.to_string())
-                .and_then(|r| {
-                    serde_json::from_value::<RawDocument>(r.to_json_value())
-                        .map_err(|e| e.to_string())
-                })
+        let columns = ["text", "id", "title", "document_type", "source", "licence"];
+        crate::records::for_each_parquet_row(path, &columns, "text", "", |row, value| {
+            let what = format!("{name}: row {row}");
+            let parts = value
+                .and_then(|v| serde_json::from_value::<RawDocument>(v).map_err(|e| e.to_string()))
                 .and_then(RawDocument::into_parts);
             match parts {
                 Ok(Some(p)) => self.add(p, what)?,
                 Ok(None) => {}
                 Err(e) => self.stats.skip(&format!("malformed ({e})"), what),
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Every `.txt` / `.md` file below `dir` (sorted), id = the path relative to `dir`.
