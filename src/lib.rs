@@ -11,3 +11,4 @@ pub mod records;
 pub mod stage1;
 pub mod stage2;
 pub mod text;
+pub mod train;

@@ -13,3 +13,4 @@ mod ruler;
 mod stage1;
 mod stage2;
 mod tokenizer;
+mod train_ops;

@@ -1,0 +1,438 @@
+//! Autograd-safe operations for training. candle's fused `rms_norm`, `softmax_last_dim` and
+//! `rope` record no gradient (silently: a stock model trains only its `lm_head`), and its
+//! matmul materialises a gradient for frozen weights. Each op here is a candle custom op
+//! with a `bwd`, f32 on the CPU, with a plain composed reference it is tested against (and
+//! against finite differences):
+//! - [`rms_norm`]: `y = x / sqrt(mean(x²) + eps) · w`;
+//! - [`softmax_last_dim`];
+//! - [`rope`]: rotary embedding with per-row `(b, t, d/2)` tables, half-split or
+//!   interleaved; its backward is the inverse rotation;
+//! - [`frozen_matmul`]: `x · wᵀ` with a gradient for `x` only (no weight gradient is
+//!   allocated or computed);
+//! - [`chunked_cross_entropy`]: the summed token loss of `h · wᵀ` against targets, computed
+//!   `chunk` rows at a time so the `(tokens, vocabulary)` logits never exist whole; its
+//!   backward recomputes each chunk.
+
+use crate::engine::rope::RopeLayout;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// The f32 data a contiguous layout covers.
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(d) = s else {
+        candle_core::bail!("{what}: f32 tensors only, got {:?}", s.dtype())
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&d[a..b]),
+        None => candle_core::bail!("{what}: contiguous tensors only"),
+    }
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "wildlong-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s1, l1, self.name())?;
+        let w = f32s(s2, l2, self.name())?;
+        let d = l1.dims().last().copied().unwrap_or(1);
+        if w.len() != d {
+            candle_core::bail!("rms_norm: weight of {} for rows of {d}", w.len());
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(yr, xr)| {
+                let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                let inv = 1.0 / (ms + self.eps).sqrt();
+                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+                    *o = v * inv * g;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (x, w, dy) = (x.detach(), w.detach(), dy.detach());
+        let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?
+            .sqrt()?
+            .recip()?; // (..., 1)
+        let xhat = x.broadcast_mul(&inv)?;
+        let d = w.dim(0)?;
+        let dw = (&dy * &xhat)?.reshape(((), d))?.sum(0)?;
+        let dxhat = dy.broadcast_mul(&w)?;
+        let proj = (&dxhat * &xhat)?.mean_keepdim(D::Minus1)?;
+        let dx = (dxhat - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&inv)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// RMSNorm over the last dimension with a gradient for `x` and `w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+/// The composed reference of [`rms_norm`] (any float dtype).
+pub fn rms_norm_reference(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv)?.broadcast_mul(w)
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "wildlong-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, self.name())?;
+        let d = l.dims().last().copied().unwrap_or(1);
+        let mut y = x.to_vec();
+        y.par_chunks_mut(d).for_each(|r| {
+            let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for v in r.iter_mut() {
+                *v = if max == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    (*v - max).exp()
+                };
+                sum += *v;
+            }
+            if sum > 0.0 {
+                r.iter_mut().for_each(|v| *v /= sum);
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let (y, dy) = (y.detach(), dy.detach());
+        let dot = (&dy * &y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((y * dy.broadcast_sub(&dot)?)?))
+    }
+}
+
+/// Softmax over the last dimension with a gradient (rows of −∞ give zeros).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+struct Rope {
+    layout: RopeLayout,
+    /// The backward pass rotates by −θ.
+    inverse: bool,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "wildlong-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s1, l1, self.name())?;
+        let cos = f32s(s2, l2, self.name())?;
+        let sin = f32s(s3, l3, self.name())?;
+        let (b, h, t, d) = l1.shape().dims4()?;
+        let half = d / 2;
+        if d % 2 != 0 || cos.len() != b * t * half || sin.len() != cos.len() {
+            candle_core::bail!(
+                "rope: x {:?} with tables {:?} (want (b, t, d/2))",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .enumerate()
+            .for_each(|(row, (yr, xr))| {
+                // row enumerates (b, h, t).
+                let (bi, ti) = (row / (h * t), row % t);
+                let off = (bi * t + ti) * half;
+                for i in 0..half {
+                    let (c, s) = (cos[off + i], sign * sin[off + i]);
+                    let (a, bj) = match self.layout {
+                        RopeLayout::HalfSplit => (i, i + half),
+                        RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                    };
+                    yr[a] = xr[a] * c - xr[bj] * s;
+                    yr[bj] = xr[bj] * c + xr[a] * s;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The rotation is orthogonal: its transpose is the rotation by −θ.
+        let dx = dy.detach().contiguous()?.apply_op3_no_bwd(
+            cos,
+            sin,
+            &Rope {
+                layout: self.layout,
+                inverse: !self.inverse,
+            },
+        )?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// Rotates `x` `(b, h, t, d)` by the tables `cos`, `sin` `(b, t, d/2)` (as
+/// [`crate::engine::rope::RopeConfig::cos_sin`] makes them), with a gradient for `x`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, layout: RopeLayout) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        Rope {
+            layout,
+            inverse: false,
+        },
+    )
+}
+
+struct FrozenMatmul;
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "wildlong-frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen matmul: x (.., {k}) with w ({n}, {k2})");
+        }
+        let out = s1.matmul(s2, (1, m, n, k), l1, &l2.transpose(0, 1)?)?;
+        Ok((out, (m, n).into()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(dy.detach().matmul(&w.detach())?), None))
+    }
+}
+
+/// `x · wᵀ` for `x` `(..., k)` and a frozen `w` `(n, k)`: a gradient flows to `x` only.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&1);
+    let n = w.dim(0)?;
+    let m = x.elem_count() / k.max(1);
+    let y = x
+        .reshape((m, k))?
+        .contiguous()?
+        .apply_op2(&w.contiguous()?, FrozenMatmul)?;
+    let mut out = dims;
+    *out.last_mut().expect("x has a last dimension") = n;
+    y.reshape(out)
+}
+
+/// Targets of [`chunked_cross_entropy`] at this value are not counted (HF's `-100`).
+pub const IGNORE: i64 = -100;
+
+struct ChunkedCrossEntropy {
+    targets: std::sync::Arc<Vec<i64>>,
+    chunk: usize,
+    weight_grad: bool,
+}
+
+impl ChunkedCrossEntropy {
+    fn check(&self, n: usize, v: usize) -> Result<()> {
+        if self.targets.len() != n {
+            candle_core::bail!(
+                "cross entropy: {} targets for {n} positions",
+                self.targets.len()
+            );
+        }
+        if let Some(t) = self
+            .targets
+            .iter()
+            .find(|&&t| t != IGNORE && (t < 0 || t as usize >= v))
+        {
+            candle_core::bail!("cross entropy: target {t} outside the vocabulary of {v}");
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp2 for ChunkedCrossEntropy {
+    fn name(&self) -> &'static str {
+        "wildlong-chunked-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, d) = l1.shape().dims2()?;
+        let (v, d2) = l2.shape().dims2()?;
+        if d != d2 {
+            candle_core::bail!("cross entropy: hidden (.., {d}) with weight ({v}, {d2})");
+        }
+        self.check(n, v)?;
+        let wt = l2.transpose(0, 1)?;
+        let mut total = 0f64;
+        let mut start = 0;
+        while start < n {
+            let c = self.chunk.min(n - start);
+            let counted = self.targets[start..start + c].iter().any(|&t| t != IGNORE);
+            if counted {
+                let lh = l1.narrow(0, start, c)?;
+                let logits = s1.matmul(s2, (1, c, v, d), &lh, &wt)?; // (c, v)
+                let CpuStorage::F32(z) = logits else {
+                    candle_core::bail!("cross entropy: f32 tensors only")
+                };
+                total += z
+                    .par_chunks(v)
+                    .zip(&self.targets[start..start + c])
+                    .filter(|(_, &t)| t != IGNORE)
+                    .map(|(row, &t)| {
+                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+                        max as f64 + sum.ln() - row[t as usize] as f64
+                    })
+                    .sum::<f64>();
+            }
+            start += c;
+        }
+        Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _loss: &Tensor,
+        dloss: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (h, w) = (h.detach(), w.detach());
+        let (n, _) = h.dims2()?;
+        let g = dloss.detach().to_dtype(candle_core::DType::F32)?;
+        let mut dh = Vec::new();
+        let mut dw: Option<Tensor> = None;
+        let mut start = 0;
+        while start < n {
+            let c = self.chunk.min(n - start);
+            let hc = h.narrow(0, start, c)?;
+            let tc = &self.targets[start..start + c];
+            if tc.iter().all(|&t| t == IGNORE) {
+                dh.push(hc.zeros_like()?);
+                start += c;
+                continue;
+            }
+            // d loss / d logits = softmax − one-hot, on counted rows only.
+            let p = softmax_last_dim(&hc.matmul(&w.t()?)?)?.detach();
+            let mut p = p.to_vec2::<f32>()?;
+            for (row, &t) in p.iter_mut().zip(tc) {
+                if t == IGNORE {
+                    row.iter_mut().for_each(|x| *x = 0.0);
+                } else {
+                    row[t as usize] -= 1.0;
+                }
+            }
+            let dz = Tensor::new(p, h.device())?.broadcast_mul(&g)?; // (c, v)
+            dh.push(dz.matmul(&w)?);
+            if self.weight_grad {
+                let part = dz.t()?.matmul(&hc)?; // (v, d)
+                dw = Some(match dw {
+                    Some(acc) => (acc + part)?,
+                    None => part,
+                });
+            }
+            start += c;
+        }
+        let dh = Tensor::cat(&dh, 0)?;
+        let dw = match (self.weight_grad, dw) {
+            (true, None) => Some(w.zeros_like()?),
+            (_, dw) => dw,
+        };
+        Ok((Some(dh), dw))
+    }
+}
+
+/// The summed cross-entropy of the logits `h · wᵀ` (`h` `(n, d)`, `w` `(vocab, d)`) against
+/// `targets` (`IGNORE` rows not counted), `chunk` rows at a time; a scalar. The gradient
+/// flows to `h`, and to `w` when `weight_grad` (a trainable `lm_head`). Divide by the
+/// number of counted tokens for the mean.
+pub fn chunked_cross_entropy(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[i64],
+    chunk: usize,
+    weight_grad: bool,
+) -> Result<Tensor> {
+    h.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        ChunkedCrossEntropy {
+            targets: std::sync::Arc::new(targets.to_vec()),
+            chunk: chunk.max(1),
+            weight_grad,
+        },
+    )
+}
+
+/// The composed reference of [`chunked_cross_entropy`]: full logits, log-softmax, gather.
+pub fn cross_entropy_reference(h: &Tensor, w: &Tensor, targets: &[i64]) -> Result<Tensor> {
+    let logits = h.matmul(&w.t()?)?;
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let rows: Vec<u32> = (0..targets.len() as u32)
+        .filter(|&i| targets[i as usize] != IGNORE)
+        .collect();
+    let tg: Vec<u32> = rows.iter().map(|&i| targets[i as usize] as u32).collect();
+    let idx = Tensor::new(rows, h.device())?;
+    let picked = logp
+        .index_select(&idx, 0)?
+        .gather(&Tensor::new(tg, h.device())?.unsqueeze(1)?, 1)?;
+    picked.sum_all()?.neg()
+}

@@ -1,0 +1,217 @@
+//! The autograd-safe training ops (`src/train/ops.rs`): forward against plain composed
+//! references in f64, gradients against the references' autograd and against central finite
+//! differences of the f64 references, on random inputs. The loss is `Σ y ⊙ r` for a fixed
+//! random `r`, so every output element carries a different weight.
+
+use candle_core::{DType, Device, Tensor, Var};
+use wildlong::engine::rope::{RopeConfig, RopeLayout, RopeScaling};
+use wildlong::train::ops::{self, IGNORE};
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    crate::common::max_abs_diff(a, b) as f64
+}
+
+/// Checks `ours` (f32) against `reference` (f64) for inputs `xs`: outputs, gradients of
+/// every input in `trained` (None = no gradient expected), and finite differences.
+fn check(
+    xs: &[Tensor],
+    trained: &[bool],
+    ours: impl Fn(&[Tensor]) -> Tensor,
+    reference: impl Fn(&[Tensor]) -> Tensor,
+    tol: f64,
+) {
+    // Ours, f32.
+    let vars: Vec<Var> = xs
+        .iter()
+        .map(|x| Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap())
+        .collect();
+    let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = ours(&inputs);
+    let r = randn(y.dims(), 99);
+    let loss = (y.to_dtype(DType::F64).unwrap() * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    // Reference, f64.
+    let rvars: Vec<Var> = xs.iter().map(|x| Var::from_tensor(x).unwrap()).collect();
+    let rin: Vec<Tensor> = rvars.iter().map(|v| v.as_tensor().clone()).collect();
+    let ry = reference(&rin);
+    assert!(
+        max_abs_diff(&y, &ry) < tol,
+        "forward: {}",
+        max_abs_diff(&y, &ry)
+    );
+    let rloss = (&ry * &r).unwrap().sum_all().unwrap();
+    let rgrads = rloss.backward().unwrap();
+    let f = |inp: &[Tensor]| -> f64 {
+        (reference(inp) * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    for (i, ((v, rv), &t)) in vars.iter().zip(&rvars).zip(trained).enumerate() {
+        let g = grads.get(v.as_tensor());
+        if !t {
+            assert!(g.is_none(), "input {i} must get no gradient");
+            continue;
+        }
+        let g = g.unwrap_or_else(|| panic!("input {i} got no gradient"));
+        let rg = rgrads.get(rv.as_tensor()).unwrap();
+        let d = max_abs_diff(g, rg);
+        assert!(d < tol, "input {i}: gradient off the reference by {d}");
+        assert!(
+            g.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+                > 0.0
+        );
+        // Central differences on a few coordinates of the f64 reference.
+        let flat = xs[i].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let gflat = g
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        for k in [0, flat.len() / 3, flat.len() - 1] {
+            let eps = 1e-5;
+            let at = |delta: f64| {
+                let mut p = flat.clone();
+                p[k] += delta;
+                let mut inp = xs.to_vec();
+                inp[i] = Tensor::from_vec(p, xs[i].dims(), &Device::Cpu).unwrap();
+                f(&inp)
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+            assert!(
+                (fd - gflat[k]).abs() < tol * (1.0 + fd.abs()),
+                "input {i}[{k}]: finite difference {fd} vs gradient {}",
+                gflat[k]
+            );
+        }
+    }
+}
+
+#[test]
+fn rms_norm_backward_matches_the_reference_and_finite_differences() {
+    let x = randn(&[2, 3, 16], 1);
+    let w = (randn(&[16], 2) + 1.0).unwrap();
+    check(
+        &[x, w],
+        &[true, true],
+        |t| ops::rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+        |t| ops::rms_norm_reference(&t[0], &t[1], 1e-5).unwrap(),
+        1e-4,
+    );
+}
+
+#[test]
+fn softmax_backward_matches_the_reference_and_finite_differences() {
+    let x = (randn(&[4, 5, 9], 3) * 3.0).unwrap();
+    check(
+        &[x],
+        &[true],
+        |t| ops::softmax_last_dim(&t[0]).unwrap(),
+        |t| candle_nn::ops::softmax(&t[0], candle_core::D::Minus1).unwrap(),
+        1e-5,
+    );
+    // A fully masked row gives zeros, not NaN.
+    let m = Tensor::new(&[[f32::NEG_INFINITY; 3]], &Device::Cpu).unwrap();
+    assert_eq!(
+        ops::softmax_last_dim(&m).unwrap().to_vec2::<f32>().unwrap(),
+        [[0.0; 3]]
+    );
+}
+
+#[test]
+fn rope_backward_is_the_inverse_rotation_in_both_layouts() {
+    for layout in [RopeLayout::HalfSplit, RopeLayout::Interleaved] {
+        let cfg = RopeConfig {
+            theta: 10000.0,
+            dim: 8,
+            max_position_embeddings: 64,
+            scaling: RopeScaling::Default,
+            layout,
+            freq_factors: None,
+        };
+        // Two rows with different positions (packed documents restart at 0).
+        let (cos, sin) = cfg
+            .cos_sin(&[vec![0, 1, 2, 3, 4], vec![7, 8, 0, 1, 2]], &Device::Cpu)
+            .unwrap();
+        let (cos, sin) = (
+            cos.to_dtype(DType::F64).unwrap(),
+            sin.to_dtype(DType::F64).unwrap(),
+        );
+        let x = randn(&[2, 3, 5, 8], 4);
+        let cfg2 = cfg.clone();
+        check(
+            &[x, cos, sin],
+            &[true, false, false],
+            |t| ops::rope(&t[0], &t[1], &t[2], layout).unwrap(),
+            move |t| cfg2.apply_slow(&t[0], &t[1], &t[2]).unwrap(),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn frozen_matmul_gives_no_weight_gradient() {
+    let x = randn(&[2, 3, 6], 5);
+    let w = randn(&[4, 6], 6);
+    check(
+        &[x.clone(), w.clone()],
+        &[true, false],
+        |t| ops::frozen_matmul(&t[0], &t[1]).unwrap(),
+        |t| t[0].broadcast_matmul(&t[1].t().unwrap()).unwrap(),
+        1e-5,
+    );
+}
+
+#[test]
+fn chunked_cross_entropy_equals_the_full_one_at_every_chunk_size() {
+    let h = randn(&[7, 6], 7);
+    let w = (randn(&[11, 6], 8) * 2.0).unwrap();
+    let targets = [3, IGNORE, 10, 0, IGNORE, 5, 1];
+    for chunk in [1, 2, 3, 7, 100] {
+        for weight_grad in [false, true] {
+            check(
+                &[h.clone(), w.clone()],
+                &[true, weight_grad],
+                |t| ops::chunked_cross_entropy(&t[0], &t[1], &targets, chunk, weight_grad).unwrap(),
+                |t| ops::cross_entropy_reference(&t[0], &t[1], &targets).unwrap(),
+                1e-4,
+            );
+        }
+    }
+    // Bad targets are errors, not panics.
+    let e = ops::chunked_cross_entropy(
+        &h.to_dtype(DType::F32).unwrap(),
+        &w.to_dtype(DType::F32).unwrap(),
+        &[0, 1, 2, 11, 0, 0, 0],
+        2,
+        false,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("target 11 outside the vocabulary of 11"),
+        "{e}"
+    );
+}
