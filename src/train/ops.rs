@@ -11,7 +11,10 @@
 //!   allocated or computed);
 //! - [`chunked_cross_entropy`]: the summed token loss of `h · wᵀ` against targets, computed
 //!   `chunk` rows at a time so the `(tokens, vocabulary)` logits never exist whole; its
-//!   backward recomputes each chunk.
+//!   backward recomputes each chunk;
+//! - [`chunked_attention`]: causal grouped-query attention isolated per packed document,
+//!   `block` query rows at a time (memory linear in the sequence), the backward recomputing
+//!   each block's probabilities (FlashAttention-2's formulas).
 
 use crate::engine::rope::RopeLayout;
 use candle_core::backend::BackendStorage;
@@ -435,4 +438,228 @@ pub fn cross_entropy_reference(h: &Tensor, w: &Tensor, targets: &[i64]) -> Resul
         .index_select(&idx, 0)?
         .gather(&Tensor::new(tg, h.device())?.unsqueeze(1)?, 1)?;
     picked.sum_all()?.neg()
+}
+
+/// Causal attention inside segments: query `i` of a row sees key `j` when `j ≤ i` and both
+/// carry the same segment id (packed documents do not see each other).
+struct ChunkedAttention {
+    /// (b, t) segment ids.
+    segments: std::sync::Arc<Vec<Vec<u32>>>,
+    block: usize,
+    scale: f64,
+}
+
+impl ChunkedAttention {
+    /// The additive mask `(b, 1, g·n, keys)` of query rows `t0..t0 + n` (repeated for the
+    /// `g` query heads of a KV group) against keys `0..keys`.
+    fn mask(
+        &self,
+        t0: usize,
+        n: usize,
+        keys: usize,
+        g: usize,
+        dev: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let b = self.segments.len();
+        let mut m = Vec::with_capacity(b * g * n * keys);
+        for seg in self.segments.iter() {
+            for _ in 0..g {
+                for i in t0..t0 + n {
+                    m.extend((0..keys).map(|j| {
+                        if j <= i && seg[j] == seg[i] {
+                            0f32
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    }));
+                }
+            }
+        }
+        Tensor::from_vec(m, (b, 1, g * n, keys), dev)
+    }
+
+    /// Query rows `t0..t0 + n` of every head as `(b, kvh, g·n, d)`.
+    fn rows(x: &Tensor, kvh: usize, t0: usize, n: usize) -> Result<Tensor> {
+        let (b, h, _, d) = x.dims4()?;
+        x.narrow(2, t0, n)?
+            .reshape((b, kvh, h / kvh, n, d))?
+            .reshape((b, kvh, (h / kvh) * n, d))
+    }
+
+    /// `(b, kvh, g·n, d)` back to `(b, h, n, d)`.
+    fn heads(x: &Tensor, h: usize) -> Result<Tensor> {
+        let (b, kvh, gn, d) = x.dims4()?;
+        x.reshape((b, kvh, h / kvh, gn / (h / kvh), d))?
+            .reshape((b, h, gn / (h / kvh), d))
+    }
+
+    /// Softmax probabilities of the block `(b, kvh, g·n, t0 + n)`.
+    fn probs(&self, q: &Tensor, k: &Tensor, t0: usize, n: usize) -> Result<Tensor> {
+        let (_, h, _, _) = q.dims4()?;
+        let kvh = k.dim(1)?;
+        let keys = t0 + n;
+        let qb = Self::rows(q, kvh, t0, n)?;
+        let kb = k.narrow(2, 0, keys)?;
+        let s = (qb.matmul(&kb.t()?)? * self.scale)?;
+        let s = s.broadcast_add(&self.mask(t0, n, keys, h / kvh, q.device())?)?;
+        candle_nn::ops::softmax_last_dim(&s)
+    }
+
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (_, h, t, _) = q.dims4()?;
+        let mut out = Vec::new();
+        let mut t0 = 0;
+        while t0 < t {
+            let n = self.block.min(t - t0);
+            let p = self.probs(q, k, t0, n)?;
+            let o = p.matmul(&v.narrow(2, 0, t0 + n)?.contiguous()?)?; // (b, kvh, g·n, d)
+            out.push(Self::heads(&o, h)?);
+            t0 += n;
+        }
+        Tensor::cat(&out, 2)
+    }
+}
+
+/// A contiguous f32 tensor on the CPU from a storage (the op's inputs, copied once: O(s)).
+fn to_tensor(s: &CpuStorage, l: &Layout, what: &str) -> Result<Tensor> {
+    Tensor::from_slice(f32s(s, l, what)?, l.shape(), &candle_core::Device::Cpu)
+}
+
+impl CustomOp3 for ChunkedAttention {
+    fn name(&self) -> &'static str {
+        "wildlong-chunked-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            to_tensor(s1, l1, self.name())?,
+            to_tensor(s2, l2, self.name())?,
+            to_tensor(s3, l3, self.name())?,
+        );
+        let o = self.forward(&q, &k, &v)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok((CpuStorage::F32(o), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        d_o: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v, o, d_o) = (q.detach(), k.detach(), v.detach(), o.detach(), d_o.detach());
+        let (_, h, t, _) = q.dims4()?;
+        let kvh = k.dim(1)?;
+        let mut dq = Vec::new();
+        let mut dk = k.zeros_like()?;
+        let mut dv = v.zeros_like()?;
+        let mut t0 = 0;
+        while t0 < t {
+            let n = self.block.min(t - t0);
+            let keys = t0 + n;
+            // Recomputed probabilities of this query block: (b, kvh, g·n, keys).
+            let p = self.probs(&q, &k, t0, n)?;
+            let dob = ChunkedAttention::rows(&d_o, kvh, t0, n)?;
+            let ob = ChunkedAttention::rows(&o, kvh, t0, n)?;
+            let vb = v.narrow(2, 0, keys)?.contiguous()?;
+            let kb = k.narrow(2, 0, keys)?.contiguous()?;
+            // dV += Pᵀ dO; dP = dO Vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ O)).
+            let dv_b = p.t()?.matmul(&dob)?; // (b, kvh, keys, d)
+            let dp = dob.matmul(&vb.t()?)?;
+            let dsum = (&dob * &ob)?.sum_keepdim(D::Minus1)?;
+            let ds = (&p * dp.broadcast_sub(&dsum)?)?;
+            let dq_b = (ds.matmul(&kb)? * self.scale)?;
+            let dk_b = (ds.t()?.matmul(&ChunkedAttention::rows(&q, kvh, t0, n)?)? * self.scale)?;
+            let pad = |x: Tensor| -> Result<Tensor> {
+                if keys == t {
+                    return Ok(x);
+                }
+                let (b, kh, _, d) = x.dims4()?;
+                let zeros = Tensor::zeros((b, kh, t - keys, d), x.dtype(), x.device())?;
+                Tensor::cat(&[x, zeros], 2)
+            };
+            dv = (dv + pad(dv_b)?)?;
+            dk = (dk + pad(dk_b)?)?;
+            dq.push(ChunkedAttention::heads(&dq_b, h)?);
+            t0 += n;
+        }
+        Ok((Some(Tensor::cat(&dq, 2)?), Some(dk), Some(dv)))
+    }
+}
+
+/// Causal attention of `q` `(b, h, t, d)` over `k`, `v` `(b, kv_heads, t, d)` (grouped-query
+/// heads share a KV head), isolated per segment id (`segments[b][t]`: packed documents never
+/// see each other), `block` query rows at a time: memory grows with `block · t`, not `t²`;
+/// the backward recomputes each block's probabilities. Softmax scale `1/sqrt(d)`.
+pub fn chunked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[Vec<u32>],
+    block: usize,
+) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let (b2, kvh, t2, d2) = k.dims4()?;
+    if b2 != b || t2 != t || d2 != d || kvh == 0 || h % kvh != 0 || v.dims() != k.dims() {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if segments.len() != b || segments.iter().any(|s| s.len() != t) {
+        candle_core::bail!("attention: segment ids must be (b, t) = ({b}, {t})");
+    }
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        ChunkedAttention {
+            segments: std::sync::Arc::new(segments.to_vec()),
+            block: block.max(1),
+            scale: 1.0 / (d as f64).sqrt(),
+        },
+    )
+}
+
+/// The composed reference of [`chunked_attention`]: KV heads repeated, full `(t, t)`
+/// scores, the segment-causal mask, softmax (any float dtype).
+pub fn attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[Vec<u32>],
+) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let kvh = k.dim(1)?;
+    let rep = |x: &Tensor| -> Result<Tensor> {
+        let x = x.unsqueeze(2)?.repeat((1, 1, h / kvh, 1, 1))?;
+        x.reshape((b, h, t, d))
+    };
+    let (k, v) = (rep(k)?, rep(v)?);
+    let s = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+    let mut m = Vec::with_capacity(b * t * t);
+    for seg in segments {
+        for i in 0..t {
+            m.extend((0..t).map(|j| {
+                if j <= i && seg[j] == seg[i] {
+                    0.0
+                } else {
+                    f64::NEG_INFINITY
+                }
+            }));
+        }
+    }
+    let mask = Tensor::from_vec(m, (b, 1, t, t), q.device())?.to_dtype(q.dtype())?;
+    let p = candle_nn::ops::softmax(&s.broadcast_add(&mask)?, D::Minus1)?;
+    p.matmul(&v)
 }

@@ -215,3 +215,37 @@ fn chunked_cross_entropy_equals_the_full_one_at_every_chunk_size() {
         "{e}"
     );
 }
+
+#[test]
+fn chunked_attention_matches_the_full_one_with_gqa_and_segments() {
+    // 4 query heads over 2 KV heads; row 0 packs two documents, row 1 is one document.
+    let q = randn(&[2, 4, 7, 4], 11);
+    let k = randn(&[2, 2, 7, 4], 12);
+    let v = randn(&[2, 2, 7, 4], 13);
+    let segments = vec![vec![0, 0, 0, 1, 1, 1, 1], vec![5; 7]];
+    for block in [1, 3, 7, 64] {
+        check(
+            &[q.clone(), k.clone(), v.clone()],
+            &[true, true, true],
+            |t| ops::chunked_attention(&t[0], &t[1], &t[2], &segments, block).unwrap(),
+            |t| ops::attention_reference(&t[0], &t[1], &t[2], &segments).unwrap(),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn packed_documents_attend_as_if_alone() {
+    let (q, k, v) = (
+        randn(&[1, 2, 7, 4], 21).to_dtype(DType::F32).unwrap(),
+        randn(&[1, 1, 7, 4], 22).to_dtype(DType::F32).unwrap(),
+        randn(&[1, 1, 7, 4], 23).to_dtype(DType::F32).unwrap(),
+    );
+    let packed = ops::chunked_attention(&q, &k, &v, &[vec![0, 0, 0, 1, 1, 1, 1]], 2).unwrap();
+    for (start, len) in [(0, 3), (3, 4)] {
+        let part = |x: &Tensor| x.narrow(2, start, len).unwrap();
+        let alone =
+            ops::chunked_attention(&part(&q), &part(&k), &part(&v), &[vec![0; len]], 2).unwrap();
+        assert!(max_abs_diff(&part(&packed), &alone) < 1e-6);
+    }
+}
