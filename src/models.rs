@@ -347,7 +347,7 @@ pub struct Located {
     pub config: Config,
     pub tokenizer: Tokenizer,
     pub chat_template: Option<ChatTemplate>,
-    source: WeightSource,
+    pub(crate) source: WeightSource,
 }
 
 /// Reads config, tokenizer and chat template of a model; weights stay on disk.

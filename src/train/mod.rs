@@ -1,4 +1,6 @@
-//! Fine-tuning (issue 6, being built): so far the autograd-safe operations the trainable
-//! model is made of.
+//! Fine-tuning (being built): the autograd-safe operations and the trainable model with
+//! LoRA adapters. Not yet: the data pipeline, the optimiser loop, checkpoints, PEFT export,
+//! `wildlong train`.
 
+pub mod model;
 pub mod ops;

@@ -13,4 +13,5 @@ mod ruler;
 mod stage1;
 mod stage2;
 mod tokenizer;
+mod train_model;
 mod train_ops;

@@ -1,0 +1,226 @@
+//! The trainable model (`src/train/model.rs`): its forward against the plain f64 reference
+//! and the engine, LoRA's zero start, merged = unmerged, gradients reaching every adapter,
+//! packed = unpacked loss.
+
+use crate::common::*;
+use candle_core::{DType, Device, Tensor};
+use wildlong::train::model::{self, LoraSpec, Rows, TrainModel, PROJECTIONS};
+use wildlong::train::ops::IGNORE;
+
+fn lora(targets: &[&str]) -> LoraSpec {
+    LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        targets: targets.iter().map(|s| s.to_string()).collect(),
+        seed: 3,
+    }
+}
+
+fn tiny(spec: Option<&LoraSpec>) -> (tempfile::TempDir, TrainModel) {
+    let d = tiny_random(&TinySpec::default(), 7);
+    let (m, _, _) = model::load(d.path().to_str().unwrap(), &root().join("models"), spec).unwrap();
+    (d, m)
+}
+
+/// Tokens, positions and segment ids of a batch.
+type Batch = (Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Vec<u32>>);
+
+fn one_row(tokens: &[u32]) -> Batch {
+    (
+        vec![tokens.to_vec()],
+        vec![(0..tokens.len() as u32).collect()],
+        vec![vec![0; tokens.len()]],
+    )
+}
+
+fn logits_of(m: &TrainModel, tokens: &[u32]) -> Tensor {
+    let (t, p, s) = one_row(tokens);
+    let h = m
+        .hidden(&Rows {
+            tokens: &t,
+            positions: &p,
+            segments: &s,
+        })
+        .unwrap();
+    m.logits(&h).unwrap()
+}
+
+fn reference(dir: &std::path::Path, tokens: &[u32]) -> Tensor {
+    let r = reference_forward(dir, tokens);
+    let v = r[0].len();
+    let flat: Vec<f32> = r.into_iter().flatten().map(|x| x as f32).collect();
+    Tensor::from_vec(flat, (tokens.len(), v), &Device::Cpu).unwrap()
+}
+
+/// Sets every adapter's B to small random values (PEFT starts at 0, which gives A no gradient).
+fn randomise_b(m: &TrainModel) {
+    for (i, (name, var)) in m.trainable().into_iter().enumerate() {
+        if name.ends_with("lora_B.weight") {
+            let n = var.elem_count();
+            let v = lcg_values(100 + i as u64, n, 0.2);
+            var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+}
+
+#[test]
+fn forward_matches_the_plain_reference_and_lora_starts_at_zero() {
+    let tokens = [3u32, 17, 200, 5, 9, 44, 1, 250, 33, 7, 12];
+    let (d, plain) = tiny(None);
+    let want = reference(d.path(), &tokens);
+    assert!(max_abs_diff(&logits_of(&plain, &tokens), &want) < 1e-4);
+    let spec = lora(&PROJECTIONS);
+    let (_, with_lora) = tiny(Some(&spec));
+    assert_eq!(with_lora.trainable().len(), 2 * 7 * 2);
+    assert!(max_abs_diff(&logits_of(&with_lora, &tokens), &want) < 1e-4);
+    // Attention blocks of any size give the same logits.
+    let mut small = tiny(None).1;
+    small.attention_block = 3;
+    assert!(max_abs_diff(&logits_of(&small, &tokens), &want) < 1e-4);
+}
+
+#[test]
+fn lora_merged_into_the_weights_equals_the_adapter_path() {
+    let tokens = [8u32, 1, 77, 140, 2, 61, 9];
+    let spec = lora(&["q_proj", "v_proj", "down_proj"]);
+    let (d, m) = tiny(Some(&spec));
+    randomise_b(&m);
+    let with_adapter = logits_of(&m, &tokens);
+    // Write W + (α/r)·B·A into a copy of the checkpoint and run the f64 reference on it.
+    let merged_dir = tempdir();
+    let mut ts = load_tensors(&d.path().join("model.safetensors"));
+    for l in m.linears() {
+        ts.insert(format!("{}.weight", l.name), l.merged().unwrap());
+    }
+    candle_core::safetensors::save(&ts, merged_dir.path().join("model.safetensors")).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(d.path().join(f), merged_dir.path().join(f)).unwrap();
+    }
+    let merged = reference(merged_dir.path(), &tokens);
+    assert!(max_abs_diff(&with_adapter, &merged) < 1e-4);
+    assert!(max_abs_diff(&with_adapter, &reference(d.path(), &tokens)) > 1e-2);
+}
+
+#[test]
+fn every_adapter_tensor_gets_a_gradient_and_no_base_weight_does() {
+    let spec = lora(&PROJECTIONS);
+    let (_, m) = tiny(Some(&spec));
+    randomise_b(&m);
+    let tokens = [5u32, 9, 13, 200, 31, 4, 77, 90];
+    let (t, p, s) = one_row(&tokens);
+    let mut targets: Vec<i64> = tokens[1..].iter().map(|&x| x as i64).collect();
+    targets.push(IGNORE);
+    let loss = m
+        .loss(
+            &Rows {
+                tokens: &t,
+                positions: &p,
+                segments: &s,
+            },
+            &targets,
+        )
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, var) in m.trainable() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 0.0, "{name}: zero gradient");
+    }
+    assert_eq!(m.trainable().len(), 28);
+    // The frozen matmul allocates no gradient for any base weight.
+    for l in m.linears() {
+        assert!(grads.get(l.weight()).is_none(), "{}", l.name);
+    }
+}
+
+#[test]
+fn packed_rows_give_the_loss_of_their_documents_alone() {
+    let (_, m) = tiny(None);
+    let a = [4u32, 8, 15, 16, 23];
+    let b = [42u32, 108, 7, 7, 1, 99, 250];
+    let next = |d: &[u32]| -> Vec<i64> {
+        let mut t: Vec<i64> = d[1..].iter().map(|&x| x as i64).collect();
+        t.push(IGNORE);
+        t
+    };
+    // Packed: one row of 12, positions restart, two segments.
+    let packed_tokens = vec![a.iter().chain(&b).copied().collect::<Vec<_>>()];
+    let packed_pos = vec![(0..5).chain(0..7).collect::<Vec<u32>>()];
+    let packed_seg = vec![[0u32; 5]
+        .iter()
+        .chain(&[1u32; 7])
+        .copied()
+        .collect::<Vec<_>>()];
+    let packed_targets: Vec<i64> = next(&a).into_iter().chain(next(&b)).collect();
+    let packed = m
+        .loss(
+            &Rows {
+                tokens: &packed_tokens,
+                positions: &packed_pos,
+                segments: &packed_seg,
+            },
+            &packed_targets,
+        )
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    // Padded: two rows of 7; the pads are their own segment and carry no loss.
+    let pad = |d: &[u32]| -> Vec<u32> {
+        let mut v = d.to_vec();
+        v.resize(7, 0);
+        v
+    };
+    let tokens = vec![pad(&a), pad(&b)];
+    let positions = vec![(0..7).collect::<Vec<u32>>(); 2];
+    let segments = vec![vec![0, 0, 0, 0, 0, 1, 2], vec![0; 7]];
+    let mut targets = next(&a);
+    targets.extend([IGNORE, IGNORE]);
+    targets.extend(next(&b));
+    let padded = m
+        .loss(
+            &Rows {
+                tokens: &tokens,
+                positions: &positions,
+                segments: &segments,
+            },
+            &targets,
+        )
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        (packed - padded).abs() < 1e-4 * packed.abs(),
+        "{packed} vs {padded}"
+    );
+    assert!(packed > 0.0);
+}
+
+#[test]
+fn on_the_default_model_the_forward_equals_the_engines_logits() {
+    let spec = lora(&["q_proj", "v_proj"]);
+    let (m, tok, _) = model::load(
+        default_model_path().to_str().unwrap(),
+        &root().join("models"),
+        Some(&spec),
+    )
+    .unwrap();
+    let tokens = tok
+        .encode(
+            "The capital of France is Paris, and the capital of Italy is",
+            false,
+        )
+        .unwrap();
+    let ours = logits_of(&m, &tokens);
+    let engine = wildlong::engine::llama::full_logits(&default_engine().model, &tokens).unwrap();
+    let d = max_abs_diff(&ours, &engine.to_dtype(DType::F32).unwrap());
+    assert!(d < 2e-3, "logits differ by {d}");
+}
