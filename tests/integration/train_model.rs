@@ -224,3 +224,49 @@ fn on_the_default_model_the_forward_equals_the_engines_logits() {
     let d = max_abs_diff(&ours, &engine.to_dtype(DType::F32).unwrap());
     assert!(d < 2e-3, "logits differ by {d}");
 }
+
+#[test]
+fn accumulated_micro_batches_give_the_whole_batchs_token_mean_gradient() {
+    use wildlong::train::optim::Accumulator;
+    let spec = lora(&["q_proj", "up_proj"]);
+    let (_, m) = tiny(Some(&spec));
+    randomise_b(&m);
+    let vars: Vec<_> = m.trainable().into_iter().map(|(_, v)| v).collect();
+    let rows = [vec![5u32, 9, 13, 200, 31, 4], vec![70u32, 2, 2, 8, 19, 101]];
+    let targets = |r: &[u32], last: bool| -> Vec<i64> {
+        let mut t: Vec<i64> = r[1..].iter().map(|&x| x as i64).collect();
+        t.push(IGNORE);
+        if last {
+            t[0] = IGNORE; // a different token count per row
+        }
+        t
+    };
+    let grads_of = |rs: &[Vec<u32>], ts: &[i64]| {
+        let pos = vec![(0..6).collect::<Vec<u32>>(); rs.len()];
+        let seg = vec![vec![0u32; 6]; rs.len()];
+        m.loss(
+            &Rows {
+                tokens: rs,
+                positions: &pos,
+                segments: &seg,
+            },
+            ts,
+        )
+        .unwrap()
+        .backward()
+        .unwrap()
+    };
+    let (t0, t1) = (targets(&rows[0], false), targets(&rows[1], true));
+    let tokens = 5 + 4;
+    let mut whole = Accumulator::new(vars.len());
+    let both: Vec<i64> = t0.iter().chain(&t1).copied().collect();
+    whole.add(&vars, &grads_of(&rows, &both)).unwrap();
+    let whole = whole.mean(&vars, tokens).unwrap();
+    let mut split = Accumulator::new(vars.len());
+    split.add(&vars, &grads_of(&rows[..1], &t0)).unwrap();
+    split.add(&vars, &grads_of(&rows[1..], &t1)).unwrap();
+    let split = split.mean(&vars, tokens).unwrap();
+    for (a, b) in whole.iter().zip(&split) {
+        assert!(max_abs_diff(a, b) < 1e-6);
+    }
+}

@@ -249,3 +249,82 @@ fn packed_documents_attend_as_if_alone() {
         assert!(max_abs_diff(&part(&packed), &alone) < 1e-6);
     }
 }
+
+#[test]
+fn adamw_schedule_and_clipping_match_pytorch() {
+    use wildlong::train::optim::{clip_global_norm, learning_rate, AdamW, AdamWParams};
+    // Made by scripts/make_train_optim_fixture.py (torch.optim.AdamW, HF's schedule,
+    // clip_grad_norm_).
+    let f: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(crate::common::fixture("train/optim.json")).unwrap(),
+    )
+    .unwrap();
+    let t = |v: &serde_json::Value| -> Tensor {
+        let flat: Vec<f32> = match v[0].as_array() {
+            Some(_) => v
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|r| {
+                    r.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_f64().unwrap() as f32)
+                })
+                .collect(),
+            None => v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect(),
+        };
+        let shape: Vec<usize> = match v[0].as_array() {
+            Some(r) => vec![v.as_array().unwrap().len(), r.len()],
+            None => vec![flat.len()],
+        };
+        Tensor::from_vec(flat, shape, &Device::Cpu).unwrap()
+    };
+    let h = &f["adamw"];
+    let num = |k: &str| h[k].as_f64().unwrap();
+    let vars = vec![
+        Var::from_tensor(&t(&f["init"]["a"])).unwrap(),
+        Var::from_tensor(&t(&f["init"]["b"])).unwrap(),
+    ];
+    let mut opt = AdamW::new(
+        vars.clone(),
+        AdamWParams {
+            beta1: num("beta1"),
+            beta2: num("beta2"),
+            eps: num("eps"),
+            weight_decay: num("weight_decay"),
+        },
+    )
+    .unwrap();
+    for (k, step) in f["steps"].as_array().unwrap().iter().enumerate() {
+        let lr = learning_rate(num("lr"), k, 2, 6, num("min_ratio"));
+        assert!(
+            (lr - step["lr"].as_f64().unwrap()).abs() < 1e-12,
+            "step {k}: lr {lr}"
+        );
+        let g = &f["grads"][k];
+        opt.step(&[t(&g[0]), t(&g[1])], lr).unwrap();
+        assert!(
+            max_abs_diff(vars[0].as_tensor(), &t(&step["a"])) < 1e-5,
+            "step {k}"
+        );
+        assert!(
+            max_abs_diff(vars[1].as_tensor(), &t(&step["b"])) < 1e-5,
+            "step {k}"
+        );
+    }
+    let c = &f["clip"];
+    let mut grads = vec![t(&f["grads"][5][0]), t(&f["grads"][5][1])];
+    let norm = clip_global_norm(&mut grads, c["max_norm"].as_f64().unwrap()).unwrap();
+    assert!((norm - c["norm"].as_f64().unwrap()).abs() < 1e-6);
+    assert!(max_abs_diff(&grads[0], &t(&c["a"])) < 1e-6);
+    assert!(max_abs_diff(&grads[1], &t(&c["b"])) < 1e-6);
+    // A non-finite gradient is reported, not applied.
+    let mut bad = vec![Tensor::new(&[1f32, f32::NAN], &Device::Cpu).unwrap()];
+    assert!(clip_global_norm(&mut bad, 1.0).unwrap().is_nan());
+}
