@@ -270,3 +270,82 @@ fn accumulated_micro_batches_give_the_whole_batchs_token_mean_gradient() {
         assert!(max_abs_diff(a, b) < 1e-6);
     }
 }
+
+#[test]
+fn the_loss_falls_on_exactly_the_assistant_replies() {
+    use wildlong::engine::chat::Message;
+    use wildlong::train::data::tokenize;
+    let e = default_engine();
+    let template = e.chat_template.as_ref().unwrap();
+    let chat = vec![
+        Message::new("user", "Name a colour."),
+        Message::new("assistant", "Blue."),
+        Message::new("user", "And a fruit?"),
+        Message::new("assistant", "A ripe pear, sliced."),
+    ];
+    let ex = tokenize(&e.tokenizer, template, &chat).unwrap();
+    // The whole text tokenizes as the engine tokenizes a chat.
+    let text = template.render(&chat, false).unwrap();
+    assert_eq!(ex.tokens, e.tokenizer.encode(&text, false).unwrap());
+    // Runs of learned tokens, decoded: each reply with the end-of-turn marker.
+    let mut runs: Vec<Vec<u32>> = Vec::new();
+    let mut prev = false;
+    for j in 1..ex.tokens.len() {
+        let learned = ex.targets[j - 1] != IGNORE;
+        if learned {
+            assert_eq!(ex.targets[j - 1], ex.tokens[j] as i64);
+            if !prev {
+                runs.push(Vec::new());
+            }
+            runs.last_mut().unwrap().push(ex.tokens[j]);
+        }
+        prev = learned;
+    }
+    let decoded: Vec<String> = runs
+        .iter()
+        .map(|r| e.tokenizer.decode(r, false).unwrap())
+        .collect();
+    assert_eq!(
+        decoded,
+        ["Blue.<|im_end|>", "A ripe pear, sliced.<|im_end|>"]
+    );
+    assert_eq!(*ex.targets.last().unwrap(), IGNORE);
+    // A conversation without an assistant turn teaches nothing: an error.
+    let err = tokenize(&e.tokenizer, template, &chat[..1]).unwrap_err();
+    assert!(err.to_string().contains("no assistant turn"), "{err}");
+}
+
+#[test]
+fn packing_restarts_positions_and_separates_conversations() {
+    use wildlong::train::data::{pack, pad_batch, Example};
+    let ex = |n: usize, base: u32| Example {
+        tokens: (base..base + n as u32).collect(),
+        targets: (0..n)
+            .map(|j| {
+                if j + 1 < n {
+                    (base + j as u32 + 1) as i64
+                } else {
+                    IGNORE
+                }
+            })
+            .collect(),
+    };
+    let exs = [ex(4, 10), ex(3, 20), ex(5, 30), ex(2, 40)];
+    let rows = pack(&exs, 8, 0).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].tokens[0], [10, 11, 12, 13, 20, 21, 22, 0]);
+    assert_eq!(rows[0].positions[0], [0, 1, 2, 3, 0, 1, 2, 0]);
+    assert_eq!(rows[0].segments[0][..7], [0, 0, 0, 0, 1, 1, 1]);
+    assert_eq!(rows[1].tokens[0], [30, 31, 32, 33, 34, 40, 41, 0]);
+    assert_eq!(rows[1].targets[7], IGNORE);
+    let counted: usize = rows.iter().map(|r| r.counted()).sum();
+    assert_eq!(counted, exs.iter().map(|e| e.counted()).sum::<usize>());
+    assert!(pack(&[ex(9, 0)], 8, 0)
+        .unwrap_err()
+        .to_string()
+        .contains("more than the row length 8"));
+    let padded = pad_batch(&exs[..2], 0);
+    assert_eq!(padded.tokens, [vec![10, 11, 12, 13], vec![20, 21, 22, 0]]);
+    assert_eq!(padded.targets.len(), 8);
+    assert_eq!(padded.counted(), 3 + 2);
+}
