@@ -392,6 +392,22 @@ impl WeightSource {
         Ok(t)
     }
 
+    /// The head dimension a GGUF source's q/k rows were permuted with.
+    fn gguf_head_dim(&self) -> Option<usize> {
+        let Self::Gguf { content, .. } = self else {
+            return None;
+        };
+        let md = &content.metadata;
+        let arch = md.get("general.architecture")?.to_string().ok()?.clone();
+        let u = |k: &str| {
+            md.get(&format!("{arch}.{k}"))
+                .and_then(|v| v.to_u32().ok())
+                .map(|x| x as usize)
+        };
+        u("rope.dimension_count")
+            .or_else(|| Some(u("embedding_length")? / u("attention.head_count")?))
+    }
+
     /// A GGUF tensor that may be absent (e.g. `rope_freqs.weight`), by its GGUF name.
     pub fn gguf_raw(&mut self, name: &str) -> Result<Option<Tensor>> {
         match self.gguf_qtensor_named(name)? {
@@ -428,10 +444,17 @@ impl WeightSource {
                 quantized_linear(q, format, &device, out_dim, in_dim)?
             }
         };
-        if let Some(delta) = match self.lora_mut() {
+        if let Some(mut delta) = match self.lora_mut() {
             Some(l) => l.delta(prefix, out_dim, in_dim)?,
             None => None,
         } {
+            // PEFT deltas are in HF row order; llama.cpp permuted the q/k rows of GGUF
+            // weights (interleaved RoPE pairs), so the delta's rows move the same way.
+            if let Some(hd) = self.gguf_head_dim() {
+                if prefix.ends_with("self_attn.q_proj") || prefix.ends_with("self_attn.k_proj") {
+                    delta = permute_rows_for_gguf(&delta, hd)?;
+                }
+            }
             // W' = W + scale · B A, in f32, back in the weight's dtype.
             let w = lin.weight()?;
             let merged = (w.to_dtype(DType::F32)? + delta.to_device(w.device())?)?;
@@ -442,6 +465,29 @@ impl WeightSource {
         }
         Ok(lin)
     }
+}
+
+/// llama.cpp's converter permutation of q/k rows (`permute()` in convert_hf_to_gguf.py): within
+/// each head of `head_dim` rows, row i goes to 2i and row i + head_dim/2 to 2i + 1.
+pub fn permute_rows_for_gguf(w: &Tensor, head_dim: usize) -> Result<Tensor> {
+    swap_row_axes(w, head_dim, 2, head_dim / 2)
+}
+
+/// The inverse of [`permute_rows_for_gguf`]: GGUF q/k row order back to HF's.
+pub fn unpermute_rows_from_gguf(w: &Tensor, head_dim: usize) -> Result<Tensor> {
+    swap_row_axes(w, head_dim, head_dim / 2, 2)
+}
+
+/// Views each head's rows as `(a, b)` and transposes them to `(b, a)`.
+fn swap_row_axes(w: &Tensor, head_dim: usize, a: usize, b: usize) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    if head_dim == 0 || !rows.is_multiple_of(head_dim) || !head_dim.is_multiple_of(2) {
+        bail!("cannot permute {rows} rows in heads of {head_dim}");
+    }
+    Ok(w.reshape((rows / head_dim, a, b, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
 }
 
 /// Builds a linear from a GGUF tensor in the requested in-memory format.

@@ -17,7 +17,7 @@ const TARGETS: [(&str, usize, usize); 4] = [
 ];
 
 /// Writes a PEFT adapter folder; returns the (A, B) values per module.
-fn write_adapter(
+pub(crate) fn write_adapter(
     dir: &Path,
     rank: usize,
     alpha: f64,

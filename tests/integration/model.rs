@@ -409,6 +409,57 @@ fn gguf_with_interleaved_rope_and_rope_freqs_matches_the_hf_checkpoint() {
         g.tokenizer.encode("hello", false).unwrap(),
         hf.tokenizer.encode("hello", false).unwrap()
     );
+    // A PEFT adapter (HF row order) on q/k/v gives the same model on either base: on the
+    // GGUF base its q/k deltas must be permuted as llama.cpp permuted the weights.
+    let ad = tempdir();
+    let kv = spec.kv_heads * hd;
+    crate::lora::write_adapter(
+        ad.path(),
+        2,
+        4.0,
+        false,
+        false,
+        &[
+            ("model.layers.0.self_attn.q_proj", spec.hidden, spec.hidden),
+            ("model.layers.1.self_attn.k_proj", kv, spec.hidden),
+            ("model.layers.1.self_attn.v_proj", kv, spec.hidden),
+        ],
+    );
+    let with = |p: &std::path::Path, format| {
+        wildlong::models::load_engine_with_adapter(
+            p.to_str().unwrap(),
+            Some(ad.path()),
+            &root().join("models"),
+            &EngineConfig {
+                weight_format: format,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    use wildlong::engine::weights::{
+        permute_rows_for_gguf, unpermute_rows_from_gguf, WeightFormat,
+    };
+    let q = &w["model.layers.0.self_attn.q_proj.weight"];
+    let p = permute_rows_for_gguf(q, hd).unwrap();
+    assert_eq!(max_abs_diff(&p, &permute_for_gguf(q, spec.heads)), 0.0);
+    assert_eq!(
+        max_abs_diff(&unpermute_rows_from_gguf(&p, hd).unwrap(), q),
+        0.0
+    );
+    let hf_ad = full_logits(&with(dir.path(), WeightFormat::F32).model, &tokens).unwrap();
+    assert!(
+        max_abs_diff(&hf_ad, &want) > 1e-2,
+        "the adapter changes the model"
+    );
+    for format in [WeightFormat::F32, WeightFormat::Exact] {
+        let g_ad = full_logits(&with(&path, format).model, &tokens).unwrap();
+        let d = max_abs_diff(&hf_ad, &g_ad);
+        assert!(
+            d < 1e-4,
+            "{format:?}: adapter on GGUF differs from HF by {d}"
+        );
+    }
 }
 
 #[test]
