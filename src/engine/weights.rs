@@ -393,7 +393,7 @@ impl WeightSource {
     }
 
     /// The head dimension a GGUF source's q/k rows were permuted with.
-    fn gguf_head_dim(&self) -> Option<usize> {
+    pub(crate) fn gguf_head_dim(&self) -> Option<usize> {
         let Self::Gguf { content, .. } = self else {
             return None;
         };

@@ -94,6 +94,10 @@ pub struct TrainModel {
     norm: Tensor,
     lm_head: Tensor,
     device: Device,
+    /// Set for GGUF sources: their q/k rows are in llama.cpp's permuted order.
+    gguf_head_dim: Option<usize>,
+    /// Adapter settings, for the export.
+    lora: Option<LoraSpec>,
     /// Query rows per attention block, and rows per cross-entropy chunk.
     pub attention_block: usize,
     pub loss_chunk: usize,
@@ -187,6 +191,8 @@ impl TrainModel {
             blocks,
             lm_head,
             device,
+            gguf_head_dim: w.gguf_head_dim(),
+            lora: lora.cloned(),
             attention_block: 256,
             loss_chunk: 512,
         })
@@ -268,6 +274,54 @@ impl TrainModel {
         let h = self.hidden(rows)?;
         ops::chunked_cross_entropy(&h, &self.lm_head, targets, self.loss_chunk, false)
             .context("the loss")
+    }
+}
+
+impl TrainModel {
+    /// Writes the adapters as a PEFT LoRA folder (`adapter_config.json` +
+    /// `adapter_model.safetensors`, PEFT tensor names, q/k rows in HF order) that PEFT loads
+    /// onto `base_model` and `wildlong --adapter` merges; atomically.
+    pub fn save_peft(&self, dir: &std::path::Path, base_model: &str) -> Result<()> {
+        let Some(spec) = &self.lora else {
+            bail!("this model has no LoRA adapters to export");
+        };
+        let mut tensors = std::collections::HashMap::new();
+        for l in self.linears() {
+            let Some((a, b)) = &l.lora else { continue };
+            let mut b = b.as_tensor().clone();
+            if let Some(hd) = self.gguf_head_dim {
+                if l.name.ends_with("self_attn.q_proj") || l.name.ends_with("self_attn.k_proj") {
+                    b = crate::engine::weights::unpermute_rows_from_gguf(&b, hd)?;
+                }
+            }
+            let p = format!("base_model.model.{}", l.name);
+            tensors.insert(format!("{p}.lora_A.weight"), a.as_tensor().clone());
+            tensors.insert(format!("{p}.lora_B.weight"), b);
+        }
+        let config = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": spec.rank,
+            "lora_alpha": spec.alpha,
+            "lora_dropout": 0.0,
+            "target_modules": spec.targets,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "use_rslora": false,
+            "use_dora": false,
+            "inference_mode": true,
+        });
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let st = dir.join("adapter_model.safetensors");
+        let tmp = dir.join(format!(".adapter_model.safetensors.{}", std::process::id()));
+        candle_core::safetensors::save(&tensors, &tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &st).with_context(|| format!("writing {}", st.display()))?;
+        crate::records::write_atomic(
+            &dir.join("adapter_config.json"),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )
     }
 }
 

@@ -349,3 +349,70 @@ fn packing_restarts_positions_and_separates_conversations() {
     assert_eq!(padded.targets.len(), 8);
     assert_eq!(padded.counted(), 3 + 2);
 }
+
+/// Logits of the engine with a PEFT adapter folder merged in as it loads.
+fn engine_with_adapter(
+    model: &std::path::Path,
+    adapter: &std::path::Path,
+    tokens: &[u32],
+) -> Tensor {
+    let e = wildlong::models::load_engine_with_adapter(
+        model.to_str().unwrap(),
+        Some(adapter),
+        &root().join("models"),
+        &wildlong::config::EngineConfig::default(),
+    )
+    .unwrap();
+    wildlong::engine::llama::full_logits(&e.model, tokens)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+#[test]
+fn the_exported_peft_adapter_gives_the_engine_the_trained_model() {
+    let tokens = [8u32, 1, 77, 140, 2, 61, 9, 33];
+    // A safetensors base.
+    let spec = lora(&["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]);
+    let (d, m) = tiny(Some(&spec));
+    randomise_b(&m);
+    let out = tempdir();
+    m.save_peft(out.path(), "tiny").unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    let names = load_tensors(&out.path().join("adapter_model.safetensors"));
+    assert!(names.contains_key("base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"));
+    assert_eq!(names.len(), 2 * 5 * 2);
+    let engine = engine_with_adapter(d.path(), out.path(), &tokens);
+    assert!(max_abs_diff(&engine, &logits_of(&m, &tokens)) < 1e-4);
+
+    // The default GGUF base: q/k rows go back to HF order in the file and forward again
+    // when the engine merges the adapter.
+    let spec = lora(&["q_proj", "k_proj", "v_proj"]);
+    let (m, tok, _) = model::load(
+        default_model_path().to_str().unwrap(),
+        &root().join("models"),
+        Some(&spec),
+    )
+    .unwrap();
+    randomise_b(&m);
+    let tokens = tok
+        .encode("Long documents need long context.", false)
+        .unwrap();
+    let out = tempdir();
+    m.save_peft(out.path(), "HuggingFaceTB/SmolLM2-135M-Instruct")
+        .unwrap();
+    let ours = logits_of(&m, &tokens);
+    let engine = engine_with_adapter(&default_model_path(), out.path(), &tokens);
+    let plain = wildlong::engine::llama::full_logits(&default_engine().model, &tokens).unwrap();
+    assert!(
+        max_abs_diff(&ours, &plain) > 1e-1,
+        "the adapter changes the model"
+    );
+    let d = max_abs_diff(&engine, &ours);
+    assert!(d < 2e-3, "engine with the exported adapter differs by {d}");
+}
