@@ -51,11 +51,7 @@ impl MinHasher {
     /// Shingles of `shingle_words` lowercase words (punctuation ignored); a text shorter
     /// than one shingle is one shingle.
     pub fn shingles(&self, text: &str) -> HashSet<u64> {
-        let lower = text.to_lowercase();
-        let words: Vec<&str> = lower
-            .split(|c: char| !c.is_alphanumeric())
-            .filter(|w| !w.is_empty())
-            .collect();
+        let words = words(text);
         if words.len() <= self.shingle_words {
             return HashSet::from([fnv1a(words.join(" ").as_bytes())]);
         }

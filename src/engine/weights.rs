@@ -2,7 +2,8 @@
 //!
 //! Tensors are always requested by their Hugging Face name (`model.layers.3.self_attn.q_proj.weight`);
 //! for GGUF files the one mapping to llama.cpp names lives in [`gguf_name`]. This file does not
-//! know the model's structure; `llama.rs` does.
+//! know the model's structure; `llama.rs` does (its GGUF config gives the head size that
+//! LoRA deltas on permuted q/k rows are permuted with).
 
 use crate::engine::lora::LoraAdapter;
 use crate::engine::packed::PackedWeight;
@@ -392,22 +393,6 @@ impl WeightSource {
         Ok(t)
     }
 
-    /// The head dimension a GGUF source's q/k rows were permuted with.
-    pub(crate) fn gguf_head_dim(&self) -> Option<usize> {
-        let Self::Gguf { content, .. } = self else {
-            return None;
-        };
-        let md = &content.metadata;
-        let arch = md.get("general.architecture")?.to_string().ok()?.clone();
-        let u = |k: &str| {
-            md.get(&format!("{arch}.{k}"))
-                .and_then(|v| v.to_u32().ok())
-                .map(|x| x as usize)
-        };
-        u("rope.dimension_count")
-            .or_else(|| Some(u("embedding_length")? / u("attention.head_count")?))
-    }
-
     /// A GGUF tensor that may be absent (e.g. `rope_freqs.weight`), by its GGUF name.
     pub fn gguf_raw(&mut self, name: &str) -> Result<Option<Tensor>> {
         match self.gguf_qtensor_named(name)? {
@@ -450,8 +435,9 @@ impl WeightSource {
         } {
             // PEFT deltas are in HF row order; llama.cpp permuted the q/k rows of GGUF
             // weights (interleaved RoPE pairs), so the delta's rows move the same way.
-            if let Some(hd) = self.gguf_head_dim() {
-                if prefix.ends_with("self_attn.q_proj") || prefix.ends_with("self_attn.k_proj") {
+            if prefix.ends_with("self_attn.q_proj") || prefix.ends_with("self_attn.k_proj") {
+                if let Some(content) = self.gguf_content() {
+                    let hd = crate::engine::llama::Config::from_gguf(content, None)?.head_dim;
                     delta = permute_rows_for_gguf(&delta, hd)?;
                 }
             }

@@ -294,8 +294,7 @@ impl<'a> DocumentReader<'a> {
             "required": ["document_type"], "additionalProperties": false,
             "x-guidance": {"whitespace_flexible": false}
         });
-        let mut reqs = Vec::new();
-        let mut keys = Vec::new();
+        // (document, store key, request) of the documents the store has no answer for.
         let mut pending = Vec::new();
         for &i in &todo {
             let head: String = self.documents[i]
@@ -320,26 +319,19 @@ impl<'a> DocumentReader<'a> {
             ]);
             match store.get::<String>(&key)? {
                 Some(t) => self.set_llm_type(i, &t),
-                None => {
-                    reqs.push((messages, params));
-                    keys.push(key);
-                    pending.push(i);
-                }
+                None => pending.push((i, key, (messages, params))),
             }
         }
-        for ((chunk, ks), is) in reqs
-            .chunks(llm.batch_size())
-            .zip(keys.chunks(llm.batch_size()))
-            .zip(pending.chunks(llm.batch_size()))
-        {
-            let batch: Vec<(Vec<Message>, GenerationParams)> = chunk.to_vec();
-            for ((c, k), &i) in llm.chat_batch(&batch)?.into_iter().zip(ks).zip(is) {
+        for chunk in pending.chunks(llm.batch_size()) {
+            let reqs: Vec<(Vec<Message>, GenerationParams)> =
+                chunk.iter().map(|(_, _, r)| r.clone()).collect();
+            for ((i, key, _), c) in chunk.iter().zip(llm.chat_batch(&reqs)?) {
                 let t = serde_json::from_str::<serde_json::Value>(&c.text)
                     .ok()
                     .and_then(|v| v["document_type"].as_str().map(str::to_string))
                     .unwrap_or_else(|| "other".into());
-                store.put(k, &t)?;
-                self.set_llm_type(i, &t);
+                store.put(key, &t)?;
+                self.set_llm_type(*i, &t);
             }
         }
         Ok(())

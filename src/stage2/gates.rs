@@ -11,7 +11,7 @@
 
 use crate::engine::generate::FinishReason;
 use crate::eval::ruler::data::{Assets, QaSet};
-use crate::text::{words, NgramSet};
+use crate::text::{words, NearDuplicates, NgramSet};
 use anyhow::Result;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -52,15 +52,16 @@ pub fn answer_gate(
     if ungrounded_number(a, documents) {
         return Some("ungrounded_number");
     }
+    let (spans, outside) = split_quotes(a);
     let doc_words = format!(" {} ", words(documents).join(" "));
-    if quotes(a)
-        .iter()
-        .any(|q| !doc_words.contains(&format!(" {} ", words(q).join(" "))))
-    {
+    if spans.iter().any(|q| {
+        let w = words(q);
+        w.len() >= 3 && !doc_words.contains(&format!(" {} ", w.join(" ")))
+    }) {
         return Some("ungrounded_quote");
     }
     // Names outside quotes (quotes were checked whole), compared without case.
-    let names = names(&without_quotes(a));
+    let names = names(&outside);
     if !names.is_empty() {
         let docs = documents.to_lowercase();
         let instr = instruction.to_lowercase();
@@ -92,42 +93,35 @@ fn ungrounded_number(answer: &str, documents: &str) -> bool {
     false
 }
 
-/// `text` with every double-quoted span (quotes included) replaced by a space.
-fn without_quotes(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut inside = false;
-    for c in text.chars() {
-        match (c, inside) {
-            ('"' | '“', false) => inside = true,
-            ('"' | '”', true) => {
-                inside = false;
-                out.push(' ');
-            }
-            (_, true) => {}
-            (c, false) => out.push(c),
-        }
-    }
-    out
-}
-
-/// Spans of three or more words inside straight or curly double quotes.
-pub fn quotes(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
+/// The double-quoted spans of `text` (straight or curly quotes; an unclosed quote runs to
+/// the end and is dropped) and the text outside them, each span replaced by a space.
+fn split_quotes(text: &str) -> (Vec<&str>, String) {
+    let mut spans = Vec::new();
+    let mut outside = String::with_capacity(text.len());
     let mut open: Option<usize> = None;
     for (i, c) in text.char_indices() {
         match (c, open) {
             ('"' | '“', None) => open = Some(i + c.len_utf8()),
             ('"' | '”', Some(s)) => {
-                let q = &text[s..i];
-                if words(q).len() >= 3 {
-                    out.push(q.to_string());
-                }
+                spans.push(&text[s..i]);
+                outside.push(' ');
                 open = None;
             }
-            _ => {}
+            (_, Some(_)) => {}
+            (c, None) => outside.push(c),
         }
     }
-    out
+    (spans, outside)
+}
+
+/// Spans of three or more words inside straight or curly double quotes.
+pub fn quotes(text: &str) -> Vec<String> {
+    split_quotes(text)
+        .0
+        .into_iter()
+        .filter(|q| words(q).len() >= 3)
+        .map(str::to_string)
+        .collect()
 }
 
 /// Capitalised words that do not start a sentence, line or list item (trailing
@@ -207,9 +201,7 @@ impl Decontaminator {
     }
 }
 
-/// SQuAD token F1 between the answer with the documents and the answer without them; at
-/// or above `threshold` the documents were not needed.
-pub fn closed_book(answer: &str, closed: &str, threshold: f64) -> (f64, bool) {
-    let f1 = crate::text::token_f1(closed, answer);
-    (f1, f1 >= threshold)
+/// The near-duplicate index over instructions (in a run, and across shards at the merge).
+pub fn instruction_index(threshold: f64, seed: u64) -> NearDuplicates {
+    NearDuplicates::new(128, 16, 3, threshold, seed)
 }

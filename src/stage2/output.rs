@@ -6,7 +6,6 @@ use crate::config::Stage2Config;
 use crate::records::{read_jsonl_resumable, write_atomic, write_jsonl_atomic, Pair};
 use crate::stage2::assemble::Context;
 use crate::stage2::synth::SynthStats;
-use crate::text::NearDuplicates;
 use anyhow::{bail, Context as _, Result};
 use parquet::data_type::{BoolType, ByteArray, ByteArrayType, Int64Type};
 use parquet::file::properties::WriterProperties;
@@ -50,13 +49,13 @@ pub fn write_parquet(path: &Path, pairs: &[Pair]) -> Result<()> {
         let mut rg = w.next_row_group()?;
         // Leaf columns in schema order; `messages` leaves carry repetition levels (0 starts
         // a row, 1 continues its list) and definition level 1 (every list is non-empty).
+        let rep: Vec<i16> = pairs
+            .iter()
+            .flat_map(|p| (0..p.messages.len()).map(|i| i16::from(i > 0)))
+            .collect();
+        let def = vec![1i16; rep.len()];
         let mut col = 0;
         while let Some(mut c) = rg.next_column()? {
-            let rep: Vec<i16> = pairs
-                .iter()
-                .flat_map(|p| (0..p.messages.len()).map(|i| i16::from(i > 0)))
-                .collect();
-            let def = vec![1i16; rep.len()];
             match col {
                 0 | 3 | 7 | 8 | 9 => {
                     let v: Vec<ByteArray> = pairs
@@ -194,7 +193,7 @@ pub fn merge(
         }
     }
     pairs.sort_by_key(|(i, _)| *i);
-    let mut near = NearDuplicates::new(128, 16, 3, near_duplicate_threshold, seed);
+    let mut near = crate::stage2::gates::instruction_index(near_duplicate_threshold, seed);
     let mut kept = Vec::new();
     for (_, p) in pairs {
         if near.check_and_insert(&p.metadata.instruction) {

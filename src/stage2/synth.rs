@@ -15,9 +15,8 @@ use crate::engine::generate::{Completion, FinishReason, Request};
 use crate::engine::tokenizer::Tokenizer;
 use crate::records::{hex, write_jsonl_atomic, Blueprint, Pair, PairMetadata, Store};
 use crate::stage2::assemble::Context;
-use crate::stage2::gates::{answer_gate, closed_book, Decontaminator};
+use crate::stage2::gates::{answer_gate, instruction_index, Decontaminator};
 use crate::stage2::prompts::{closed_book_turn, rewrite_request, user_turn, VERSION};
-use crate::text::NearDuplicates;
 use anyhow::{Context as _, Result};
 use rand::seq::IndexedRandom;
 use serde::{Deserialize, Serialize};
@@ -183,7 +182,7 @@ impl Synth<'_> {
             "required": ["instruction"], "additionalProperties": false,
             "x-guidance": {"whitespace_flexible": false, "json_allowed_escapes": "\"\\"}
         });
-        let mut near = NearDuplicates::new(128, 16, 3, gates.near_duplicate_threshold, g.seed);
+        let mut near = instruction_index(gates.near_duplicate_threshold, g.seed);
         for (ci, c) in contexts.iter().enumerate() {
             if !shard.owns(ci) {
                 continue;
@@ -299,7 +298,7 @@ impl Synth<'_> {
                     self.run_requests(None, &items, &mut stats)?
                         .iter()
                         .zip(&passed)
-                        .map(|(cb, (_, _, _, a))| Some(closed_book(&a.text, &cb.text, 1.0).0))
+                        .map(|(cb, (_, _, _, a))| Some(crate::text::token_f1(&cb.text, &a.text)))
                         .collect()
                 }
             };

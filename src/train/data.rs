@@ -12,7 +12,7 @@
 use crate::engine::chat::{ChatTemplate, Message};
 use crate::engine::tokenizer::Tokenizer;
 use crate::train::ops::IGNORE;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 /// One tokenized conversation: `targets[j]` is the token after `tokens[j]` where that token
 /// is an assistant token, else [`IGNORE`].
@@ -168,26 +168,4 @@ pub fn pad_batch(examples: &[Example], pad: u32) -> Batch {
         b.targets.extend(std::iter::repeat_n(IGNORE, fill));
     }
     b
-}
-
-/// Reads a `messages` JSONL file (one `{"messages": [...]}` per line; other keys ignored).
-pub fn read_conversations(path: &std::path::Path) -> Result<Vec<Vec<Message>>> {
-    #[derive(serde::Deserialize)]
-    struct Line {
-        messages: Vec<Message>,
-    }
-    let name = path.display().to_string();
-    let f = std::fs::File::open(path).with_context(|| format!("opening {name}"))?;
-    let mut out = Vec::new();
-    crate::records::for_each_jsonl_line(&name, std::io::BufReader::new(f), |line, text| {
-        let text = text.map_err(|e| anyhow::anyhow!("{name}:{line}: not UTF-8 ({e})"))?;
-        let l: Line = serde_json::from_str(text)
-            .with_context(|| format!("{name}:{line}: not a {{\"messages\": [...]}} line"))?;
-        out.push(l.messages);
-        Ok(())
-    })?;
-    if out.is_empty() {
-        bail!("{name}: no conversations");
-    }
-    Ok(out)
 }

@@ -186,12 +186,12 @@ impl TrainModel {
         };
         Ok(Self {
             norm: f32t(w.tensor("model.norm.weight", &[h])?)?,
+            gguf_head_dim: w.gguf_content().is_some().then_some(cfg.head_dim),
             cfg,
             embed_tokens,
             blocks,
             lm_head,
             device,
-            gguf_head_dim: w.gguf_head_dim(),
             lora: lora.cloned(),
             attention_block: 256,
             loss_chunk: 512,
@@ -201,18 +201,16 @@ impl TrainModel {
     /// Every adapter tensor, named as PEFT names them (`base_model.model.<module>.lora_A.weight`).
     pub fn trainable(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
-        for b in &self.blocks {
-            for l in [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down] {
-                if let Some((a, bb)) = &l.lora {
-                    out.push((
-                        format!("base_model.model.{}.lora_A.weight", l.name),
-                        a.clone(),
-                    ));
-                    out.push((
-                        format!("base_model.model.{}.lora_B.weight", l.name),
-                        bb.clone(),
-                    ));
-                }
+        for l in self.linears() {
+            if let Some((a, b)) = &l.lora {
+                out.push((
+                    format!("base_model.model.{}.lora_A.weight", l.name),
+                    a.clone(),
+                ));
+                out.push((
+                    format!("base_model.model.{}.lora_B.weight", l.name),
+                    b.clone(),
+                ));
             }
         }
         out
@@ -313,11 +311,10 @@ impl TrainModel {
             "inference_mode": true,
         });
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let st = dir.join("adapter_model.safetensors");
-        let tmp = dir.join(format!(".adapter_model.safetensors.{}", std::process::id()));
-        candle_core::safetensors::save(&tensors, &tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &st).with_context(|| format!("writing {}", st.display()))?;
+        crate::records::write_atomic(
+            &dir.join("adapter_model.safetensors"),
+            &safetensors::serialize(&tensors, None)?,
+        )?;
         crate::records::write_atomic(
             &dir.join("adapter_config.json"),
             serde_json::to_string_pretty(&config)?.as_bytes(),
