@@ -376,6 +376,10 @@ pub fn locate(files: ModelFiles, cfg: &EngineConfig) -> Result<Located> {
                 .with_context(|| format!("{}: not a Llama-family config", cfg_path.display()))?;
             let mut config = Config::from_hf(&hf, cfg.rope_theta)
                 .with_context(|| cfg_path.display().to_string())?;
+            // A model `wildlong train` merged must run with the RoPE it was trained with.
+            if let Some(r) = crate::engine::rope::RopeRecord::read(dir)? {
+                r.check(&config.rope, &dir.display().to_string())?;
+            }
             let gen = dir.join("generation_config.json");
             if gen.is_file() {
                 let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&gen)?)
@@ -439,6 +443,20 @@ pub fn load_engine_with_adapter(
         located
             .source
             .set_lora(crate::engine::lora::LoraAdapter::load(dir)?);
+        // An adapter `wildlong train` made brings the RoPE it was trained with; an engine
+        // override that contradicts it is an error.
+        if let Some(r) = crate::engine::rope::RopeRecord::read(dir)? {
+            if cfg.rope_theta.is_some_and(|t| t != r.rope_theta) {
+                bail!(
+                    "adapter {} was trained with rope_theta {} but the engine config overrides it to {}",
+                    dir.display(),
+                    r.rope_theta,
+                    cfg.rope_theta.unwrap_or_default()
+                );
+            }
+            r.apply(&mut located.config.rope);
+            located.config.validate()?;
+        }
     }
     let model = Llama::load(located.source, located.config, &device, dtype)?;
     Ok(Engine::new(

@@ -259,7 +259,7 @@ impl Config {
         Ok(c)
     }
 
-    fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             bail!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
@@ -271,6 +271,55 @@ impl Config {
             bail!("model config has zero layers, hidden size or vocabulary");
         }
         self.rope.validate()
+    }
+
+    /// An HF `config.json` for these settings (a merged export's config; `torch_dtype` is
+    /// the dtype of the weights written beside it).
+    pub fn to_hf_json(&self, torch_dtype: &str) -> Result<Value> {
+        if self.rope.freq_factors.is_some() {
+            bail!("this model's RoPE has per-frequency factors from GGUF (`rope_freqs`) that config.json cannot express; train from the HF checkpoint to export a merged model");
+        }
+        let (model_type, arch) = match self.architecture.as_str() {
+            "mistral" => ("mistral", "MistralForCausalLM"),
+            _ => ("llama", "LlamaForCausalLM"),
+        };
+        let scaling = match &self.rope.scaling {
+            RopeScaling::Default => Value::Null,
+            s => serde_json::to_value(s)?,
+        };
+        let scaling = match scaling {
+            // Options left unset are omitted, as HF writes them.
+            Value::Object(m) => {
+                Value::Object(m.into_iter().filter(|(_, v)| !v.is_null()).collect())
+            }
+            v => v,
+        };
+        let eos: Value = match self.eos_token_ids.as_slice() {
+            [one] => (*one).into(),
+            many => many.into(),
+        };
+        Ok(serde_json::json!({
+            "architectures": [arch],
+            "model_type": model_type,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope.theta,
+            "rope_scaling": scaling,
+            "max_position_embeddings": self.rope.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "hidden_act": "silu",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "torch_dtype": torch_dtype,
+        }))
     }
 
     /// Parameter count of the weights (embeddings counted once when tied).

@@ -362,3 +362,69 @@ impl RopeConfig {
         })
     }
 }
+
+/// The file a trained adapter or merged model carries to say which RoPE it was trained with.
+pub const ROPE_RECORD_FILE: &str = "wildlong_rope.json";
+
+/// The RoPE settings training used, saved beside its outputs (adapter folder, merged model)
+/// and checked by every load of them: an adapter brings its RoPE onto the base model; a
+/// load whose RoPE would differ (an engine `rope_theta` override, an edited `config.json`)
+/// is an error rather than a silent fallback to other positions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RopeRecord {
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    /// The checkpoint's (original) context, the threshold of `dynamic` scaling.
+    pub max_position_embeddings: usize,
+}
+
+impl RopeRecord {
+    pub fn of(rope: &RopeConfig) -> Self {
+        Self {
+            rope_theta: rope.theta,
+            rope_scaling: rope.scaling.clone(),
+            max_position_embeddings: rope.max_position_embeddings,
+        }
+    }
+
+    /// Reads `dir/wildlong_rope.json` when present.
+    pub fn read(dir: &std::path::Path) -> Result<Option<Self>> {
+        let p = dir.join(ROPE_RECORD_FILE);
+        if !p.is_file() {
+            return Ok(None);
+        }
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .with_context(|| format!("{}: not a RoPE record", p.display()))
+    }
+
+    pub fn write(&self, dir: &std::path::Path) -> Result<()> {
+        crate::records::write_atomic(
+            &dir.join(ROPE_RECORD_FILE),
+            serde_json::to_string_pretty(self)?.as_bytes(),
+        )
+    }
+
+    /// Errors when `rope` is not what training used (`what` names the loaded thing).
+    pub fn check(&self, rope: &RopeConfig, what: &str) -> Result<()> {
+        let now = Self::of(rope);
+        if &now != self {
+            bail!(
+                "{what} was trained with RoPE {} but would run with {}; remove the engine's rope_theta override or use the config training wrote",
+                serde_json::to_string(self)?,
+                serde_json::to_string(&now)?
+            );
+        }
+        Ok(())
+    }
+
+    /// Puts these settings into `rope`.
+    pub fn apply(&self, rope: &mut RopeConfig) {
+        rope.theta = self.rope_theta;
+        rope.scaling = self.rope_scaling.clone();
+        rope.max_position_embeddings = self.max_position_embeddings;
+    }
+}

@@ -6,11 +6,14 @@
 //! crosses segments), so a packed row gives the loss of its documents alone.
 
 use crate::engine::llama::Config;
+use crate::engine::rope::{RopeRecord, RopeScaling};
 use crate::engine::weights::WeightSource;
 use crate::train::ops;
 use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
+use std::path::Path;
 
 /// Projection names LoRA may target (PEFT's `target_modules`).
 pub const PROJECTIONS: [&str; 7] = [
@@ -31,52 +34,123 @@ pub struct LoraSpec {
     pub targets: Vec<String>,
     /// Seeds `A`'s initialisation.
     pub seed: u64,
+    /// Dropout on the adapter path's input (PEFT's `lora_dropout`); masks are drawn from
+    /// [`TrainModel::set_dropout_seed`]'s seed, so a recomputed layer sees the same mask.
+    pub dropout: f64,
 }
 
-/// A projection `(out, in)` with a frozen weight and an optional adapter.
+/// What is trained, and how the frozen weights are held.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainOptions {
+    /// Adapters (`None` with `full = false`: nothing trains, for forward checks).
+    pub lora: Option<LoraSpec>,
+    /// Full fine-tuning: every weight is a trained f32 variable.
+    pub full: bool,
+    /// Frozen projection and embedding weights: f32 or bf16 (widened per use); norms,
+    /// `lm_head`, adapters, gradients and optimizer state are f32.
+    pub base_dtype: DType,
+}
+
+impl TrainOptions {
+    pub fn lora(spec: Option<&LoraSpec>) -> Self {
+        Self {
+            lora: spec.cloned(),
+            full: false,
+            base_dtype: DType::F32,
+        }
+    }
+}
+
+/// A weight that is frozen (no gradient, maybe bf16) or trained (an f32 variable).
+#[derive(Clone)]
+enum Param {
+    Frozen(Tensor),
+    Trained(Var),
+}
+
+impl Param {
+    fn tensor(&self) -> &Tensor {
+        match self {
+            Param::Frozen(t) => t,
+            Param::Trained(v) => v.as_tensor(),
+        }
+    }
+
+    /// The weight as f32 (a widened copy for bf16).
+    fn f32(&self) -> Result<Tensor> {
+        Ok(self.tensor().to_dtype(DType::F32)?)
+    }
+}
+
+/// A projection `(out, in)` with a frozen or trained weight and an optional adapter.
 pub struct TrainLinear {
     /// HF module name, e.g. `model.layers.0.self_attn.q_proj`.
     pub name: String,
-    weight: Tensor,
+    weight: Param,
     /// `A` `(r, in)`, `B` `(out, r)`.
     pub lora: Option<(Var, Var)>,
     pub scale: f64,
+    dropout: f64,
 }
 
 impl TrainLinear {
-    /// `x` `(n, in)` → `(n, out)`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = ops::frozen_matmul(x, &self.weight)?;
-        Ok(match &self.lora {
-            Some((a, b)) => (y + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale)?)?,
-            None => y,
-        })
+    /// `x` `(n, in)` → `(n, out)`; `mask_seed` draws the adapter's dropout mask.
+    fn forward(&self, x: &Tensor, mask_seed: Option<u64>) -> Result<Tensor> {
+        let y = match &self.weight {
+            Param::Frozen(w) => ops::frozen_matmul(x, w)?,
+            Param::Trained(w) => x.matmul(&w.t()?)?,
+        };
+        let Some((a, b)) = &self.lora else {
+            return Ok(y);
+        };
+        let xa = match mask_seed.filter(|_| self.dropout > 0.0) {
+            Some(seed) => {
+                let p = self.dropout;
+                let keep = (1.0 / (1.0 - p)) as f32;
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+                let mask: Vec<f32> = (0..x.elem_count())
+                    .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+                    .collect();
+                (x * Tensor::from_vec(mask, x.shape(), x.device())?)?
+            }
+            None => x.clone(),
+        };
+        Ok((y + (xa.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale)?)?)
     }
 
-    /// The frozen base weight `(out, in)`.
+    /// The stored base weight `(out, in)` (f32 or bf16; a variable's tensor when trained).
     pub fn weight(&self) -> &Tensor {
-        &self.weight
+        self.weight.tensor()
     }
 
-    /// `W + (α/r)·B·A`: the weight an inference engine uses after merging.
+    /// `W + (α/r)·B·A` in f32: the weight an inference engine uses after merging.
     pub fn merged(&self) -> Result<Tensor> {
+        let w = self.weight.f32()?;
         Ok(match &self.lora {
-            Some((a, b)) => (&self.weight + (b.matmul(a.as_tensor())? * self.scale)?)?,
-            None => self.weight.clone(),
+            Some((a, b)) => (&w + (b.matmul(a.as_tensor())? * self.scale)?)?,
+            None => w,
         })
     }
 }
 
 struct Block {
-    input_layernorm: Tensor,
+    input_layernorm: Param,
     q: TrainLinear,
     k: TrainLinear,
     v: TrainLinear,
     o: TrainLinear,
-    post_attention_layernorm: Tensor,
+    post_attention_layernorm: Param,
     gate: TrainLinear,
     up: TrainLinear,
     down: TrainLinear,
+}
+
+impl Block {
+    fn linears(&self) -> [&TrainLinear; 7] {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+    }
 }
 
 /// A batch of rows: tokens, their positions (restarting per packed document) and segment
@@ -87,31 +161,59 @@ pub struct Rows<'a> {
     pub segments: &'a [Vec<u32>],
 }
 
+/// What every layer of one forward shares.
+struct Prepared<'a> {
+    ids: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    b: usize,
+    t: usize,
+    segments: &'a [Vec<u32>],
+    dropout_seed: Option<u64>,
+}
+
 pub struct TrainModel {
     pub cfg: Config,
-    embed_tokens: Tensor,
+    embed_tokens: Param,
     blocks: Vec<Block>,
-    norm: Tensor,
-    lm_head: Tensor,
+    norm: Param,
+    lm_head: Param,
     device: Device,
     /// Set for GGUF sources: their q/k rows are in llama.cpp's permuted order.
     gguf_head_dim: Option<usize>,
-    /// Adapter settings, for the export.
-    lora: Option<LoraSpec>,
+    options: TrainOptions,
     /// Query rows per attention block, and rows per cross-entropy chunk.
     pub attention_block: usize,
     pub loss_chunk: usize,
+    /// Recompute each layer in the backward pass instead of keeping its activations.
+    pub checkpoint_layers: bool,
+    dropout_seed: std::cell::Cell<Option<u64>>,
 }
 
 impl TrainModel {
     /// Reads the weights (dequantized to f32) and adds adapters per `lora`.
-    pub fn load(w: &mut WeightSource, mut cfg: Config, lora: Option<&LoraSpec>) -> Result<Self> {
+    pub fn load(w: &mut WeightSource, cfg: Config, lora: Option<&LoraSpec>) -> Result<Self> {
+        Self::load_with(w, cfg, &TrainOptions::lora(lora))
+    }
+
+    /// Reads the weights for training as `opts` says.
+    pub fn load_with(w: &mut WeightSource, mut cfg: Config, opts: &TrainOptions) -> Result<Self> {
         if cfg.attention_bias || cfg.mlp_bias || cfg.sliding_window.is_some() {
             bail!("training does not support attention/MLP biases or sliding-window attention yet");
         }
+        if !matches!(opts.base_dtype, DType::F32 | DType::BF16) {
+            bail!("base weights must be f32 or bf16");
+        }
+        if opts.full && opts.lora.is_some() {
+            bail!("choose LoRA or full fine-tuning, not both");
+        }
+        let lora = opts.lora.as_ref();
         if let Some(l) = lora {
             if l.rank == 0 {
                 bail!("lora rank must be ≥ 1");
+            }
+            if !(0.0..1.0).contains(&l.dropout) {
+                bail!("lora dropout must be in [0, 1), got {}", l.dropout);
             }
             if let Some(t) = l
                 .targets
@@ -131,13 +233,23 @@ impl TrainModel {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(lora.map_or(0, |l| l.seed));
         let (v, h, i) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
         let (nh, kvh, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let f32t = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?) };
+        let full = opts.full;
+        // Trained weights are f32 variables; frozen big weights take the base dtype, frozen
+        // norms stay f32.
+        let param = |t: Tensor, big: bool| -> Result<Param> {
+            Ok(if full {
+                Param::Trained(Var::from_tensor(&t.to_dtype(DType::F32)?)?)
+            } else {
+                let dt = if big { opts.base_dtype } else { DType::F32 };
+                Param::Frozen(t.to_dtype(dt)?)
+            })
+        };
         let mut linear =
             |w: &mut WeightSource, name: String, out: usize, inp: usize| -> Result<TrainLinear> {
-                let weight = f32t(w.tensor(&format!("{name}.weight"), &[out, inp])?)?;
+                let weight = param(w.tensor(&format!("{name}.weight"), &[out, inp])?, true)?;
                 let short = name.rsplit('.').next().unwrap_or("");
                 let adapter = lora.filter(|l| l.targets.iter().any(|t| t == short));
-                let (lora, scale) = match adapter {
+                let (lora, scale, dropout) = match adapter {
                     Some(l) => {
                         // PEFT: A ~ kaiming_uniform(a = √5) = U(−1/√in, 1/√in); B = 0.
                         let bound = 1.0 / (inp as f64).sqrt();
@@ -146,15 +258,16 @@ impl TrainModel {
                             .collect();
                         let a = Var::from_tensor(&Tensor::from_vec(a, (l.rank, inp), &device)?)?;
                         let b = Var::zeros((out, l.rank), DType::F32, &device)?;
-                        (Some((a, b)), l.alpha / l.rank as f64)
+                        (Some((a, b)), l.alpha / l.rank as f64, l.dropout)
                     }
-                    None => (None, 0.0),
+                    None => (None, 0.0, 0.0),
                 };
                 Ok(TrainLinear {
                     name,
                     weight,
                     lora,
                     scale,
+                    dropout,
                 })
             };
         let mut blocks = Vec::with_capacity(cfg.num_layers);
@@ -163,44 +276,87 @@ impl TrainModel {
             let a = format!("{p}.self_attn");
             let m = format!("{p}.mlp");
             blocks.push(Block {
-                input_layernorm: f32t(w.tensor(&format!("{p}.input_layernorm.weight"), &[h])?)?,
+                input_layernorm: param(
+                    w.tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
+                    false,
+                )?,
                 q: linear(w, format!("{a}.q_proj"), nh * hd, h)?,
                 k: linear(w, format!("{a}.k_proj"), kvh * hd, h)?,
                 v: linear(w, format!("{a}.v_proj"), kvh * hd, h)?,
                 o: linear(w, format!("{a}.o_proj"), h, nh * hd)?,
-                post_attention_layernorm: f32t(
+                post_attention_layernorm: param(
                     w.tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                    false,
                 )?,
                 gate: linear(w, format!("{m}.gate_proj"), i, h)?,
                 up: linear(w, format!("{m}.up_proj"), i, h)?,
                 down: linear(w, format!("{m}.down_proj"), h, i)?,
             });
         }
-        let embed_tokens = f32t(w.tensor("model.embed_tokens.weight", &[v, h])?)?;
+        let embed = w.tensor("model.embed_tokens.weight", &[v, h])?;
+        let embed_tokens = param(embed.clone(), true)?;
         let lm_head = if w.has("lm_head.weight") {
-            f32t(w.tensor("lm_head.weight", &[v, h])?)?
+            param(w.tensor("lm_head.weight", &[v, h])?, false)?
         } else if cfg.tie_word_embeddings {
-            embed_tokens.clone()
+            match &embed_tokens {
+                // Tied: one variable serves both ends.
+                Param::Trained(_) => embed_tokens.clone(),
+                Param::Frozen(_) => Param::Frozen(embed.to_dtype(DType::F32)?),
+            }
         } else {
             bail!("checkpoint has no `lm_head.weight` and does not tie word embeddings");
         };
         Ok(Self {
-            norm: f32t(w.tensor("model.norm.weight", &[h])?)?,
+            norm: param(w.tensor("model.norm.weight", &[h])?, false)?,
             gguf_head_dim: w.gguf_content().is_some().then_some(cfg.head_dim),
             cfg,
             embed_tokens,
             blocks,
             lm_head,
             device,
-            lora: lora.cloned(),
+            options: opts.clone(),
             attention_block: 256,
             loss_chunk: 512,
+            checkpoint_layers: false,
+            dropout_seed: std::cell::Cell::new(None),
         })
     }
 
-    /// Every adapter tensor, named as PEFT names them (`base_model.model.<module>.lora_A.weight`).
+    /// Turns the adapters' dropout on with masks drawn from `seed` (per layer and
+    /// projection), or off (`None`, e.g. for evaluation).
+    pub fn set_dropout_seed(&self, seed: Option<u64>) {
+        self.dropout_seed.set(seed);
+    }
+
+    pub fn options(&self) -> &TrainOptions {
+        &self.options
+    }
+
+    /// Every trained tensor with its name: PEFT names for adapters
+    /// (`base_model.model.<module>.lora_A.weight`), HF names for full fine-tuning.
     pub fn trainable(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
+        let mut push = |name: String, p: &Param| {
+            if let Param::Trained(v) = p {
+                if !out.iter().any(|(_, o): &(String, Var)| o.id() == v.id()) {
+                    out.push((name, v.clone()));
+                }
+            }
+        };
+        push("model.embed_tokens.weight".into(), &self.embed_tokens);
+        for (l, b) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            push(format!("{p}.input_layernorm.weight"), &b.input_layernorm);
+            push(
+                format!("{p}.post_attention_layernorm.weight"),
+                &b.post_attention_layernorm,
+            );
+            for lin in b.linears() {
+                push(format!("{}.weight", lin.name), &lin.weight);
+            }
+        }
+        push("model.norm.weight".into(), &self.norm);
+        push("lm_head.weight".into(), &self.lm_head);
         for l in self.linears() {
             if let Some((a, b)) = &l.lora {
                 out.push((
@@ -218,14 +374,10 @@ impl TrainModel {
 
     /// Every projection, in layer order.
     pub fn linears(&self) -> Vec<&TrainLinear> {
-        self.blocks
-            .iter()
-            .flat_map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down])
-            .collect()
+        self.blocks.iter().flat_map(|b| b.linears()).collect()
     }
 
-    /// Final hidden states `(b·t, hidden)` of `rows`.
-    pub fn hidden(&self, rows: &Rows) -> Result<Tensor> {
+    fn prepare<'a>(&self, rows: &Rows<'a>) -> Result<Prepared<'a>> {
         let b = rows.tokens.len();
         let t = rows.tokens.first().map_or(0, Vec::len);
         if rows.tokens.iter().any(|r| r.len() != t)
@@ -234,64 +386,180 @@ impl TrainModel {
         {
             bail!("rows of tokens, positions and segments must all be ({b}, {t})");
         }
-        let c = &self.cfg;
-        let (nh, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let ids: Vec<u32> = rows.tokens.iter().flatten().copied().collect();
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
-            bail!("token id {bad} outside the vocabulary of {}", c.vocab_size);
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            bail!(
+                "token id {bad} outside the vocabulary of {}",
+                self.cfg.vocab_size
+            );
         }
-        let ids = Tensor::new(ids, &self.device)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?; // (n, h)
-        let (cos, sin) = c.rope.cos_sin(rows.positions, &self.device)?; // (b, t, hd/2)
+        let (cos, sin) = self.cfg.rope.cos_sin(rows.positions, &self.device)?; // (b, t, hd/2)
+        Ok(Prepared {
+            ids: Tensor::new(ids, &self.device)?,
+            cos,
+            sin,
+            b,
+            t,
+            segments: rows.segments,
+            dropout_seed: self.dropout_seed.get(),
+        })
+    }
+
+    /// Token embeddings `(b·t, hidden)` in f32.
+    fn embed(&self, p: &Prepared) -> Result<Tensor> {
+        Ok(self
+            .embed_tokens
+            .tensor()
+            .index_select(&p.ids, 0)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// One decoder layer: `x` `(b·t, hidden)` → `(b·t, hidden)`.
+    fn layer(&self, l: usize, x: &Tensor, p: &Prepared) -> Result<Tensor> {
+        let c = &self.cfg;
+        let blk = &self.blocks[l];
+        let (b, t) = (p.b, p.t);
+        let (nh, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let seed = |j: u64| {
+            p.dropout_seed.map(|s| {
+                crate::records::derived_u64(s, &[&(l as u64).to_le_bytes(), &j.to_le_bytes()])
+            })
+        };
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) // (b, n, t, hd)
         };
-        for blk in &self.blocks {
-            let h1 = ops::rms_norm(&x, &blk.input_layernorm, c.rms_norm_eps)?;
-            let q = ops::rope(&heads(blk.q.forward(&h1)?, nh)?, &cos, &sin, c.rope.layout)?;
-            let k = ops::rope(&heads(blk.k.forward(&h1)?, kvh)?, &cos, &sin, c.rope.layout)?;
-            let v = heads(blk.v.forward(&h1)?, kvh)?;
-            let att = ops::chunked_attention(&q, &k, &v, rows.segments, self.attention_block)?;
-            let att = att.transpose(1, 2)?.reshape((b * t, nh * hd))?;
-            x = (x + blk.o.forward(&att)?)?;
-            let h2 = ops::rms_norm(&x, &blk.post_attention_layernorm, c.rms_norm_eps)?;
-            let m = (blk.gate.forward(&h2)?.silu()? * blk.up.forward(&h2)?)?;
-            x = (x + blk.down.forward(&m)?)?;
+        let h1 = ops::rms_norm(x, blk.input_layernorm.tensor(), c.rms_norm_eps)?;
+        let q = ops::rope(
+            &heads(blk.q.forward(&h1, seed(0))?, nh)?,
+            &p.cos,
+            &p.sin,
+            c.rope.layout,
+        )?;
+        let k = ops::rope(
+            &heads(blk.k.forward(&h1, seed(1))?, kvh)?,
+            &p.cos,
+            &p.sin,
+            c.rope.layout,
+        )?;
+        let v = heads(blk.v.forward(&h1, seed(2))?, kvh)?;
+        let att = ops::chunked_attention(&q, &k, &v, p.segments, self.attention_block)?;
+        let att = att.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+        let x = (x + blk.o.forward(&att, seed(3))?)?;
+        let h2 = ops::rms_norm(&x, blk.post_attention_layernorm.tensor(), c.rms_norm_eps)?;
+        let m = (blk.gate.forward(&h2, seed(4))?.silu()? * blk.up.forward(&h2, seed(5))?)?;
+        Ok((x + blk.down.forward(&m, seed(6))?)?)
+    }
+
+    /// Final hidden states `(b·t, hidden)` of `rows`.
+    pub fn hidden(&self, rows: &Rows) -> Result<Tensor> {
+        let p = self.prepare(rows)?;
+        let mut x = self.embed(&p)?;
+        for l in 0..self.blocks.len() {
+            x = self.layer(l, &x, &p)?;
         }
-        Ok(ops::rms_norm(&x, &self.norm, c.rms_norm_eps)?)
+        Ok(ops::rms_norm(
+            &x,
+            self.norm.tensor(),
+            self.cfg.rms_norm_eps,
+        )?)
     }
 
     /// Logits `(n, vocab)` of hidden states (whole; for checks and short inputs).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.matmul(&self.lm_head.t()?)?)
+        Ok(hidden.matmul(&self.lm_head.tensor().t()?)?)
+    }
+
+    fn head_loss(&self, h: &Tensor, targets: &[i64]) -> Result<Tensor> {
+        let trained = matches!(self.lm_head, Param::Trained(_));
+        ops::chunked_cross_entropy(h, self.lm_head.tensor(), targets, self.loss_chunk, trained)
+            .context("the loss")
     }
 
     /// The summed cross-entropy of `rows` against `targets` (`(b·t)`, [`ops::IGNORE`] where
     /// no loss is taken), the logits computed `loss_chunk` rows at a time.
     pub fn loss(&self, rows: &Rows, targets: &[i64]) -> Result<Tensor> {
         let h = self.hidden(rows)?;
-        ops::chunked_cross_entropy(&h, &self.lm_head, targets, self.loss_chunk, false)
-            .context("the loss")
+        self.head_loss(&h, targets)
+    }
+
+    /// The summed loss (as [`Self::loss`]) and the gradients of every trained tensor. With
+    /// `checkpoint_layers`, only each layer's input is kept from the forward pass; the
+    /// backward pass walks the layers from the top, recomputing one layer's graph at a time
+    /// from its input and the gradient arriving from above (same gradients, activation
+    /// memory of one layer instead of all).
+    pub fn loss_and_grads(&self, rows: &Rows, targets: &[i64]) -> Result<(f64, GradStore)> {
+        if !self.checkpoint_layers {
+            let loss = self.loss(rows, targets)?;
+            let value = loss.to_scalar::<f32>()? as f64;
+            return Ok((value, loss.backward()?));
+        }
+        let vars: Vec<Var> = self.trainable().into_iter().map(|(_, v)| v).collect();
+        let mut grads = GradStore::default();
+        let keep = |grads: &mut GradStore, g: &GradStore| -> Result<()> {
+            for v in &vars {
+                if let Some(d) = g.get(v.as_tensor()) {
+                    let sum = match grads.remove(v.as_tensor()) {
+                        Some(acc) => (acc + d)?,
+                        None => d.clone(),
+                    };
+                    grads.insert(v.as_tensor(), sum);
+                }
+            }
+            Ok(())
+        };
+        let p = self.prepare(rows)?;
+        // Forward: each layer's input kept, its graph dropped.
+        let mut inputs = Vec::with_capacity(self.blocks.len());
+        let mut x = self.embed(&p)?.detach();
+        for l in 0..self.blocks.len() {
+            let y = self.layer(l, &x, &p)?.detach();
+            inputs.push(std::mem::replace(&mut x, y));
+        }
+        // The head: final norm and loss from the last hidden state.
+        let top = Var::from_tensor(&x)?;
+        drop(x);
+        let h = ops::rms_norm(top.as_tensor(), self.norm.tensor(), self.cfg.rms_norm_eps)?;
+        let loss = self.head_loss(&h, targets)?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        let g = loss.backward()?;
+        keep(&mut grads, &g)?;
+        let mut dy = g
+            .get(top.as_tensor())
+            .context("no gradient reached the last hidden state")?
+            .detach();
+        drop(g);
+        // Layers from the top: recompute, backpropagate `dy`, pass the input's gradient down.
+        for l in (0..self.blocks.len()).rev() {
+            let input = Var::from_tensor(&inputs.pop().expect("one input per layer"))?;
+            let y = self.layer(l, input.as_tensor(), &p)?;
+            let g = (y * &dy)?.sum_all()?.backward()?;
+            keep(&mut grads, &g)?;
+            dy = g
+                .get(input.as_tensor())
+                .with_context(|| format!("no gradient reached layer {l}'s input"))?
+                .detach();
+        }
+        if let Param::Trained(e) = &self.embed_tokens {
+            let x = e.as_tensor().index_select(&p.ids, 0)?;
+            keep(&mut grads, &(x * &dy)?.sum_all()?.backward()?)?;
+        }
+        Ok((value, grads))
     }
 }
 
 impl TrainModel {
     /// Writes the adapters as a PEFT LoRA folder (`adapter_config.json` +
     /// `adapter_model.safetensors`, PEFT tensor names, q/k rows in HF order) that PEFT loads
-    /// onto `base_model` and `wildlong --adapter` merges; atomically.
-    pub fn save_peft(&self, dir: &std::path::Path, base_model: &str) -> Result<()> {
-        let Some(spec) = &self.lora else {
+    /// onto `base_model` and `wildlong --adapter` merges, plus the RoPE record the engine
+    /// applies and checks; atomically per file.
+    pub fn save_peft(&self, dir: &Path, base_model: &str) -> Result<()> {
+        let Some(spec) = &self.options.lora else {
             bail!("this model has no LoRA adapters to export");
         };
         let mut tensors = std::collections::HashMap::new();
         for l in self.linears() {
             let Some((a, b)) = &l.lora else { continue };
-            let mut b = b.as_tensor().clone();
-            if let Some(hd) = self.gguf_head_dim {
-                if l.name.ends_with("self_attn.q_proj") || l.name.ends_with("self_attn.k_proj") {
-                    b = crate::engine::weights::unpermute_rows_from_gguf(&b, hd)?;
-                }
-            }
+            let b = self.hf_rows(&l.name, b.as_tensor().clone())?;
             let p = format!("base_model.model.{}", l.name);
             tensors.insert(format!("{p}.lora_A.weight"), a.as_tensor().clone());
             tensors.insert(format!("{p}.lora_B.weight"), b);
@@ -302,7 +570,7 @@ impl TrainModel {
             "base_model_name_or_path": base_model,
             "r": spec.rank,
             "lora_alpha": spec.alpha,
-            "lora_dropout": 0.0,
+            "lora_dropout": spec.dropout,
             "target_modules": spec.targets,
             "bias": "none",
             "fan_in_fan_out": false,
@@ -318,26 +586,146 @@ impl TrainModel {
         crate::records::write_atomic(
             &dir.join("adapter_config.json"),
             serde_json::to_string_pretty(&config)?.as_bytes(),
-        )
+        )?;
+        RopeRecord::of(&self.cfg.rope).write(dir)
+    }
+
+    /// q/k rows of a GGUF-sourced tensor put back in HF order (others unchanged).
+    fn hf_rows(&self, name: &str, t: Tensor) -> Result<Tensor> {
+        match self.gguf_head_dim {
+            Some(hd)
+                if name.ends_with("self_attn.q_proj") || name.ends_with("self_attn.k_proj") =>
+            {
+                crate::engine::weights::unpermute_rows_from_gguf(&t, hd)
+            }
+            _ => Ok(t),
+        }
+    }
+
+    /// Writes the model with adapters merged (or fully trained weights) as an HF folder:
+    /// `model.safetensors` (f32), `config.json` with the trained RoPE settings, the
+    /// tokenizer (`tokenizer.json`, `tokenizer_config.json` with the chat template) and the
+    /// RoPE record; the folder appears whole (written beside it, then renamed).
+    pub fn save_merged(
+        &self,
+        dir: &Path,
+        tokenizer: &crate::engine::tokenizer::Tokenizer,
+        template: Option<&crate::engine::chat::ChatTemplate>,
+    ) -> Result<()> {
+        let config = self.cfg.to_hf_json("float32")?;
+        let mut tensors = std::collections::HashMap::new();
+        let plain = |p: &Param| p.f32();
+        tensors.insert(
+            "model.embed_tokens.weight".to_string(),
+            plain(&self.embed_tokens)?,
+        );
+        for (l, b) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            tensors.insert(
+                format!("{p}.input_layernorm.weight"),
+                plain(&b.input_layernorm)?,
+            );
+            tensors.insert(
+                format!("{p}.post_attention_layernorm.weight"),
+                plain(&b.post_attention_layernorm)?,
+            );
+            for lin in b.linears() {
+                tensors.insert(
+                    format!("{}.weight", lin.name),
+                    self.hf_rows(&lin.name, lin.merged()?)?,
+                );
+            }
+        }
+        tensors.insert("model.norm.weight".to_string(), plain(&self.norm)?);
+        if !self.cfg.tie_word_embeddings {
+            tensors.insert("lm_head.weight".to_string(), plain(&self.lm_head)?);
+        }
+        let parent = dir.parent().unwrap_or(Path::new("."));
+        let name = dir
+            .file_name()
+            .map_or("merged".into(), |n| n.to_string_lossy().into_owned());
+        let tmp = parent.join(format!(".{name}.{}.tmp", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        safetensors::serialize_to_file(&tensors, None, &tmp.join("model.safetensors"))
+            .with_context(|| format!("writing {}", tmp.join("model.safetensors").display()))?;
+        std::fs::write(
+            tmp.join("config.json"),
+            serde_json::to_string_pretty(&config)?,
+        )?;
+        tokenizer
+            .inner()
+            .save(tmp.join("tokenizer.json"), false)
+            .map_err(|e| anyhow::anyhow!("writing tokenizer.json: {e}"))?;
+        let tc = serde_json::json!({
+            "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token,
+            "chat_template": template.map(|t| t.source.clone()),
+        });
+        std::fs::write(
+            tmp.join("tokenizer_config.json"),
+            serde_json::to_string_pretty(&tc)?,
+        )?;
+        RopeRecord::of(&self.cfg.rope).write(&tmp)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).with_context(|| format!("replacing {}", dir.display()))?;
+        }
+        std::fs::rename(&tmp, dir).with_context(|| format!("renaming to {}", dir.display()))?;
+        Ok(())
     }
 }
 
-/// Loads `spec` (see [`crate::models::resolve`]) for training, with its tokenizer.
-pub fn load(
+/// A model read for training, with what its exports and data need.
+pub struct Loaded {
+    pub model: TrainModel,
+    pub tokenizer: crate::engine::tokenizer::Tokenizer,
+    pub template: Option<crate::engine::chat::ChatTemplate>,
+}
+
+/// Loads `spec` (see [`crate::models::resolve`]) for training as `opts` says; `rope`, when
+/// given, replaces the checkpoint's RoPE settings (a recipe's context extension).
+pub fn load_with(
     spec: &str,
-    models_dir: &std::path::Path,
-    lora: Option<&LoraSpec>,
-) -> Result<(
-    TrainModel,
-    crate::engine::tokenizer::Tokenizer,
-    Option<crate::engine::chat::ChatTemplate>,
-)> {
+    models_dir: &Path,
+    opts: &TrainOptions,
+    rope: Option<&RopeRecord>,
+) -> Result<Loaded> {
     let engine_cfg = crate::config::EngineConfig {
         dtype: "f32".into(),
         ..Default::default()
     };
     let mut located =
         crate::models::locate(crate::models::resolve(spec, models_dir)?, &engine_cfg)?;
-    let model = TrainModel::load(&mut located.source, located.config.clone(), lora)?;
-    Ok((model, located.tokenizer, located.chat_template))
+    let mut cfg = located.config.clone();
+    if let Some(r) = rope {
+        r.apply(&mut cfg.rope);
+        cfg.validate().context("the recipe's [rope] settings")?;
+    }
+    let model = TrainModel::load_with(&mut located.source, cfg, opts)?;
+    if rope.is_some_and(|r| r.rope_scaling != RopeScaling::Default)
+        && model.cfg.rope.freq_factors.is_some()
+    {
+        bail!("{spec}: its GGUF RoPE already carries per-frequency factors (rope_freqs); a recipe's rope_scaling would apply twice — use the HF checkpoint");
+    }
+    Ok(Loaded {
+        model,
+        tokenizer: located.tokenizer,
+        template: located.chat_template,
+    })
+}
+
+/// Loads `spec` with adapters per `lora` (f32, the checkpoint's RoPE), with its tokenizer.
+pub fn load(
+    spec: &str,
+    models_dir: &Path,
+    lora: Option<&LoraSpec>,
+) -> Result<(
+    TrainModel,
+    crate::engine::tokenizer::Tokenizer,
+    Option<crate::engine::chat::ChatTemplate>,
+)> {
+    let l = load_with(spec, models_dir, &TrainOptions::lora(lora), None)?;
+    Ok((l.model, l.tokenizer, l.template))
 }

@@ -248,7 +248,16 @@ impl CustomOp2 for FrozenMatmul {
         if k != k2 {
             candle_core::bail!("frozen matmul: x (.., {k}) with w ({n}, {k2})");
         }
-        let out = s1.matmul(s2, (1, m, n, k), l1, &l2.transpose(0, 1)?)?;
+        // bf16 base weights are widened here, one projection at a time (the copy is freed
+        // when the product is done; the graph keeps the bf16 weight only).
+        let out = match s2 {
+            CpuStorage::BF16(_) => {
+                let w = s2.to_dtype(l2, candle_core::DType::F32)?;
+                let lw = Layout::contiguous((n, k));
+                s1.matmul(&w, (1, m, n, k), l1, &lw.transpose(0, 1)?)?
+            }
+            _ => s1.matmul(s2, (1, m, n, k), l1, &l2.transpose(0, 1)?)?,
+        };
         Ok((out, (m, n).into()))
     }
 
@@ -259,11 +268,13 @@ impl CustomOp2 for FrozenMatmul {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(dy.detach().matmul(&w.detach())?), None))
+        let w = w.detach().to_dtype(candle_core::DType::F32)?;
+        Ok((Some(dy.detach().matmul(&w)?), None))
     }
 }
 
-/// `x · wᵀ` for `x` `(..., k)` and a frozen `w` `(n, k)`: a gradient flows to `x` only.
+/// `x · wᵀ` for `x` `(..., k)` f32 and a frozen `w` `(n, k)` (f32, or bf16 widened per call):
+/// a gradient flows to `x` only.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&1);

@@ -19,6 +19,9 @@ pub struct StepSettings {
     pub min_lr_ratio: f64,
     /// Global-norm clipping (None = off).
     pub max_grad_norm: Option<f64>,
+    /// Seeds the adapters' dropout masks: micro-batch `i` of step `s` draws from
+    /// `derived(seed, s, i)`, so a resumed run draws the same masks.
+    pub seed: u64,
 }
 
 /// What one step did (a line of the training log).
@@ -46,8 +49,16 @@ pub fn train_step(
     let mut acc = Accumulator::new(vars.len());
     let mut loss_sum = 0f64;
     let mut tokens = 0usize;
-    for b in micro {
-        let loss = model.loss(
+    for (i, b) in micro.iter().enumerate() {
+        model.set_dropout_seed(Some(crate::records::derived_u64(
+            s.seed,
+            &[
+                b"dropout",
+                &(step as u64).to_le_bytes(),
+                &(i as u64).to_le_bytes(),
+            ],
+        )));
+        let (loss, grads) = model.loss_and_grads(
             &Rows {
                 tokens: &b.tokens,
                 positions: &b.positions,
@@ -55,10 +66,11 @@ pub fn train_step(
             },
             &b.targets,
         )?;
-        loss_sum += loss.to_scalar::<f32>()? as f64;
+        loss_sum += loss;
         tokens += b.counted();
-        acc.add(&vars, &loss.backward()?)?;
+        acc.add(&vars, &grads)?;
     }
+    model.set_dropout_seed(None);
     let mut grads = acc.mean(&vars, tokens)?;
     let grad_norm = match s.max_grad_norm {
         Some(max) => clip_global_norm(&mut grads, max)?,

@@ -13,6 +13,7 @@ fn lora(targets: &[&str]) -> LoraSpec {
         alpha: 8.0,
         targets: targets.iter().map(|s| s.to_string()).collect(),
         seed: 3,
+        dropout: 0.0,
     }
 }
 
@@ -50,6 +51,15 @@ fn reference(dir: &std::path::Path, tokens: &[u32]) -> Tensor {
     let v = r[0].len();
     let flat: Vec<f32> = r.into_iter().flatten().map(|x| x as f32).collect();
     Tensor::from_vec(flat, (tokens.len(), v), &Device::Cpu).unwrap()
+}
+
+fn sum_sq(t: &Tensor) -> f32 {
+    t.sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Sets every adapter's B to small random values (PEFT starts at 0, which gives A no gradient).
@@ -126,14 +136,7 @@ fn every_adapter_tensor_gets_a_gradient_and_no_base_weight_does() {
         let g = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{name}: no gradient"));
-        let norm = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(norm > 0.0, "{name}: zero gradient");
+        assert!(sum_sq(g) > 0.0, "{name}: zero gradient");
     }
     assert_eq!(m.trainable().len(), 28);
     // The frozen matmul allocates no gradient for any base weight.
@@ -445,6 +448,7 @@ fn steps_lower_the_loss_and_pin_the_numerics() {
         total_steps: 30,
         min_lr_ratio: 0.1,
         max_grad_norm: Some(1.0),
+        seed: 0,
     };
     let batch = overfit_batch();
     let logs: Vec<_> = (0..30)
@@ -494,9 +498,298 @@ fn a_step_with_non_finite_gradients_is_skipped() {
         total_steps: 10,
         min_lr_ratio: 0.0,
         max_grad_norm: Some(1.0),
+        seed: 0,
     };
     let log = train_step(&m, &mut opt, &[overfit_batch()], 0, &s).unwrap();
     assert!(log.skipped);
     assert_eq!(opt.t, 0);
     assert_eq!(vars[0].as_tensor().to_vec2::<f32>().unwrap(), a_before);
+}
+
+fn opts(lora: Option<LoraSpec>, full: bool, base: DType) -> model::TrainOptions {
+    model::TrainOptions {
+        lora,
+        full,
+        base_dtype: base,
+    }
+}
+
+fn tiny_with(o: &model::TrainOptions, tie: bool) -> (tempfile::TempDir, TrainModel) {
+    let spec = TinySpec {
+        tie,
+        ..Default::default()
+    };
+    let d = tiny_random(&spec, 7);
+    let l = model::load_with(d.path().to_str().unwrap(), &root().join("models"), o, None).unwrap();
+    (d, l.model)
+}
+
+/// Loss and every trained tensor's gradient (in `trainable()` order) of the overfit batch.
+fn grads_of(m: &TrainModel) -> (f64, Vec<Tensor>) {
+    let b = overfit_batch();
+    let rows = Rows {
+        tokens: &b.tokens,
+        positions: &b.positions,
+        segments: &b.segments,
+    };
+    let (loss, g) = m.loss_and_grads(&rows, &b.targets).unwrap();
+    let grads = m
+        .trainable()
+        .iter()
+        .map(|(n, v)| {
+            g.get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{n}: no gradient"))
+                .clone()
+        })
+        .collect();
+    (loss, grads)
+}
+
+fn assert_same_grads(a: &[Tensor], b: &[Tensor], names: &[String]) {
+    assert_eq!(a.len(), b.len());
+    for ((x, y), n) in a.iter().zip(b).zip(names) {
+        let scale = y
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-6);
+        let d = max_abs_diff(x, y) / scale;
+        assert!(
+            d < 1e-4,
+            "{n}: checkpointed gradient differs by {d} (relative)"
+        );
+    }
+}
+
+#[test]
+fn layer_checkpointing_gives_the_same_gradients_with_dropout_lora_and_full() {
+    // LoRA on every projection with dropout on: the recomputed layers must draw the same masks.
+    let spec = LoraSpec {
+        dropout: 0.2,
+        ..lora(&PROJECTIONS)
+    };
+    let (_, mut m) = tiny_with(&opts(Some(spec), false, DType::F32), false);
+    randomise_b(&m);
+    m.set_dropout_seed(Some(5));
+    let names: Vec<String> = m.trainable().into_iter().map(|(n, _)| n).collect();
+    let (l0, g0) = grads_of(&m);
+    m.checkpoint_layers = true;
+    let (l1, g1) = grads_of(&m);
+    assert!((l0 - l1).abs() < 1e-9 * l0.abs().max(1.0), "{l0} vs {l1}");
+    assert_same_grads(&g1, &g0, &names);
+    // The masks are seeded: the same seed gives the same loss, another seed another, none
+    // (evaluation) the loss without dropout.
+    assert_eq!(grads_of(&m).0, l1);
+    m.set_dropout_seed(Some(6));
+    let other = grads_of(&m).0;
+    m.set_dropout_seed(None);
+    let off = grads_of(&m).0;
+    assert!((other - l1).abs() > 1e-4 && (off - l1).abs() > 1e-4 && (off - other).abs() > 1e-4);
+
+    // Full fine-tuning with tied embeddings: every weight trains (the tied matrix once, its
+    // gradient from both ends), no adapters, and checkpointing changes nothing.
+    let (_, mut m) = tiny_with(&opts(None, true, DType::F32), true);
+    let names: Vec<String> = m.trainable().into_iter().map(|(n, _)| n).collect();
+    let c = &m.cfg;
+    assert_eq!(names.len(), 1 + c.num_layers * 9 + 1, "{names:?}");
+    assert!(!names.iter().any(|n| n == "lm_head.weight"));
+    let (l0, g0) = grads_of(&m);
+    for (g, n) in g0.iter().zip(&names) {
+        assert!(sum_sq(g) > 0.0, "{n} got a zero gradient");
+    }
+    m.checkpoint_layers = true;
+    let (l1, g1) = grads_of(&m);
+    assert!((l0 - l1).abs() < 1e-9 * l0.abs().max(1.0));
+    assert_same_grads(&g1, &g0, &names);
+}
+
+#[test]
+fn full_fine_tuning_gradients_match_finite_differences() {
+    // One entry of each kind of weight, nudged: the loss moves as its gradient says.
+    let (_, m) = tiny_with(&opts(None, true, DType::F32), false);
+    let (_, grads) = grads_of(&m);
+    let vars = m.trainable();
+    for name in [
+        "model.embed_tokens.weight",
+        "model.layers.1.input_layernorm.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "lm_head.weight",
+    ] {
+        let i = vars.iter().position(|(n, _)| n == name).unwrap();
+        let var = &vars[i].1;
+        let flat = var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let g = grads[i].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // The entry with the largest gradient (a used embedding row, for the embeddings).
+        let j = (0..g.len())
+            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+            .unwrap();
+        let eps = 1e-2f32;
+        let at = |delta: f32| {
+            let mut w = flat.clone();
+            w[j] += delta;
+            var.set(&Tensor::from_vec(w, var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+            grads_of(&m).0
+        };
+        let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+        at(0.0);
+        let rel = (fd - g[j] as f64).abs() / (g[j] as f64).abs().max(1e-3);
+        assert!(
+            rel < 2e-2,
+            "{name}[{j}]: finite difference {fd} vs gradient {}",
+            g[j]
+        );
+    }
+}
+
+#[test]
+fn bf16_base_weights_hold_half_the_bytes_and_train_the_same_adapters() {
+    let spec = lora(&PROJECTIONS);
+    let (_, m32) = tiny_with(&opts(Some(spec.clone()), false, DType::F32), false);
+    let (_, m16) = tiny_with(&opts(Some(spec), false, DType::BF16), false);
+    for l in m16.linears() {
+        assert_eq!(l.weight().dtype(), DType::BF16, "{}", l.name);
+    }
+    randomise_b(&m32);
+    randomise_b(&m16);
+    let (l32, g32) = grads_of(&m32);
+    let (l16, g16) = grads_of(&m16);
+    // bf16 keeps 8 bits of mantissa: the loss and gradients agree to about 1 %.
+    assert!((l32 - l16).abs() / l32 < 1e-2, "{l32} vs {l16}");
+    let names: Vec<String> = m16.trainable().into_iter().map(|(n, _)| n).collect();
+    for ((a, b), n) in g16.iter().zip(&g32).zip(&names) {
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(max_abs_diff(a, b) / scale < 0.1, "{n}");
+        assert_eq!(a.dtype(), DType::F32);
+    }
+}
+
+#[test]
+fn the_merged_export_loads_in_the_engine_as_the_trained_model() {
+    use wildlong::engine::rope::{RopeRecord, RopeScaling};
+    // A tiny safetensors base trained with linear RoPE scaling: the merged folder runs in the
+    // engine with the trained logits and the trained RoPE; the adapter brings its RoPE too.
+    let spec = lora(&["q_proj", "v_proj", "up_proj"]);
+    let d = tiny_random(&TinySpec::default(), 7);
+    let rope = RopeRecord {
+        rope_theta: 20_000.0,
+        rope_scaling: RopeScaling::Linear { factor: 2.0 },
+        max_position_embeddings: 256,
+    };
+    let l = model::load_with(
+        d.path().to_str().unwrap(),
+        &root().join("models"),
+        &model::TrainOptions::lora(Some(&spec)),
+        Some(&rope),
+    )
+    .unwrap();
+    randomise_b(&l.model);
+    let tokens = [8u32, 1, 77, 140, 2, 61, 9, 33, 100, 4];
+    let ours = logits_of(&l.model, &tokens);
+    let out = tempdir();
+    let merged = out.path().join("merged");
+    l.model
+        .save_merged(&merged, &l.tokenizer, l.template.as_ref())
+        .unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        cfg["rope_scaling"],
+        serde_json::json!({"rope_type": "linear", "factor": 2.0})
+    );
+    assert_eq!(cfg["rope_theta"], 20_000.0);
+    let e = wildlong::models::load_engine(
+        merged.to_str().unwrap(),
+        &root().join("models"),
+        &wildlong::config::EngineConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        e.model.config().rope.scaling,
+        RopeScaling::Linear { factor: 2.0 }
+    );
+    let got = wildlong::engine::llama::full_logits(&e.model, &tokens).unwrap();
+    assert!(max_abs_diff(&got, &ours) < 1e-4);
+
+    let adapter = out.path().join("adapter");
+    l.model.save_peft(&adapter, "tiny").unwrap();
+    assert!(max_abs_diff(&engine_with_adapter(d.path(), &adapter, &tokens), &ours) < 1e-4);
+
+    // A load that would run other positions is an error, not a fallback.
+    let theta = wildlong::config::EngineConfig {
+        rope_theta: Some(10_000.0),
+        ..Default::default()
+    };
+    for (m, a) in [
+        (merged.as_path(), None),
+        (d.path(), Some(adapter.as_path())),
+    ] {
+        let err = wildlong::models::load_engine_with_adapter(
+            m.to_str().unwrap(),
+            a,
+            &root().join("models"),
+            &theta,
+        )
+        .err()
+        .expect("a contradicting rope_theta is refused");
+        assert!(format!("{err:#}").contains("trained with"), "{err:#}");
+    }
+    let mut edited = cfg.clone();
+    edited["rope_scaling"] = serde_json::Value::Null;
+    std::fs::write(merged.join("config.json"), edited.to_string()).unwrap();
+    let err = wildlong::models::load_engine(
+        merged.to_str().unwrap(),
+        &root().join("models"),
+        &Default::default(),
+    )
+    .err()
+    .unwrap();
+    assert!(format!("{err:#}").contains("trained with RoPE"), "{err:#}");
+}
+
+#[test]
+fn the_default_model_merged_to_hf_files_keeps_its_tokenizer_and_logits() {
+    let spec = lora(&["q_proj", "k_proj", "gate_proj"]);
+    let (m, tok, template) = model::load(
+        default_model_path().to_str().unwrap(),
+        &root().join("models"),
+        Some(&spec),
+    )
+    .unwrap();
+    randomise_b(&m);
+    let out = tempdir();
+    let merged = out.path().join("merged");
+    m.save_merged(&merged, &tok, template.as_ref()).unwrap();
+    let e = wildlong::models::load_engine(
+        merged.to_str().unwrap(),
+        &root().join("models"),
+        &Default::default(),
+    )
+    .unwrap();
+    let text = "<|im_start|>user\nHow long is a long context?<|im_end|>\n";
+    let ids = tok.encode(text, true).unwrap();
+    assert_eq!(e.tokenizer.encode(text, true).unwrap(), ids);
+    let msgs = [wildlong::engine::chat::Message::new("user", "Hi")];
+    assert_eq!(
+        e.chat_template
+            .as_ref()
+            .unwrap()
+            .render(&msgs, true)
+            .unwrap(),
+        template.as_ref().unwrap().render(&msgs, true).unwrap()
+    );
+    let got = wildlong::engine::llama::full_logits(&e.model, &ids).unwrap();
+    let d = max_abs_diff(&got, &logits_of(&m, &ids));
+    assert!(d < 2e-3, "merged default model differs by {d}");
 }
