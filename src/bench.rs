@@ -42,6 +42,9 @@ fn timed(f: impl FnOnce() -> Result<()>) -> Result<f64> {
 }
 
 pub fn run(args: &BenchArgs, threads: usize, models_dir: &Path) -> Result<()> {
+    if let Some(seq) = args.train_seq {
+        return train(args, seq, models_dir);
+    }
     let mut cfg = args.engine.engine_config(threads)?;
     cfg.max_batch = args.batch.max(args.continuations).max(1);
     let engine = models::load_engine(&args.engine.model, models_dir, &cfg)?;
@@ -151,6 +154,92 @@ pub fn run(args: &BenchArgs, threads: usize, models_dir: &Path) -> Result<()> {
     println!("{result}");
     if let Some(path) = &args.json {
         std::fs::write(path, format!("{result}\n"))?;
+    }
+    Ok(())
+}
+
+/// LoRA training throughput and peak memory, on the settings of `hf_cpu_baseline.py`: r = 16,
+/// α = 32, no dropout, all seven projections, one row of `seq` tokens of Lorem ipsum with
+/// every next token counted, AdamW at 1e-4; four steps, the median of the last three. The
+/// `--plan` prediction for the same settings is printed beside the measured peak.
+fn train(args: &BenchArgs, seq: usize, models_dir: &Path) -> Result<()> {
+    use crate::train::{model, optim, plan::Plan, step};
+    let spec = model::LoraSpec {
+        rank: 16,
+        alpha: 32.0,
+        targets: model::PROJECTIONS.map(String::from).to_vec(),
+        seed: 0,
+        dropout: 0.0,
+    };
+    let loaded = model::load_with(
+        &args.engine.model,
+        models_dir,
+        &model::TrainOptions::lora(Some(&spec)),
+        None,
+    )?;
+    let mut m = loaded.model;
+    m.checkpoint_layers = args.checkpoint_layers;
+    let text = "Lorem ipsum dolor sit amet, consectetur adipiscing elit. ".repeat(400);
+    let ids = loaded.tokenizer.encode(&text, true)?;
+    if ids.len() < seq + 1 {
+        bail!("could not build a {seq}-token row");
+    }
+    let batch = crate::train::data::Batch {
+        tokens: vec![ids[..seq].to_vec()],
+        positions: vec![(0..seq as u32).collect()],
+        segments: vec![vec![0; seq]],
+        // HF shifts labels = input_ids inside the model: the last position predicts nothing.
+        targets: ids[1..seq]
+            .iter()
+            .map(|&t| t as i64)
+            .chain([crate::train::ops::IGNORE])
+            .collect(),
+    };
+    let vars = m.trainable().into_iter().map(|(_, v)| v).collect();
+    let mut opt = optim::AdamW::new(
+        vars,
+        optim::AdamWParams {
+            weight_decay: 0.01,
+            ..Default::default()
+        },
+    )?;
+    let settings = step::StepSettings {
+        lr: 1e-4,
+        warmup_steps: 0,
+        total_steps: usize::MAX,
+        min_lr_ratio: 1.0,
+        max_grad_norm: None,
+        seed: 0,
+    };
+    let mut times = Vec::new();
+    let mut loss = 0.0;
+    for i in 0..4 {
+        let t = Instant::now();
+        loss = step::train_step(&m, &mut opt, std::slice::from_ref(&batch), i, &settings)?.loss;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    let med = median(times[1..].to_vec());
+    let mut recipe = crate::config::TrainConfig::load(None, &[])?;
+    recipe.lora.dropout = 0.0;
+    recipe.data.max_length = seq;
+    recipe.schedule.micro_batch = 1;
+    recipe.memory.checkpoint_layers = args.checkpoint_layers;
+    let plan = Plan::estimate(&m.cfg, &recipe);
+    let out = serde_json::json!({
+        "engine": "wildlong",
+        "threads": rayon::current_num_threads(),
+        "step": "lora_train",
+        "seq": seq,
+        "checkpoint_layers": args.checkpoint_layers,
+        "tok_s": (seq as f64 / med * 10.0).round() / 10.0,
+        "step_s": times,
+        "loss": (loss * 1000.0).round() / 1000.0,
+        "peak_rss_mib": crate::train::run::peak_rss_mib(),
+        "plan_peak_mib": (plan.peak_bytes / (1u64 << 20) as f64).round(),
+    });
+    println!("{out}");
+    if let Some(p) = &args.json {
+        crate::records::write_atomic(p, format!("{out}\n").as_bytes())?;
     }
     Ok(())
 }

@@ -71,6 +71,11 @@ pub enum Command {
         after_help = "Examples:\n  wildlong synth --model default --run runs/demo\n  wildlong synth --model default --run runs/demo --documents corpus/ --set assemble.buckets=[8192,16384]\n\nReads documents (default: the built-in sample corpus) and <run>/stage1/blueprints.jsonl; writes\n<run>/stage2/contexts.jsonl, data[.shard-k-of-n].jsonl, README.md (dataset card) and stats. Results are\nkept in a content-addressed store (<run>/stage2/store): a killed run resumes, a rerun generates nothing."
     )]
     Synth(Box<SynthArgs>),
+    /// Fine-tune (LoRA or full, RoPE scaling) on `messages` JSONL, or plan its memory.
+    #[command(
+        after_help = "Examples:\n  wildlong train --run runs/demo\n  wildlong train --run runs/demo --config configs/train/smollm2-cpu.toml --set schedule.steps=20\n  wildlong train --plan --config configs/train/llama-3.1-8b-instruct-128k.toml --memory-gib 80\n\nReads the recipe's data.paths (default <run>/stage2/data.jsonl); writes <run>/train/log.jsonl (a line per\nstep and evaluation), checkpoints/step-N/ (a killed run resumes from the newest, exactly), adapter/ (PEFT),\nmerged/ (HF safetensors + config.json) and summary.json. A finished rerun does nothing."
+    )]
+    Train(Box<TrainArgs>),
     /// Evaluate models on long-context benchmarks.
     #[command(subcommand)]
     Eval(EvalCommand),
@@ -142,14 +147,14 @@ pub struct RulerArgs {
 /// The run folder and the stage's settings, shared by the stage commands.
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Run folder; each stage reads and writes its own subfolder (<run>/stage1, <run>/stage2).
+    /// Run folder; each stage reads and writes its own subfolder (<run>/stage1, <run>/stage2, <run>/train).
     #[arg(long, default_value = "runs/demo")]
     pub run: PathBuf,
-    /// This stage's settings [default: configs/stage1.toml or configs/stage2.toml, built in].
+    /// This stage's settings [default: configs/stage1.toml, configs/stage2.toml or configs/train/smollm2-cpu.toml, built in].
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Override one config key, e.g. `--set filter.languages=["English","French"]`,
-    /// `--set graph.weight=npmi` or `--set assemble.buckets=[8192]` (repeatable).
+    /// `--set assemble.buckets=[8192]` or `--set schedule.steps=20` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
 }
@@ -247,6 +252,26 @@ pub struct ExtractArgs {
     /// Write queries.jsonl and filter_stats.json, then stop (no model needed).
     #[arg(long)]
     pub filter_only: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Training writes <run>/train; the recipe is --config [default: configs/train/smollm2-cpu.toml, built in].
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Print the predicted peak memory and tokens per step, then stop; exits 1 (with settings
+    /// that would fit) when the plan exceeds the device's memory.
+    #[arg(long)]
+    pub plan: bool,
+    /// Device memory for --plan, in GiB [default: this machine's available memory].
+    #[arg(long)]
+    pub memory_gib: Option<f64>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Stop after this many steps, as a kill would (for resume tests).
+    #[arg(long, hide = true)]
+    pub stop_after: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -454,6 +479,13 @@ pub struct BenchArgs {
     /// Write the JSON result here as well.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Measure LoRA training instead (r=16, α=32 on all seven projections, one row of this
+    /// many tokens, every token counted, AdamW), as `hf_cpu_baseline.py` measures PyTorch + PEFT.
+    #[arg(long)]
+    pub train_seq: Option<usize>,
+    /// With --train-seq: recompute each layer in the backward pass.
+    #[arg(long)]
+    pub checkpoint_layers: bool,
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -480,6 +512,7 @@ fn run_command(cli: Cli) -> Result<()> {
         Command::Extract(args) => extract(*args, cli.threads, &cli.models_dir),
         Command::Graph(args) => graph(args),
         Command::Synth(args) => synth(*args, cli.threads, &cli.models_dir),
+        Command::Train(args) => train(*args, &cli.models_dir),
         Command::Sample(args) => sample(*args, cli.threads, &cli.models_dir),
         Command::Eval(EvalCommand::Ruler(args)) => eval_ruler(*args, cli.threads, &cli.models_dir),
         Command::Eval(EvalCommand::Compare { report, baseline }) => {
@@ -1028,4 +1061,49 @@ fn completed_ids(path: &Path) -> Result<std::collections::HashSet<String>> {
         .iter()
         .filter_map(|v| v.get("id").map(id_string))
         .collect())
+}
+
+fn train(args: TrainArgs, models_dir: &Path) -> Result<()> {
+    use crate::train::plan::{available_cpu_memory_gib, fitting_settings, Plan};
+    let cfg = crate::config::TrainConfig::load(args.run.config.as_deref(), &args.run.set)?;
+    if args.plan {
+        let located = models::locate(
+            models::resolve(&cfg.model, models_dir)?,
+            &crate::config::EngineConfig::default(),
+        )?;
+        let plan = Plan::estimate(&located.config, &cfg);
+        let memory = match args.memory_gib {
+            Some(m) => m,
+            None => available_cpu_memory_gib()?,
+        };
+        print!("{}", plan.render(Some(memory)));
+        println!("{}", serde_json::to_string(&plan)?);
+        if plan.peak_gib() > memory {
+            let fix = fitting_settings(&located.config, &cfg, memory);
+            if fix.is_empty() {
+                bail!(
+                    "the plan needs {:.2} GiB, more than the {memory:.2} GiB available, and no setting tried fits",
+                    plan.peak_gib()
+                );
+            }
+            bail!(
+                "the plan needs {:.2} GiB, more than the {memory:.2} GiB available; these settings fit: {}",
+                plan.peak_gib(),
+                fix.iter().map(|s| format!("--set {s}")).collect::<Vec<_>>().join(" ")
+            );
+        }
+        println!("fits: {:.2} of {memory:.2} GiB", plan.peak_gib());
+        return Ok(());
+    }
+    let summary = crate::train::run::train(
+        &cfg,
+        &args.run.run,
+        &crate::train::run::RunOptions {
+            models_dir: models_dir.to_path_buf(),
+            progress: !args.no_progress,
+            stop_after: args.stop_after,
+        },
+    )?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
 }

@@ -96,6 +96,15 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The model's view of these rows.
+    pub fn rows(&self) -> crate::train::model::Rows<'_> {
+        crate::train::model::Rows {
+            tokens: &self.tokens,
+            positions: &self.positions,
+            segments: &self.segments,
+        }
+    }
+
     pub fn counted(&self) -> usize {
         self.targets.iter().filter(|&&t| t != IGNORE).count()
     }

@@ -10,4 +10,6 @@ pub mod data;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod plan;
+pub mod run;
 pub mod step;

@@ -96,26 +96,15 @@ pub struct TrainLinear {
 impl TrainLinear {
     /// `x` `(n, in)` → `(n, out)`; `mask_seed` draws the adapter's dropout mask.
     fn forward(&self, x: &Tensor, mask_seed: Option<u64>) -> Result<Tensor> {
-        let y = match &self.weight {
-            Param::Frozen(w) => ops::frozen_matmul(x, w)?,
-            Param::Trained(w) => x.matmul(&w.t()?)?,
-        };
-        let Some((a, b)) = &self.lora else {
-            return Ok(y);
-        };
-        let xa = match mask_seed.filter(|_| self.dropout > 0.0) {
-            Some(seed) => {
-                let p = self.dropout;
-                let keep = (1.0 / (1.0 - p)) as f32;
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-                let mask: Vec<f32> = (0..x.elem_count())
-                    .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
-                    .collect();
-                (x * Tensor::from_vec(mask, x.shape(), x.device())?)?
-            }
-            None => x.clone(),
-        };
-        Ok((y + (xa.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale)?)?)
+        let dropout = mask_seed
+            .filter(|_| self.dropout > 0.0)
+            .map(|s| (s, self.dropout));
+        Ok(match (&self.weight, &self.lora) {
+            (Param::Frozen(w), Some((a, b))) => ops::lora_linear(x, w, a, b, self.scale, dropout)?,
+            (Param::Frozen(w), None) => ops::frozen_matmul(x, w)?,
+            (Param::Trained(w), None) => x.matmul(&w.t()?)?,
+            (Param::Trained(_), Some(_)) => bail!("{}: adapters on a trained weight", self.name),
+        })
     }
 
     /// The stored base weight `(out, in)` (f32 or bf16; a variable's tensor when trained).

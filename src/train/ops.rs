@@ -292,10 +292,17 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// Targets of [`chunked_cross_entropy`] at this value are not counted (HF's `-100`).
 pub const IGNORE: i64 = -100;
 
+/// `(dh, dw)` of a cross-entropy forward pass.
+type SavedGrads = (Vec<f32>, Option<Vec<f32>>);
+
 struct ChunkedCrossEntropy {
     targets: std::sync::Arc<Vec<i64>>,
     chunk: usize,
     weight_grad: bool,
+    /// Compute the gradients during the forward pass (when a backward pass will follow).
+    grad: bool,
+    /// `d loss / d h` `(n, d)` and `d loss / d w` `(v, d)` for a unit upstream gradient.
+    saved: std::sync::Mutex<Option<SavedGrads>>,
 }
 
 impl ChunkedCrossEntropy {
@@ -322,6 +329,11 @@ impl CustomOp2 for ChunkedCrossEntropy {
         "wildlong-chunked-cross-entropy"
     }
 
+    /// Only counted rows are projected: their hidden states are gathered `chunk` at a time,
+    /// multiplied by `wᵀ`, and reduced to log-sum-exp minus the target logit. With `grad`, the
+    /// same logits become `softmax − one-hot` in place and give `dh` (and `dw`) at once —
+    /// two vocabulary-sized products per chunk instead of the three a recomputing backward
+    /// needs (the fused cross-entropy of Liger-Kernel and Unsloth).
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -335,30 +347,66 @@ impl CustomOp2 for ChunkedCrossEntropy {
             candle_core::bail!("cross entropy: hidden (.., {d}) with weight ({v}, {d2})");
         }
         self.check(n, v)?;
+        let h = f32s(s1, l1, "cross entropy")?;
+        let rows: Vec<usize> = (0..n).filter(|&i| self.targets[i] != IGNORE).collect();
         let wt = l2.transpose(0, 1)?;
+        let mut dh = if self.grad { vec![0f32; n * d] } else { vec![] };
+        let mut dw = (self.grad && self.weight_grad).then(|| vec![0f32; v * d]);
         let mut total = 0f64;
-        let mut start = 0;
-        while start < n {
-            let c = self.chunk.min(n - start);
-            let counted = self.targets[start..start + c].iter().any(|&t| t != IGNORE);
-            if counted {
-                let lh = l1.narrow(0, start, c)?;
-                let logits = s1.matmul(s2, (1, c, v, d), &lh, &wt)?; // (c, v)
-                let CpuStorage::F32(z) = logits else {
+        for part in rows.chunks(self.chunk) {
+            let c = part.len();
+            let mut hc = Vec::with_capacity(c * d);
+            for &i in part {
+                hc.extend_from_slice(&h[i * d..(i + 1) * d]);
+            }
+            let hc = CpuStorage::F32(hc);
+            let lh = Layout::contiguous((c, d));
+            let logits = hc.matmul(s2, (1, c, v, d), &lh, &wt)?; // (c, v)
+            let CpuStorage::F32(mut z) = logits else {
+                candle_core::bail!("cross entropy: f32 tensors only")
+            };
+            let grad = self.grad;
+            total += z
+                .par_chunks_mut(v)
+                .zip(part.par_iter())
+                .map(|(row, &i)| {
+                    let t = self.targets[i] as usize;
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+                    let loss = max as f64 + sum.ln() - row[t] as f64;
+                    if grad {
+                        // d loss / d logits = softmax − one-hot.
+                        let inv = (1.0 / sum) as f32;
+                        row.iter_mut().for_each(|x| *x = (*x - max).exp() * inv);
+                        row[t] -= 1.0;
+                    }
+                    loss
+                })
+                .sum::<f64>();
+            if !grad {
+                continue;
+            }
+            let dz = CpuStorage::F32(z);
+            let lz = Layout::contiguous((c, v));
+            let CpuStorage::F32(dhc) = dz.matmul(s2, (1, c, d, v), &lz, l2)? else {
+                candle_core::bail!("cross entropy: f32 tensors only")
+            }; // (c, d)
+            for (k, &i) in part.iter().enumerate() {
+                dh[i * d..(i + 1) * d].copy_from_slice(&dhc[k * d..(k + 1) * d]);
+            }
+            if let Some(dw) = dw.as_mut() {
+                // dw += dzᵀ · hc: (v, c) · (c, d).
+                let part_w = dz.matmul(&hc, (1, v, d, c), &lz.transpose(0, 1)?, &lh)?;
+                let CpuStorage::F32(pw) = part_w else {
                     candle_core::bail!("cross entropy: f32 tensors only")
                 };
-                total += z
-                    .par_chunks(v)
-                    .zip(&self.targets[start..start + c])
-                    .filter(|(_, &t)| t != IGNORE)
-                    .map(|(row, &t)| {
-                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
-                        max as f64 + sum.ln() - row[t as usize] as f64
-                    })
-                    .sum::<f64>();
+                dw.par_iter_mut()
+                    .zip(pw.par_iter())
+                    .for_each(|(a, b)| *a += b);
             }
-            start += c;
+        }
+        if self.grad {
+            *self.saved.lock().expect("not poisoned") = Some((dh, dw));
         }
         Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
     }
@@ -370,55 +418,29 @@ impl CustomOp2 for ChunkedCrossEntropy {
         _loss: &Tensor,
         dloss: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (h, w) = (h.detach(), w.detach());
-        let (n, _) = h.dims2()?;
+        let Some((dh, dw)) = self.saved.lock().expect("not poisoned").take() else {
+            candle_core::bail!(
+                "cross entropy: backward without the gradients of its forward pass (it runs once)"
+            )
+        };
         let g = dloss.detach().to_dtype(candle_core::DType::F32)?;
-        let mut dh = Vec::new();
-        let mut dw: Option<Tensor> = None;
-        let mut start = 0;
-        while start < n {
-            let c = self.chunk.min(n - start);
-            let hc = h.narrow(0, start, c)?;
-            let tc = &self.targets[start..start + c];
-            if tc.iter().all(|&t| t == IGNORE) {
-                dh.push(hc.zeros_like()?);
-                start += c;
-                continue;
-            }
-            // d loss / d logits = softmax − one-hot, on counted rows only.
-            let p = softmax_last_dim(&hc.matmul(&w.t()?)?)?.detach();
-            let mut p = p.to_vec2::<f32>()?;
-            for (row, &t) in p.iter_mut().zip(tc) {
-                if t == IGNORE {
-                    row.iter_mut().for_each(|x| *x = 0.0);
-                } else {
-                    row[t as usize] -= 1.0;
-                }
-            }
-            let dz = Tensor::new(p, h.device())?.broadcast_mul(&g)?; // (c, v)
-            dh.push(dz.matmul(&w)?);
-            if self.weight_grad {
-                let part = dz.t()?.matmul(&hc)?; // (v, d)
-                dw = Some(match dw {
-                    Some(acc) => (acc + part)?,
-                    None => part,
-                });
-            }
-            start += c;
-        }
-        let dh = Tensor::cat(&dh, 0)?;
+        let dh = Tensor::from_vec(dh, h.shape(), h.device())?.broadcast_mul(&g)?;
         let dw = match (self.weight_grad, dw) {
+            (true, Some(dw)) => {
+                Some(Tensor::from_vec(dw, w.shape(), w.device())?.broadcast_mul(&g)?)
+            }
             (true, None) => Some(w.zeros_like()?),
-            (_, dw) => dw,
+            (false, _) => None,
         };
         Ok((Some(dh), dw))
     }
 }
 
 /// The summed cross-entropy of the logits `h · wᵀ` (`h` `(n, d)`, `w` `(vocab, d)`) against
-/// `targets` (`IGNORE` rows not counted), `chunk` rows at a time; a scalar. The gradient
-/// flows to `h`, and to `w` when `weight_grad` (a trainable `lm_head`). Divide by the
-/// number of counted tokens for the mean.
+/// `targets` (`IGNORE` rows not counted), `chunk` counted rows at a time; a scalar. The
+/// gradient flows to `h`, and to `w` when `weight_grad` (a trainable `lm_head`); it is
+/// computed during the forward pass when `h` or `w` is tracked, so the backward pass is a
+/// scaling. Divide by the number of counted tokens for the mean.
 pub fn chunked_cross_entropy(
     h: &Tensor,
     w: &Tensor,
@@ -426,12 +448,15 @@ pub fn chunked_cross_entropy(
     chunk: usize,
     weight_grad: bool,
 ) -> Result<Tensor> {
+    let grad = h.track_op() || w.track_op();
     h.contiguous()?.apply_op2(
         &w.contiguous()?,
         ChunkedCrossEntropy {
             targets: std::sync::Arc::new(targets.to_vec()),
             chunk: chunk.max(1),
             weight_grad,
+            grad,
+            saved: std::sync::Mutex::new(None),
         },
     )
 }
@@ -461,34 +486,6 @@ struct ChunkedAttention {
 }
 
 impl ChunkedAttention {
-    /// The additive mask `(b, 1, g·n, keys)` of query rows `t0..t0 + n` (repeated for the
-    /// `g` query heads of a KV group) against keys `0..keys`.
-    fn mask(
-        &self,
-        t0: usize,
-        n: usize,
-        keys: usize,
-        g: usize,
-        dev: &candle_core::Device,
-    ) -> Result<Tensor> {
-        let b = self.segments.len();
-        let mut m = Vec::with_capacity(b * g * n * keys);
-        for seg in self.segments.iter() {
-            for _ in 0..g {
-                for i in t0..t0 + n {
-                    m.extend((0..keys).map(|j| {
-                        if j <= i && seg[j] == seg[i] {
-                            0f32
-                        } else {
-                            f32::NEG_INFINITY
-                        }
-                    }));
-                }
-            }
-        }
-        Tensor::from_vec(m, (b, 1, g * n, keys), dev)
-    }
-
     /// Query rows `t0..t0 + n` of every head as `(b, kvh, g·n, d)`.
     fn rows(x: &Tensor, kvh: usize, t0: usize, n: usize) -> Result<Tensor> {
         let (b, h, _, d) = x.dims4()?;
@@ -504,25 +501,56 @@ impl ChunkedAttention {
             .reshape((b, h, gn / (h / kvh), d))
     }
 
-    /// Softmax probabilities of the block `(b, kvh, g·n, t0 + n)`.
-    fn probs(&self, q: &Tensor, k: &Tensor, t0: usize, n: usize) -> Result<Tensor> {
-        let (_, h, _, _) = q.dims4()?;
+    /// Softmax probabilities of the block, `(b, kvh, g·n, t0 + n)` flattened: the scores
+    /// `(scale·q)·kᵀ` masked (causal, same segment) and normalised in one pass per row, in
+    /// place (a row with no visible key is all zeros).
+    fn probs(&self, q: &Tensor, k: &Tensor, t0: usize, n: usize) -> Result<Vec<f32>> {
         let kvh = k.dim(1)?;
         let keys = t0 + n;
-        let qb = Self::rows(q, kvh, t0, n)?;
+        let qb = (Self::rows(q, kvh, t0, n)? * self.scale)?;
         let kb = k.narrow(2, 0, keys)?;
-        let s = (qb.matmul(&kb.t()?)? * self.scale)?;
-        let s = s.broadcast_add(&self.mask(t0, n, keys, h / kvh, q.device())?)?;
-        candle_nn::ops::softmax_last_dim(&s)
+        let s = qb.matmul(&kb.t()?)?;
+        let per_batch = s.dim(1)? * s.dim(2)?;
+        let mut p = s.flatten_all()?.to_vec1::<f32>()?;
+        p.par_chunks_mut(keys).enumerate().for_each(|(r, row)| {
+            let seg = &self.segments[r / per_batch];
+            let i = t0 + r % n;
+            let mut max = f32::NEG_INFINITY;
+            for (j, x) in row.iter_mut().enumerate() {
+                if j > i || seg[j] != seg[i] {
+                    *x = f32::NEG_INFINITY;
+                } else if *x > max {
+                    max = *x;
+                }
+            }
+            if max == f32::NEG_INFINITY {
+                row.iter_mut().for_each(|x| *x = 0.0);
+                return;
+            }
+            let mut sum = 0f32;
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|x| *x *= inv);
+        });
+        Ok(p)
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (_, h, t, _) = q.dims4()?;
+        let (b, h, t, _) = q.dims4()?;
+        let kvh = k.dim(1)?;
+        let g = h / kvh;
         let mut out = Vec::new();
         let mut t0 = 0;
         while t0 < t {
             let n = self.block.min(t - t0);
-            let p = self.probs(q, k, t0, n)?;
+            let p = Tensor::from_vec(
+                self.probs(q, k, t0, n)?,
+                (b, kvh, g * n, t0 + n),
+                q.device(),
+            )?;
             let o = p.matmul(&v.narrow(2, 0, t0 + n)?.contiguous()?)?; // (b, kvh, g·n, d)
             out.push(Self::heads(&o, h)?);
             t0 += n;
@@ -568,7 +596,7 @@ impl CustomOp3 for ChunkedAttention {
         d_o: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v, o, d_o) = (q.detach(), k.detach(), v.detach(), o.detach(), d_o.detach());
-        let (_, h, t, _) = q.dims4()?;
+        let (b, h, t, _) = q.dims4()?;
         let kvh = k.dim(1)?;
         let mut dq = Vec::new();
         let mut dk = k.zeros_like()?;
@@ -578,16 +606,27 @@ impl CustomOp3 for ChunkedAttention {
             let n = self.block.min(t - t0);
             let keys = t0 + n;
             // Recomputed probabilities of this query block: (b, kvh, g·n, keys).
-            let p = self.probs(&q, &k, t0, n)?;
+            let pv = self.probs(&q, &k, t0, n)?;
             let dob = ChunkedAttention::rows(&d_o, kvh, t0, n)?;
             let ob = ChunkedAttention::rows(&o, kvh, t0, n)?;
             let vb = v.narrow(2, 0, keys)?.contiguous()?;
             let kb = k.narrow(2, 0, keys)?.contiguous()?;
-            // dV += Pᵀ dO; dP = dO Vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ O)).
+            let shape = (b, kvh, (h / kvh) * n, keys);
+            // dV += Pᵀ dO; dP = dO Vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ O)), the last in one pass.
+            let dsum = (&dob * &ob)?
+                .sum_keepdim(D::Minus1)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let mut ds = dob.matmul(&vb.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            ds.par_chunks_mut(keys)
+                .zip(pv.par_chunks(keys))
+                .zip(dsum.par_iter())
+                .for_each(|((d, p), s)| {
+                    d.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - s));
+                });
+            let p = Tensor::from_vec(pv, shape, q.device())?;
+            let ds = Tensor::from_vec(ds, shape, q.device())?;
             let dv_b = p.t()?.matmul(&dob)?; // (b, kvh, keys, d)
-            let dp = dob.matmul(&vb.t()?)?;
-            let dsum = (&dob * &ob)?.sum_keepdim(D::Minus1)?;
-            let ds = (&p * dp.broadcast_sub(&dsum)?)?;
             let dq_b = (ds.matmul(&kb)? * self.scale)?;
             let dk_b = (ds.t()?.matmul(&ChunkedAttention::rows(&q, kvh, t0, n)?)? * self.scale)?;
             let pad = |x: Tensor| -> Result<Tensor> {
@@ -673,4 +712,166 @@ pub fn attention_reference(
     let mask = Tensor::from_vec(m, (b, 1, t, t), q.device())?.to_dtype(q.dtype())?;
     let p = candle_nn::ops::softmax(&s.broadcast_add(&mask)?, D::Minus1)?;
     p.matmul(&v)
+}
+
+/// The dropout mask of an adapter input: `n` values, 0 with probability `p`, else `1/(1−p)`,
+/// drawn from `seed` (the same mask whenever the same seed is drawn again).
+pub fn dropout_mask(seed: u64, n: usize, p: f64) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .collect()
+}
+
+/// `y = x·Wᵀ + s·(d(x)·Aᵀ)·Bᵀ` in one op: `W` frozen (held by the op, f32 or bf16), `d` the
+/// seeded dropout. Autograd keeps only `x`, `A`, `B` and `y`; the backward pass recomputes the
+/// rank-`r` product and gives `dx`, `dA` and `dB` (no gradient for `W`).
+struct LoraLinear {
+    w: Tensor,
+    scale: f64,
+    dropout: Option<(u64, f64)>,
+}
+
+impl LoraLinear {
+    fn mask(&self, n: usize) -> Option<Vec<f32>> {
+        self.dropout.map(|(seed, p)| dropout_mask(seed, n, p))
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "wildlong-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = lx.shape().dims2()?;
+        let (r, k2) = la.shape().dims2()?;
+        let (out, r2) = lb.shape().dims2()?;
+        let (wo, wk) = self.w.dims2()?;
+        if k != k2 || r != r2 || wo != out || wk != k {
+            candle_core::bail!(
+                "lora linear: x (.., {k}), A ({r}, {k2}), B ({out}, {r2}), W ({wo}, {wk})"
+            );
+        }
+        let w = self.w.to_dtype(candle_core::DType::F32)?;
+        let (ws, wl) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(wc) = &*ws else {
+            candle_core::bail!("lora linear: CPU tensors only")
+        };
+        let y = sx.matmul(wc, (1, m, out, k), lx, &wl.transpose(0, 1)?)?;
+        let CpuStorage::F32(mut y) = y else {
+            candle_core::bail!("lora linear: f32 tensors only")
+        };
+        let lc = Layout::contiguous((m, k));
+        let xa = match self.mask(m * k) {
+            Some(mask) => {
+                let x = f32s(sx, lx, "lora linear")?;
+                let xd: Vec<f32> = x.iter().zip(&mask).map(|(a, b)| a * b).collect();
+                CpuStorage::F32(xd).matmul(sa, (1, m, r, k), &lc, &la.transpose(0, 1)?)?
+            }
+            None => sx.matmul(sa, (1, m, r, k), lx, &la.transpose(0, 1)?)?,
+        }; // (m, r)
+        let z = xa.matmul(
+            sb,
+            (1, m, out, r),
+            &Layout::contiguous((m, r)),
+            &lb.transpose(0, 1)?,
+        )?;
+        let CpuStorage::F32(z) = z else {
+            candle_core::bail!("lora linear: f32 tensors only")
+        };
+        let s = self.scale as f32;
+        y.par_iter_mut()
+            .zip(z.par_iter())
+            .for_each(|(a, b)| *a += s * b);
+        Ok((CpuStorage::F32(y), (m, out).into()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, a, b, dy) = (x.detach(), a.detach(), b.detach(), dy.detach());
+        let w = self.w.detach().to_dtype(candle_core::DType::F32)?;
+        let mask = match self.mask(x.elem_count()) {
+            Some(m) => Some(Tensor::from_vec(m, x.shape(), x.device())?),
+            None => None,
+        };
+        let xd = match &mask {
+            Some(m) => (&x * m)?,
+            None => x.clone(),
+        };
+        let dyb = dy.matmul(&b)?; // (m, r)
+        let mut dxd = (dyb.matmul(&a)? * self.scale)?; // (m, k)
+        if let Some(m) = &mask {
+            dxd = (dxd * m)?;
+        }
+        let dx = (dy.matmul(&w)? + dxd)?;
+        let da = (dyb.t()?.matmul(&xd)? * self.scale)?; // (r, k)
+        let db = (dy.t()?.matmul(&xd.matmul(&a.t()?)?)? * self.scale)?; // (out, r)
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+/// `x·Wᵀ + scale·(dropout(x)·Aᵀ)·Bᵀ` for `x` `(..., k)`, a frozen `w` `(out, k)`, `a`
+/// `(r, k)`, `b` `(out, r)` (PEFT's LoRA forward), gradients for `x`, `a` and `b`;
+/// `dropout` = (mask seed, probability).
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout: Option<(u64, f64)>,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&1);
+    let m = x.elem_count() / k.max(1);
+    let y = x.reshape((m, k))?.contiguous()?.apply_op3(
+        &a.contiguous()?,
+        &b.contiguous()?,
+        LoraLinear {
+            w: w.clone(),
+            scale,
+            dropout,
+        },
+    )?;
+    let mut out = dims;
+    *out.last_mut().expect("x has a last dimension") = w.dim(0)?;
+    y.reshape(out)
+}
+
+/// The composed reference of [`lora_linear`] (candle ops, autograd through every step).
+pub fn lora_linear_reference(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout: Option<(u64, f64)>,
+) -> Result<Tensor> {
+    let w = w.to_dtype(x.dtype())?;
+    let xd = match dropout {
+        Some((seed, p)) => {
+            let m = Tensor::from_vec(dropout_mask(seed, x.elem_count(), p), x.shape(), x.device())?;
+            (x * m.to_dtype(x.dtype())?)?
+        }
+        None => x.clone(),
+    };
+    x.broadcast_matmul(&w.t()?)?
+        + (xd.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * scale)?
 }

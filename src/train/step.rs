@@ -4,7 +4,7 @@
 //! skipped and counted), then AdamW at the scheduled learning rate.
 
 use crate::train::data::Batch;
-use crate::train::model::{Rows, TrainModel};
+use crate::train::model::TrainModel;
 use crate::train::optim::{clip_global_norm, learning_rate, Accumulator, AdamW};
 use anyhow::Result;
 use candle_core::Var;
@@ -58,14 +58,7 @@ pub fn train_step(
                 &(i as u64).to_le_bytes(),
             ],
         )));
-        let (loss, grads) = model.loss_and_grads(
-            &Rows {
-                tokens: &b.tokens,
-                positions: &b.positions,
-                segments: &b.segments,
-            },
-            &b.targets,
-        )?;
+        let (loss, grads) = model.loss_and_grads(&b.rows(), &b.targets)?;
         loss_sum += loss;
         tokens += b.counted();
         acc.add(&vars, &grads)?;

@@ -185,6 +185,38 @@ fn frozen_matmul_gives_no_weight_gradient() {
 }
 
 #[test]
+fn the_fused_lora_linear_matches_the_composed_one_with_dropout_and_bf16() {
+    // x (2, 5, 6), W (4, 6) frozen, A (3, 6), B (4, 3): gradients for x, A and B only.
+    let x = randn(&[2, 5, 6], 15);
+    let a = randn(&[3, 6], 16);
+    let b = randn(&[4, 3], 17);
+    let w = randn(&[4, 6], 18);
+    for dropout in [None, Some((9u64, 0.3))] {
+        let wf = w.to_dtype(DType::F32).unwrap();
+        check(
+            &[x.clone(), a.clone(), b.clone()],
+            &[true, true, true],
+            |t| ops::lora_linear(&t[0], &wf, &t[1], &t[2], 1.5, dropout).unwrap(),
+            |t| {
+                let wd = w.clone();
+                ops::lora_linear_reference(&t[0], &wd, &t[1], &t[2], 1.5, dropout).unwrap()
+            },
+            1e-4,
+        );
+    }
+    // bf16 W: the fused op widens it as the reference does.
+    let wb = w.to_dtype(DType::BF16).unwrap();
+    let (xf, af, bf) = (
+        Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap(),
+        a.to_dtype(DType::F32).unwrap(),
+        b.to_dtype(DType::F32).unwrap(),
+    );
+    let ours = ops::lora_linear(&xf, &wb, &af, &bf, 2.0, Some((4, 0.1))).unwrap();
+    let want = ops::lora_linear_reference(&xf, &wb, &af, &bf, 2.0, Some((4, 0.1))).unwrap();
+    assert!(max_abs_diff(&ours, &want) < 1e-5);
+}
+
+#[test]
 fn chunked_cross_entropy_equals_the_full_one_at_every_chunk_size() {
     let h = randn(&[7, 6], 7);
     let w = (randn(&[11, 6], 8) * 2.0).unwrap();
