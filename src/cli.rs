@@ -420,6 +420,9 @@ impl EngineArgs {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
+    /// A PEFT LoRA adapter folder (e.g. `wildlong train`'s <run>/train/adapter), merged at load.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// The prompt (plain text, or the user message with --chat).
     #[arg(long, required_unless_present = "batch_file")]
     pub prompt: Option<String>,
@@ -932,7 +935,12 @@ fn generate(args: GenerateArgs, threads: usize, models_dir: &Path) -> Result<()>
         _ => Default::default(),
     };
     let engine_config = args.engine.engine_config(threads)?;
-    let engine = models::load_engine(&args.engine.model, models_dir, &engine_config)?;
+    let engine = models::load_engine_with_adapter(
+        &args.engine.model,
+        args.adapter.as_deref(),
+        models_dir,
+        &engine_config,
+    )?;
     let mut jobs = Vec::new();
     for (id, line) in lines {
         if done_ids.contains(&id) {

@@ -496,15 +496,7 @@ pub fn train(cfg: &TrainConfig, run: &Path, opts: &RunOptions) -> Result<Summary
             .map(|f| Ok((f.display().to_string(), crate::models::sha256_file(f)?)))
             .collect::<Result<_>>()?,
     };
-    records::check_identity(&out.join("identity.json"), &identity)?;
     let summary_path = out.join("summary.json");
-    if summary_path.is_file() {
-        let s: Summary = serde_json::from_str(&std::fs::read_to_string(&summary_path)?)
-            .with_context(|| format!("{}: not a training summary", summary_path.display()))?;
-        eprintln!("{}: already trained ({} steps)", out.display(), s.steps);
-        return Ok(s);
-    }
-
     let base = crate::models::locate(
         crate::models::resolve(&cfg.model, &opts.models_dir)?,
         &crate::config::EngineConfig::default(),
@@ -529,6 +521,15 @@ pub fn train(cfg: &TrainConfig, run: &Path, opts: &RunOptions) -> Result<Summary
     })?;
     let pad = loaded.tokenizer.eos_ids().first().copied().unwrap_or(0);
     let data = prepare_data(cfg, &files, &loaded.tokenizer, template, pad)?;
+    // Checked once the data and model load, so that a run that could not start leaves the
+    // folder free for corrected settings; a run with checkpoints keeps its recipe.
+    records::check_identity(&out.join("identity.json"), &identity)?;
+    if summary_path.is_file() {
+        let s: Summary = serde_json::from_str(&std::fs::read_to_string(&summary_path)?)
+            .with_context(|| format!("{}: not a training summary", summary_path.display()))?;
+        eprintln!("{}: already trained ({} steps)", out.display(), s.steps);
+        return Ok(s);
+    }
     write_atomic(
         &out.join("data_stats.json"),
         serde_json::to_string_pretty(&data.stats)?.as_bytes(),

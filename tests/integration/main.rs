@@ -15,3 +15,4 @@ mod stage2;
 mod tokenizer;
 mod train_model;
 mod train_ops;
+mod train_run;

@@ -793,3 +793,95 @@ fn the_default_model_merged_to_hf_files_keeps_its_tokenizer_and_logits() {
     let d = max_abs_diff(&got, &logits_of(&m, &ids));
     assert!(d < 2e-3, "merged default model differs by {d}");
 }
+
+/// Writes (with `WILDLONG_WRITE_FIXTURES=1`) or checks `tests/fixtures/train/peft/`: a tiny
+/// HF base and the default GGUF model, each with an exported PEFT adapter and the engine's
+/// logits with that adapter merged. `scripts/check_peft_adapter.py` loads the same base and
+/// adapter in Python `peft` and compares its logits with these.
+#[test]
+fn the_peft_fixtures_hold_the_engines_logits() {
+    let dir = fixture("train/peft");
+    let write = std::env::var("WILDLONG_WRITE_FIXTURES").is_ok();
+    let check = |name: &str, base: &Path, adapter: &Path, tokens: &[u32], vocab: usize| {
+        let logits = engine_with_adapter(base, adapter, tokens)
+            .narrow(1, 0, vocab)
+            .unwrap();
+        let path = dir.join(name).join("logits.safetensors");
+        if write {
+            let ids = Tensor::new(tokens, &Device::Cpu).unwrap();
+            candle_core::safetensors::save(
+                &std::collections::HashMap::from([
+                    ("logits".to_string(), logits),
+                    ("tokens".to_string(), ids),
+                ]),
+                &path,
+            )
+            .unwrap();
+        } else {
+            let want = load_tensors(&path);
+            let d = max_abs_diff(&logits, &want["logits"]);
+            assert!(
+                d < 1e-4,
+                "{name}: engine logits moved by {d} from the fixture"
+            );
+        }
+    };
+    use std::path::Path;
+    // The tiny safetensors base, adapters on all seven projections.
+    let base = dir.join("tiny/base");
+    if write {
+        let d = tiny_random(&TinySpec::default(), 21);
+        std::fs::create_dir_all(&base).unwrap();
+        for f in ["model.safetensors", "config.json", "tokenizer.json"] {
+            std::fs::copy(d.path().join(f), base.join(f)).unwrap();
+        }
+        let spec = lora(&PROJECTIONS);
+        let (m, _, _) =
+            model::load(base.to_str().unwrap(), &root().join("models"), Some(&spec)).unwrap();
+        randomise_b(&m);
+        m.save_peft(&dir.join("tiny/adapter"), "tiny").unwrap();
+    }
+    check(
+        "tiny",
+        &base,
+        &dir.join("tiny/adapter"),
+        &[8, 1, 77, 140, 2, 61, 9, 33],
+        256,
+    );
+
+    // The default GGUF model, rank-2 adapters on q, k, v (q/k rows in HF order in the file).
+    let tok = wildlong::models::locate(
+        wildlong::models::resolve("default", &root().join("models")).unwrap(),
+        &Default::default(),
+    )
+    .unwrap()
+    .tokenizer;
+    let tokens = tok
+        .encode("Long documents need long context.", false)
+        .unwrap();
+    if write {
+        let spec = LoraSpec {
+            rank: 2,
+            ..lora(&["q_proj", "k_proj", "v_proj"])
+        };
+        let (m, _, _) = model::load(
+            default_model_path().to_str().unwrap(),
+            &root().join("models"),
+            Some(&spec),
+        )
+        .unwrap();
+        randomise_b(&m);
+        m.save_peft(
+            &dir.join("smollm2/adapter"),
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+        )
+        .unwrap();
+    }
+    check(
+        "smollm2",
+        &default_model_path(),
+        &dir.join("smollm2/adapter"),
+        &tokens,
+        2048,
+    );
+}
