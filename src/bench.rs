@@ -179,6 +179,7 @@ fn train(args: &BenchArgs, seq: usize, models_dir: &Path) -> Result<()> {
     )?;
     let mut m = loaded.model;
     m.checkpoint_layers = args.checkpoint_layers;
+    m.attention_block = args.attention_block.max(1);
     let text = "Lorem ipsum dolor sit amet, consectetur adipiscing elit. ".repeat(400);
     let ids = loaded.tokenizer.encode(&text, true)?;
     if ids.len() < seq + 1 {
@@ -224,6 +225,7 @@ fn train(args: &BenchArgs, seq: usize, models_dir: &Path) -> Result<()> {
     recipe.data.max_length = seq;
     recipe.schedule.micro_batch = 1;
     recipe.memory.checkpoint_layers = args.checkpoint_layers;
+    recipe.memory.attention_block = m.attention_block;
     let plan = Plan::estimate(&m.cfg, &recipe);
     let out = serde_json::json!({
         "engine": "wildlong",

@@ -489,6 +489,9 @@ pub struct BenchArgs {
     /// With --train-seq: recompute each layer in the backward pass.
     #[arg(long)]
     pub checkpoint_layers: bool,
+    /// With --train-seq: query rows per attention block.
+    #[arg(long, default_value_t = 256)]
+    pub attention_block: usize,
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -1075,11 +1078,8 @@ fn train(args: TrainArgs, models_dir: &Path) -> Result<()> {
     use crate::train::plan::{available_cpu_memory_gib, fitting_settings, Plan};
     let cfg = crate::config::TrainConfig::load(args.run.config.as_deref(), &args.run.set)?;
     if args.plan {
-        let located = models::locate(
-            models::resolve(&cfg.model, models_dir)?,
-            &crate::config::EngineConfig::default(),
-        )?;
-        let plan = Plan::estimate(&located.config, &cfg);
+        let shape = models::model_config(&cfg.model, models_dir)?;
+        let plan = Plan::estimate(&shape, &cfg);
         let memory = match args.memory_gib {
             Some(m) => m,
             None => available_cpu_memory_gib()?,
@@ -1087,7 +1087,7 @@ fn train(args: TrainArgs, models_dir: &Path) -> Result<()> {
         print!("{}", plan.render(Some(memory)));
         println!("{}", serde_json::to_string(&plan)?);
         if plan.peak_gib() > memory {
-            let fix = fitting_settings(&located.config, &cfg, memory);
+            let fix = fitting_settings(&shape, &cfg, memory);
             if fix.is_empty() {
                 bail!(
                     "the plan needs {:.2} GiB, more than the {memory:.2} GiB available, and no setting tried fits",

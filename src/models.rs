@@ -420,6 +420,51 @@ pub fn locate(files: ModelFiles, cfg: &EngineConfig) -> Result<Located> {
     })
 }
 
+/// The model's shape alone, reading as little as possible: `config.json` of a folder (no
+/// weights or tokenizer needed) or of a Hub repo (the cache, else that one file is
+/// downloaded), or a GGUF file's metadata. For `wildlong train --plan`.
+pub fn model_config(spec: &str, models_dir: &Path) -> Result<Config> {
+    let local = PathBuf::from(spec);
+    let cfg_file = if local.join("config.json").is_file() {
+        Some(local.join("config.json"))
+    } else if !local.exists() && looks_like_hub_id(spec) {
+        match hf_hub::Cache::from_env()
+            .model(spec.to_string())
+            .get("config.json")
+        {
+            Some(p) => Some(p),
+            None => Some(hub_config_file(spec)?),
+        }
+    } else {
+        None
+    };
+    match cfg_file {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+            let hf: LlamaConfig = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a Llama-family config", p.display()))?;
+            Config::from_hf(&hf, None).with_context(|| p.display().to_string())
+        }
+        None => Ok(locate(resolve(spec, models_dir)?, &EngineConfig::default())?.config),
+    }
+}
+
+#[cfg(feature = "hub-download")]
+fn hub_config_file(id: &str) -> Result<PathBuf> {
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .build()
+        .context("Hugging Face Hub client")?;
+    api.model(id.to_string())
+        .get("config.json")
+        .with_context(|| format!("Hugging Face Hub: cannot get config.json of `{id}`"))
+}
+
+#[cfg(not(feature = "hub-download"))]
+fn hub_config_file(id: &str) -> Result<PathBuf> {
+    bail!("`{id}` is not in the Hugging Face cache and this build has no downloads (feature `hub-download`)")
+}
+
 /// Resolves, reads and loads a model into an engine.
 pub fn load_engine(spec: &str, models_dir: &Path, cfg: &EngineConfig) -> Result<Engine> {
     load_engine_with_adapter(spec, None, models_dir, cfg)

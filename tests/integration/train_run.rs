@@ -405,3 +405,43 @@ fn fine_tuning_the_default_model_teaches_it_a_retrieval_task() {
         "before {before}, after {after}"
     );
 }
+
+#[test]
+fn the_gpu_recipes_parse_and_plan_to_fit_80_gib_with_published_parameter_counts() {
+    // Config-only folders with the published shapes (no weights are read by --plan).
+    let llama = serde_json::json!({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        "tie_word_embeddings": false, "hidden_act": "silu"});
+    let mut mistral = llama.clone();
+    mistral["model_type"] = "mistral".into();
+    mistral["vocab_size"] = 32000.into();
+    mistral["rope_theta"] = 1e6.into();
+    mistral["max_position_embeddings"] = 32768.into();
+    mistral["rope_scaling"] = Value::Null;
+    // Meta's and Mistral's published parameter counts.
+    for (recipe, shape, params) in [
+        ("llama-3.1-8b-instruct-128k", llama, 8_030_261_248u64),
+        ("mistral-7b-instruct-v0.2-128k", mistral, 7_241_732_096),
+    ] {
+        let d = tempdir();
+        std::fs::write(d.path().join("config.json"), shape.to_string()).unwrap();
+        let file = root().join("configs/train").join(format!("{recipe}.toml"));
+        TrainConfig::load(Some(&file), &[]).unwrap();
+        let out = wildlong(&["train", "--plan", "--memory-gib", "80"])
+            .arg("--config")
+            .arg(&file)
+            .args(["--set", &format!("model=\"{}\"", d.path().display())])
+            .output()
+            .unwrap();
+        let text = ok(&out);
+        let json: Value =
+            serde_json::from_str(text.lines().find(|l| l.starts_with('{')).unwrap()).unwrap();
+        assert_eq!(json["parameters"], params, "{recipe}");
+        assert_eq!(json["tokens_per_micro_batch"], 32768);
+        assert!(text.contains("fits:"), "{text}");
+    }
+}
