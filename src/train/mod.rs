@@ -1,10 +1,10 @@
-//! Fine-tuning (being built): the autograd-safe operations, the trainable model with LoRA
-//! adapters, the optimiser (AdamW, schedule, clipping, accumulation) and the data
-//! (chat-template rendering, assistant-only loss, packing), one optimizer step (micro-batches,
-//! token-mean accumulation, clipping, non-finite skip) and the PEFT adapter export. Not yet:
-//! the run loop with evaluation, logs, checkpoints and resume, the merged-model export, LoRA
-//! dropout, activation checkpointing, full fine-tuning, RoPE scaling from a recipe, `wildlong
-//! train` with its recipes and `--plan`.
+//! Fine-tuning: `wildlong train` ([`run`]) reads a recipe, renders `messages` JSONL with the
+//! model's chat template ([`data`]: assistant-only loss, packing with position reset),
+//! trains the Llama-family model ([`model`]: LoRA or full, f32/bf16 frozen weights, RoPE
+//! from the recipe, layer checkpointing) built from autograd-safe ops ([`ops`]: RMSNorm,
+//! RoPE, softmax, blocked attention, fused LoRA linear, one-pass chunked cross-entropy) with
+//! AdamW ([`optim`], [`step`]), checkpoints and resumes exactly, and exports PEFT adapters and
+//! merged HF models; [`plan`] predicts a recipe's memory before launch. CPU kernels only.
 
 pub mod data;
 pub mod model;
