@@ -175,7 +175,7 @@ fn train(args: &BenchArgs, seq: usize, models_dir: &Path) -> Result<()> {
         &args.engine.model,
         models_dir,
         &model::TrainOptions::lora(Some(&spec)),
-        None,
+        &Default::default(),
     )?;
     let mut m = loaded.model;
     m.checkpoint_layers = args.checkpoint_layers;

@@ -1308,6 +1308,20 @@ impl RopeSettings {
     pub fn is_set(&self) -> bool {
         self.theta.is_some() || self.scaling.is_some() || self.max_position_embeddings.is_some()
     }
+
+    /// These settings over a checkpoint's RoPE (None when none is set).
+    pub fn over(
+        &self,
+        base: &crate::engine::rope::RopeConfig,
+    ) -> Option<crate::engine::rope::RopeRecord> {
+        self.is_set().then(|| crate::engine::rope::RopeRecord {
+            rope_theta: self.theta.unwrap_or(base.theta),
+            rope_scaling: self.scaling.clone().unwrap_or_else(|| base.scaling.clone()),
+            max_position_embeddings: self
+                .max_position_embeddings
+                .unwrap_or(base.max_position_embeddings),
+        })
+    }
 }
 
 /// AdamW and the learning-rate schedule (linear warm-up, cosine decay to a floor).

@@ -673,13 +673,13 @@ pub struct Loaded {
     pub template: Option<crate::engine::chat::ChatTemplate>,
 }
 
-/// Loads `spec` (see [`crate::models::resolve`]) for training as `opts` says; `rope`, when
-/// given, replaces the checkpoint's RoPE settings (a recipe's context extension).
+/// Loads `spec` (see [`crate::models::resolve`]) for training as `opts` says; the keys `rope`
+/// sets replace the checkpoint's RoPE settings (a recipe's context extension).
 pub fn load_with(
     spec: &str,
     models_dir: &Path,
     opts: &TrainOptions,
-    rope: Option<&RopeRecord>,
+    rope: &crate::config::RopeSettings,
 ) -> Result<Loaded> {
     let engine_cfg = crate::config::EngineConfig {
         dtype: "f32".into(),
@@ -688,7 +688,8 @@ pub fn load_with(
     let mut located =
         crate::models::locate(crate::models::resolve(spec, models_dir)?, &engine_cfg)?;
     let mut cfg = located.config.clone();
-    if let Some(r) = rope {
+    let rope = rope.over(&cfg.rope);
+    if let Some(r) = &rope {
         r.apply(&mut cfg.rope);
         cfg.validate().context("the recipe's [rope] settings")?;
     }
@@ -715,6 +716,11 @@ pub fn load(
     crate::engine::tokenizer::Tokenizer,
     Option<crate::engine::chat::ChatTemplate>,
 )> {
-    let l = load_with(spec, models_dir, &TrainOptions::lora(lora), None)?;
+    let l = load_with(
+        spec,
+        models_dir,
+        &TrainOptions::lora(lora),
+        &Default::default(),
+    )?;
     Ok((l.model, l.tokenizer, l.template))
 }

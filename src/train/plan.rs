@@ -85,15 +85,9 @@ impl Plan {
         let trainable_state_bytes = trainable * 4.0 * 6.0;
 
         // Activations autograd keeps per token of one layer (f32 values).
-        let mut per_token: f64 = projections
-            .iter()
-            .map(|(p, a, b)| {
-                // The fused LoRA op keeps its output only (its input is kept anyway, the
-                // rank-r product and the dropout mask are recomputed).
-                let _ = (p, a);
-                *b
-            })
-            .sum();
+        // The fused LoRA op keeps its output only (its input is kept anyway; the rank-r
+        // product and the dropout mask are recomputed), as a plain projection does.
+        let mut per_token: f64 = projections.iter().map(|(_, _, out)| out).sum();
         // Norm outputs, residual sums and the layer input; head copies, RoPE outputs,
         // attention output and its transposed copy; SiLU and the gated product.
         per_token += 5.0 * h + 4.0 * nh * hd + 3.0 * kvh * hd + 2.0 * i;

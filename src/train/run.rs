@@ -300,21 +300,6 @@ pub fn evaluate(m: &TrainModel, rows: &[Batch], micro: usize, pad: u32) -> Resul
     Ok((sum / tokens.max(1) as f64, tokens))
 }
 
-/// The recipe's RoPE settings over the checkpoint's (None when the recipe sets none).
-pub fn rope_override(
-    cfg: &TrainConfig,
-    base: &crate::engine::rope::RopeConfig,
-) -> Option<RopeRecord> {
-    let r = &cfg.rope;
-    r.is_set().then(|| RopeRecord {
-        rope_theta: r.theta.unwrap_or(base.theta),
-        rope_scaling: r.scaling.clone().unwrap_or_else(|| base.scaling.clone()),
-        max_position_embeddings: r
-            .max_position_embeddings
-            .unwrap_or(base.max_position_embeddings),
-    })
-}
-
 fn train_options(cfg: &TrainConfig) -> TrainOptions {
     let l = &cfg.lora;
     TrainOptions {
@@ -358,12 +343,13 @@ fn checkpoint_name(step: usize) -> String {
     format!("step-{step:06}")
 }
 
-/// The newest complete checkpoint in `dir` (a half-written one has no final name).
-fn latest_checkpoint(dir: &Path) -> Result<Option<(usize, PathBuf)>> {
+/// Checkpoints in `dir` as (step, folder), oldest first (half-written ones have a temporary
+/// name and are not listed).
+fn checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     if !dir.is_dir() {
-        return Ok(None);
+        return Ok(vec![]);
     }
-    let mut best: Option<(usize, PathBuf)> = None;
+    let mut all = Vec::new();
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let p = e?.path();
         let step = p
@@ -372,12 +358,19 @@ fn latest_checkpoint(dir: &Path) -> Result<Option<(usize, PathBuf)>> {
             .and_then(|n| n.strip_prefix("step-"))
             .and_then(|n| n.parse::<usize>().ok());
         if let Some(s) = step {
-            if p.join("state.json").is_file() && best.as_ref().is_none_or(|(b, _)| s > *b) {
-                best = Some((s, p));
-            }
+            all.push((s, p));
         }
     }
-    Ok(best)
+    all.sort();
+    Ok(all)
+}
+
+/// The newest complete checkpoint in `dir`.
+fn latest_checkpoint(dir: &Path) -> Result<Option<(usize, PathBuf)>> {
+    Ok(checkpoints(dir)?
+        .into_iter()
+        .rev()
+        .find(|(_, p)| p.join("state.json").is_file()))
 }
 
 fn save_checkpoint(
@@ -415,19 +408,7 @@ fn save_checkpoint(
     std::fs::rename(&tmp, &final_dir)
         .with_context(|| format!("renaming to {}", final_dir.display()))?;
     // Older checkpoints beyond `keep` go.
-    let mut all: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter_map(|p| {
-            let s = p
-                .file_name()?
-                .to_str()?
-                .strip_prefix("step-")?
-                .parse()
-                .ok()?;
-            Some((s, p))
-        })
-        .collect();
-    all.sort();
+    let all = checkpoints(dir)?;
     let n = all.len();
     for (_, p) in all.into_iter().take(n.saturating_sub(keep)) {
         std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
@@ -497,18 +478,7 @@ pub fn train(cfg: &TrainConfig, run: &Path, opts: &RunOptions) -> Result<Summary
             .collect::<Result<_>>()?,
     };
     let summary_path = out.join("summary.json");
-    let base = crate::models::locate(
-        crate::models::resolve(&cfg.model, &opts.models_dir)?,
-        &crate::config::EngineConfig::default(),
-    )?;
-    let rope = rope_override(cfg, &base.config.rope);
-    drop(base);
-    let loaded = model::load_with(
-        &cfg.model,
-        &opts.models_dir,
-        &train_options(cfg),
-        rope.as_ref(),
-    )?;
+    let loaded = model::load_with(&cfg.model, &opts.models_dir, &train_options(cfg), &cfg.rope)?;
     let mut m = loaded.model;
     m.checkpoint_layers = cfg.memory.checkpoint_layers;
     m.attention_block = cfg.memory.attention_block;
@@ -712,7 +682,7 @@ pub fn train(cfg: &TrainConfig, run: &Path, opts: &RunOptions) -> Result<Summary
         &summary_path,
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
-    if rope.is_some_and(|r| r.rope_scaling != RopeScaling::Default) {
+    if summary.rope.rope_scaling != RopeScaling::Default {
         tracing::info!("trained with RoPE {:?}", summary.rope);
     }
     Ok(summary)

@@ -36,6 +36,26 @@ pub fn default_engine() -> &'static Engine {
     E.get_or_init(|| load(&default_model_path(), EngineConfig::default()))
 }
 
+/// The largest |value| of a tensor.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// The sum of squares of a tensor.
+pub fn sum_sq(t: &Tensor) -> f32 {
+    t.sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("wildlong-test")

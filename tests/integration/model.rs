@@ -236,13 +236,7 @@ fn safetensors_half_precision_loads_and_tracks_f32() {
         .into_iter()
         .map(|x| x as u32)
         .collect();
-    let scale = fx["default"]
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let scale = max_abs(&fx["default"]);
     // Tolerances relative to the largest logit: f16 has 11 mantissa bits, bf16 8.
     for (dtype, tol) in [("f16", 0.01), ("bf16", 0.06)] {
         let e = load(

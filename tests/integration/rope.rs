@@ -1,7 +1,7 @@
 //! RoPE tables against HF transformers' own init functions, fused vs slow application,
 //! and the two layouts against each other.
 
-use crate::common::{fixture, lcg_values, max_abs_diff};
+use crate::common::{fixture, lcg_values, max_abs_diff, sum_sq};
 use candle_core::{Device, Tensor};
 use wildlong::engine::rope::{RopeConfig, RopeLayout, RopeScaling};
 
@@ -175,20 +175,8 @@ fn fused_rope_equals_slow_reference_in_both_layouts_with_per_row_positions() {
         assert!(max_abs_diff(&fast, &slow) < 1e-5, "{layout:?}");
         // Rotation (times the YaRN attention factor) preserves norms per pair.
         let (_, attn) = cfg.inv_freq(1);
-        let nx = x
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let nf = fast
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let nx = sum_sq(&x);
+        let nf = sum_sq(&fast);
         assert!((nf / (attn * attn) - nx).abs() / nx < 1e-4);
     }
 }

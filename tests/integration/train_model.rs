@@ -520,7 +520,13 @@ fn tiny_with(o: &model::TrainOptions, tie: bool) -> (tempfile::TempDir, TrainMod
         ..Default::default()
     };
     let d = tiny_random(&spec, 7);
-    let l = model::load_with(d.path().to_str().unwrap(), &root().join("models"), o, None).unwrap();
+    let l = model::load_with(
+        d.path().to_str().unwrap(),
+        &root().join("models"),
+        o,
+        &Default::default(),
+    )
+    .unwrap();
     (d, l.model)
 }
 
@@ -548,14 +554,7 @@ fn grads_of(m: &TrainModel) -> (f64, Vec<Tensor>) {
 fn assert_same_grads(a: &[Tensor], b: &[Tensor], names: &[String]) {
     assert_eq!(a.len(), b.len());
     for ((x, y), n) in a.iter().zip(b).zip(names) {
-        let scale = y
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1e-6);
+        let scale = max_abs(y).max(1e-6);
         let d = max_abs_diff(x, y) / scale;
         assert!(
             d < 1e-4,
@@ -662,13 +661,7 @@ fn bf16_base_weights_hold_half_the_bytes_and_train_the_same_adapters() {
     assert!((l32 - l16).abs() / l32 < 1e-2, "{l32} vs {l16}");
     let names: Vec<String> = m16.trainable().into_iter().map(|(n, _)| n).collect();
     for ((a, b), n) in g16.iter().zip(&g32).zip(&names) {
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(b);
         assert!(max_abs_diff(a, b) / scale < 0.1, "{n}");
         assert_eq!(a.dtype(), DType::F32);
     }
@@ -676,21 +669,21 @@ fn bf16_base_weights_hold_half_the_bytes_and_train_the_same_adapters() {
 
 #[test]
 fn the_merged_export_loads_in_the_engine_as_the_trained_model() {
-    use wildlong::engine::rope::{RopeRecord, RopeScaling};
+    use wildlong::engine::rope::RopeScaling;
     // A tiny safetensors base trained with linear RoPE scaling: the merged folder runs in the
     // engine with the trained logits and the trained RoPE; the adapter brings its RoPE too.
     let spec = lora(&["q_proj", "v_proj", "up_proj"]);
     let d = tiny_random(&TinySpec::default(), 7);
-    let rope = RopeRecord {
-        rope_theta: 20_000.0,
-        rope_scaling: RopeScaling::Linear { factor: 2.0 },
-        max_position_embeddings: 256,
+    let rope = wildlong::config::RopeSettings {
+        theta: Some(20_000.0),
+        scaling: Some(RopeScaling::Linear { factor: 2.0 }),
+        max_position_embeddings: Some(256),
     };
     let l = model::load_with(
         d.path().to_str().unwrap(),
         &root().join("models"),
         &model::TrainOptions::lora(Some(&spec)),
-        Some(&rope),
+        &rope,
     )
     .unwrap();
     randomise_b(&l.model);
