@@ -53,15 +53,6 @@ fn reference(dir: &std::path::Path, tokens: &[u32]) -> Tensor {
     Tensor::from_vec(flat, (tokens.len(), v), &Device::Cpu).unwrap()
 }
 
-fn sum_sq(t: &Tensor) -> f32 {
-    t.sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// Sets every adapter's B to small random values (PEFT starts at 0, which gives A no gradient).
 fn randomise_b(m: &TrainModel) {
     for (i, (name, var)) in m.trainable().into_iter().enumerate() {
