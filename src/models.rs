@@ -372,8 +372,7 @@ pub fn locate(files: ModelFiles, cfg: &EngineConfig) -> Result<Located> {
             let cfg_path = dir.join("config.json");
             let text = std::fs::read_to_string(&cfg_path)
                 .with_context(|| format!("reading {}", cfg_path.display()))?;
-            let hf: LlamaConfig = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a Llama-family config", cfg_path.display()))?;
+            let hf = parse_hf_config(&text, &cfg_path)?;
             let mut config = Config::from_hf(&hf, cfg.rope_theta)
                 .with_context(|| cfg_path.display().to_string())?;
             // A model `wildlong train` merged must run with the RoPE it was trained with.
@@ -442,8 +441,7 @@ pub fn model_config(spec: &str, models_dir: &Path) -> Result<Config> {
         Some(p) => {
             let text =
                 std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-            let hf: LlamaConfig = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a Llama-family config", p.display()))?;
+            let hf = parse_hf_config(&text, &p)?;
             Config::from_hf(&hf, None).with_context(|| p.display().to_string())
         }
         None => Ok(locate(resolve(spec, models_dir)?, &EngineConfig::default())?.config),
@@ -660,4 +658,17 @@ impl Located {
         }
         s
     }
+}
+
+/// A `config.json`, with the key of a bad value named (`hidden_size: invalid type …`).
+fn parse_hf_config(text: &str, path: &Path) -> Result<LlamaConfig> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not a Llama-family config: `{}`: {}",
+            path.display(),
+            e.path(),
+            e.inner()
+        )
+    })
 }

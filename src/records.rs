@@ -120,8 +120,9 @@ pub fn for_each_jsonl_line(
     }
 }
 
-/// Reads a JSONL file written by `append_line`; a torn last line (a killed writer) is cut
-/// off the file so that later appends start on a clean line.
+/// Reads a JSONL file written by `append_line`; a torn last line (a killed writer, maybe
+/// inside a multi-byte character) is cut off the file so that later appends start on a
+/// clean line. A bad line before the last is an error naming the file and line.
 pub fn read_jsonl_resumable<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
     let Ok(f) = std::fs::File::open(path) else {
         return Ok(vec![]);
@@ -129,26 +130,29 @@ pub fn read_jsonl_resumable<T: for<'de> Deserialize<'de>>(path: &Path) -> Result
     let mut out = Vec::new();
     let mut good_bytes = 0u64;
     let mut reader = std::io::BufReader::new(f);
-    let mut line = String::new();
+    let mut line = Vec::new();
     let mut lineno = 0;
     loop {
         line.clear();
         let n = reader
-            .read_line(&mut line)
+            .read_until(b'\n', &mut line)
             .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
         lineno += 1;
-        let complete = line.ends_with('\n');
-        match serde_json::from_str::<T>(line.trim_end()) {
+        let complete = line.ends_with(b"\n");
+        // A kill can tear a line inside a multi-byte character: bytes, then UTF-8.
+        let parsed = std::str::from_utf8(&line)
+            .map_err(anyhow::Error::from)
+            .and_then(|t| Ok(serde_json::from_str::<T>(t.trim_end())?));
+        match parsed {
             Ok(v) if complete => {
                 out.push(v);
                 good_bytes += n as u64;
             }
             Ok(_) | Err(_) => {
-                let mut rest = String::new();
-                let trailing = reader.read_line(&mut rest)? == 0;
+                let trailing = reader.fill_buf()?.is_empty();
                 if !trailing {
                     bail!(
                         "{}:{lineno}: not a valid record (only a torn last line is repaired)",

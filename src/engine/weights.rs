@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -521,19 +521,170 @@ pub fn read_gguf(path: &Path) -> Result<(gguf_file::Content, BufReader<File>)> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let file_len = file.metadata()?.len();
     let mut reader = BufReader::new(file);
+    check_gguf_header(&mut reader, file_len)
+        .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file ({e})", path.display()))?;
+    reader.seek(std::io::SeekFrom::Start(0))?;
     let content = gguf_file::Content::read(&mut reader)
         .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file ({e})", path.display()))?;
     for (name, info) in &content.tensor_infos {
-        let elems = info.shape.elem_count();
+        let elems = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d));
         let bs = info.ggml_dtype.block_size();
-        let bytes = elems / bs * info.ggml_dtype.type_size();
-        let end = content.tensor_data_offset + info.offset + bytes as u64;
-        if end > file_len {
+        let end = elems
+            .and_then(|e| (e / bs).checked_mul(info.ggml_dtype.type_size()))
+            .and_then(|b| {
+                content
+                    .tensor_data_offset
+                    .checked_add(info.offset)?
+                    .checked_add(b as u64)
+            });
+        if end.is_none_or(|e| e > file_len) {
             bail!(
-                "{}: truncated GGUF file: tensor `{name}` ends at byte {end} but the file has {file_len} bytes",
-                path.display()
+                "{}: truncated GGUF file: tensor `{name}` ({:?}) ends past the file's {file_len} bytes",
+                path.display(),
+                info.shape.dims()
             );
         }
     }
     Ok((content, reader))
+}
+
+/// Walks a GGUF header (metadata and tensor infos) before candle's reader does, checking
+/// every count and length against the bytes the file has and what candle's reader does not
+/// check: a zero `general.alignment` (it divides by it). A corrupted header must be an
+/// error naming the file, never a panic (tested with mutated headers in `props.rs`).
+pub fn check_gguf_header<R: Read + Seek>(r: &mut R, file_len: u64) -> Result<()> {
+    fn u32_(r: &mut impl Read) -> Result<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b).context("the header ends early")?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn u64_(r: &mut impl Read) -> Result<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b).context("the header ends early")?;
+        Ok(u64::from_le_bytes(b))
+    }
+    struct Walk<'a, R> {
+        r: &'a mut R,
+        len: u64,
+        v1: bool,
+    }
+    impl<R: Read + Seek> Walk<'_, R> {
+        fn count(&mut self, what: &str, unit: u64) -> Result<u64> {
+            let n = if self.v1 {
+                u32_(self.r)? as u64
+            } else {
+                u64_(self.r)?
+            };
+            let pos = self.r.stream_position()?;
+            let need = n.checked_mul(unit.max(1));
+            if need.is_none_or(|b| b > self.len.saturating_sub(pos)) {
+                bail!(
+                    "{what} of {n} at byte {pos} runs past the end of the {}-byte file",
+                    self.len
+                );
+            }
+            Ok(n)
+        }
+        fn skip(&mut self, n: u64) -> Result<()> {
+            let pos = self.r.stream_position()?;
+            if n > self.len.saturating_sub(pos) {
+                bail!("a value at byte {pos} runs past the end of the file");
+            }
+            self.r.seek(std::io::SeekFrom::Current(n as i64))?;
+            Ok(())
+        }
+        fn string(&mut self) -> Result<()> {
+            let n = self.count("a string", 1)?;
+            self.skip(n)
+        }
+        fn value(&mut self, ty: u32, depth: usize) -> Result<()> {
+            match ty {
+                0 | 1 | 7 => self.skip(1),
+                2 | 3 => self.skip(2),
+                4..=6 => self.skip(4),
+                10..=12 => self.skip(8),
+                8 => self.string(),
+                9 if depth < 4 => {
+                    let inner = u32_(self.r)?;
+                    let n = self.count("an array", 1)?;
+                    for _ in 0..n {
+                        self.value(inner, depth + 1)?;
+                    }
+                    Ok(())
+                }
+                9 => bail!("metadata arrays nested more than 4 deep"),
+                t => bail!("unknown metadata value type {t}"),
+            }
+        }
+    }
+    let mut magic = [0u8; 4];
+    r.read_exact(&mut magic)
+        .context("the file is shorter than a GGUF header")?;
+    if &magic != b"GGUF" {
+        bail!("no GGUF magic (the file starts with {magic:?})");
+    }
+    let version = u32_(r)?;
+    if !(1..=3).contains(&version) {
+        bail!("unsupported GGUF version {version}");
+    }
+    let mut w = Walk {
+        r,
+        len: file_len,
+        v1: version == 1,
+    };
+    // Each tensor info takes at least 16 bytes, each metadata entry at least 12.
+    let tensors = w.count("a tensor count", 16)?;
+    let kvs = w.count("a metadata count", 12)?;
+    for _ in 0..kvs {
+        let n = w.count("a key", 1)?;
+        let mut key = vec![0u8; n as usize];
+        w.r.read_exact(&mut key)?;
+        let ty = u32_(w.r)?;
+        if key == b"general.alignment" {
+            // candle divides by it.
+            let pos = w.r.stream_position()?;
+            let v = match ty {
+                0 | 1 => {
+                    let mut b = [0u8; 1];
+                    w.r.read_exact(&mut b)?;
+                    b[0] as u64
+                }
+                2 | 3 => {
+                    let mut b = [0u8; 2];
+                    w.r.read_exact(&mut b)?;
+                    u16::from_le_bytes(b) as u64
+                }
+                4 | 5 => u32_(w.r)? as u64,
+                _ => 1,
+            };
+            if v == 0 {
+                bail!("general.alignment is 0");
+            }
+            w.r.seek(std::io::SeekFrom::Start(pos))?;
+        }
+        w.value(ty, 0)?;
+    }
+    for _ in 0..tensors {
+        w.string()?;
+        let dims = u32_(w.r)?;
+        if dims > 4 {
+            bail!("a tensor with {dims} dimensions (GGML has at most 4)");
+        }
+        let mut elems: u64 = 1;
+        for _ in 0..dims {
+            let d = if w.v1 { u32_(w.r)? as u64 } else { u64_(w.r)? };
+            elems = elems
+                .checked_mul(d)
+                .filter(|&e| e <= file_len.saturating_mul(8))
+                .with_context(|| format!("a tensor shape larger than the {file_len}-byte file"))?;
+        }
+        // The type (checked by candle's reader) and the data offset.
+        u32_(w.r)?;
+        u64_(w.r)?;
+    }
+    Ok(())
 }

@@ -8,6 +8,7 @@ mod kernels;
 mod lora;
 mod model;
 mod openai;
+mod props;
 mod rope;
 mod ruler;
 mod stage1;
