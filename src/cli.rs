@@ -79,6 +79,24 @@ pub enum Command {
     /// Evaluate models on long-context benchmarks.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// The whole pipeline from one config: extract → graph → sample → synth → train → RULER
+    /// before and after → report.
+    #[command(
+        after_help = "Examples:\n  wildlong run configs/demo.toml\n  wildlong run configs/pipeline/llama-3.1-8b-instruct.toml --set train.schedule.steps=200\n\nWrites every stage's outputs under run.dir, <run>/pipeline/<step>.json (each step's input hash and status),\nand <run>/report.{md,svg}. A rerun skips finished steps, resumes an interrupted one, and redoes (moving the old\noutputs to <run>/superseded/) a step whose settings changed, with every step after it."
+    )]
+    Run(PipelineArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PipelineArgs {
+    /// The pipeline config (see configs/demo.toml).
+    pub config: PathBuf,
+    /// Override one key, e.g. `--set train.schedule.steps=4` or `--set run.dir=\"runs/x\"` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Hide progress bars.
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -521,6 +539,7 @@ fn run_command(cli: Cli) -> Result<()> {
         Command::Train(args) => train(*args, &cli.models_dir),
         Command::Sample(args) => sample(*args, cli.threads, &cli.models_dir),
         Command::Eval(EvalCommand::Ruler(args)) => eval_ruler(*args, cli.threads, &cli.models_dir),
+        Command::Run(args) => pipeline(args, cli.threads, &cli.models_dir),
         Command::Eval(EvalCommand::Compare { report, baseline }) => {
             let new = Report::load(&report)?;
             let base = Report::load(&baseline)?;
@@ -553,13 +572,7 @@ pub fn ruler_config(args: &RulerArgs) -> Result<RulerConfig> {
     }
     if args.tasks != "all" {
         let wanted: Vec<&str> = args.tasks.split(',').map(str::trim).collect();
-        for w in &wanted {
-            if !c.tasks.contains_key(*w) {
-                let known: Vec<&str> = c.tasks.keys().map(String::as_str).collect();
-                bail!("--tasks: unknown task `{w}` (known: {})", known.join(", "));
-            }
-        }
-        c.tasks.retain(|k, _| wanted.contains(&k.as_str()));
+        c.select(&wanted).context("--tasks")?;
     }
     c.validate()?;
     Ok(c)
@@ -567,17 +580,7 @@ pub fn ruler_config(args: &RulerArgs) -> Result<RulerConfig> {
 
 fn eval_ruler(args: RulerArgs, threads: usize, models_dir: &Path) -> Result<()> {
     let cfg = ruler_config(&args)?;
-    let squad = cfg
-        .qa_squad
-        .as_deref()
-        .map(models::resolve_data_file)
-        .transpose()?;
-    let hotpot = cfg
-        .qa_hotpotqa
-        .as_deref()
-        .map(models::resolve_data_file)
-        .transpose()?;
-    let assets = Assets::load(squad.as_deref(), hotpot.as_deref())?;
+    let assets = Assets::for_config(&cfg)?;
     let baseline = args.baseline.as_deref().map(Report::load).transpose()?;
     let ecfg = args.engine.engine_config(threads)?;
     let engine = models::load_engine_with_adapter(
@@ -635,7 +638,7 @@ fn extract(args: ExtractArgs, threads: usize, models_dir: &Path) -> Result<()> {
         dir: dir.clone(),
         model: args.engine.model.clone(),
         shard: args.shard,
-        limit: args.limit,
+        limit: args.limit.or(cfg.input.limit),
         progress: !args.stage1.no_progress,
     };
     let stats = run.run(&llm)?;
@@ -692,7 +695,6 @@ fn graph(args: GraphArgs) -> Result<()> {
 }
 
 fn sample(args: SampleArgs, threads: usize, models_dir: &Path) -> Result<()> {
-    use crate::stage1::{graph, sample};
     let (mut cfg, _schema, dir) = args.stage1.load()?;
     if let Some(n) = args.per_type {
         cfg.sample.per_type = n;
@@ -701,52 +703,35 @@ fn sample(args: SampleArgs, threads: usize, models_dir: &Path) -> Result<()> {
         cfg.sample.seed = s;
     }
     cfg.validate()?;
-    let graphs = graph::load_all(&dir)?;
-    let paths = sample::sample_all(&graphs, &cfg.sample, &dir)?;
-    println!(
-        "{} paths -> {}",
-        paths.len(),
-        dir.join("paths.jsonl").display()
-    );
-    if args.paths_only {
-        return Ok(());
-    }
-    let llm = load_llm(&args.engine, &args.server, threads, models_dir)?;
-    let weighting = graphs
-        .first()
-        .map(|g| serde_json::to_value(g.weighting))
-        .transpose()?
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default();
-    let n = sample::write_blueprints(
-        &llm,
+    let llm = match args.paths_only {
+        true => None,
+        false => Some(load_llm(&args.engine, &args.server, threads, models_dir)?),
+    };
+    let (paths, n) = crate::stage1::sample::run(
+        llm.as_ref(),
         &args.engine.model,
-        &paths,
         &cfg.sample,
-        &weighting,
         &dir,
         !args.stage1.no_progress,
     )?;
-    println!(
-        "{n} new blueprints -> {}",
-        dir.join("blueprints.jsonl").display()
-    );
+    println!("{paths} paths -> {}", dir.join("paths.jsonl").display());
+    if llm.is_some() {
+        println!(
+            "{n} new blueprints -> {}",
+            dir.join("blueprints.jsonl").display()
+        );
+    }
     Ok(())
 }
 
 fn synth(args: SynthArgs, threads: usize, models_dir: &Path) -> Result<()> {
-    use crate::records::{
-        read_jsonl_resumable, write_atomic, write_jsonl_atomic, Blueprint, Store,
-    };
-    use crate::stage2::{
-        assemble, documents::DocumentReader, gates::Decontaminator, output, synth::Synth,
-    };
+    use crate::stage2::{output, run::SynthJob};
     let mut cfg = crate::config::Stage2Config::load(args.run.config.as_deref(), &args.run.set)?;
     if !args.documents.is_empty() {
         cfg.documents.paths = args.documents.clone();
     }
-    let dir = args.run.run.join("stage2");
     if args.merge {
+        let dir = args.run.run.join("stage2");
         let (pairs, stats) =
             output::merge(&dir, cfg.gates.near_duplicate_threshold, cfg.generate.seed)?;
         // The card names the model that made the pairs.
@@ -757,98 +742,71 @@ fn synth(args: SynthArgs, threads: usize, models_dir: &Path) -> Result<()> {
         println!("merged {} pairs -> {}", pairs.len(), path.display());
         return Ok(());
     }
-    let schema = MetaSchema::builtin();
-    let bp_path = args
+    let blueprints = args
         .blueprints
         .clone()
-        .unwrap_or_else(|| args.run.run.join("stage1/blueprints.jsonl"));
-    if !bp_path.is_file() {
+        .unwrap_or_else(|| crate::stage2::run::default_blueprints(&args.run.run));
+    if !blueprints.is_file() {
+        // Before a model is loaded.
         bail!(
             "{}: no blueprints (run `wildlong sample` first, or pass --blueprints)",
-            bp_path.display()
+            blueprints.display()
         );
-    }
-    let blueprints: Vec<Blueprint> = read_jsonl_resumable(&bp_path)?;
-    if blueprints.is_empty() {
-        bail!("{}: holds no blueprints", bp_path.display());
     }
     let llm = load_llm(&args.engine, &args.server, threads, models_dir)?;
-    // Prompts are measured with the target model's tokenizer and chat template.
-    let located;
-    let (tokenizer, template, max_context) = match llm.local() {
-        Some(e) => (&e.tokenizer, e.chat_template.as_ref(), e.max_context()),
-        None => {
-            located = models::locate(
-                models::resolve(&args.tokenizer, models_dir)?,
-                &args.engine.engine_config(threads)?,
-            )?;
-            let ctx = located.config.context_length;
-            (&located.tokenizer, located.chat_template.as_ref(), ctx)
-        }
-    };
-    let template = template.context("synthesis needs a model with a chat template")?;
-    let decontaminate = match cfg.gates.decontaminate {
-        true => Some(Decontaminator::ruler(
-            cfg.gates.decontaminate_ngram,
-            cfg.gates.squad.as_deref(),
-            cfg.gates.hotpotqa.as_deref(),
-        )?),
-        false => None,
-    };
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let store = Store::open(&dir.join("store"))?;
-    let mut reader = DocumentReader::new(tokenizer, &schema, &cfg.documents);
-    reader.max_context = max_context;
-    reader.decontaminate = decontaminate.as_ref();
-    for p in &cfg.documents.paths {
-        reader.read(p)?;
-    }
-    reader.classify(&llm, &args.engine.model, &store)?;
-    let (docs, doc_stats) = reader.finish()?;
-    write_atomic(
-        &dir.join("documents_stats.json"),
-        serde_json::to_string_pretty(&doc_stats)?.as_bytes(),
-    )?;
-    if let Some(&b) = cfg.assemble.buckets.iter().find(|&&b| b > max_context) {
-        bail!("bucket {b} is longer than the model's context ({max_context} tokens)");
-    }
-    let (contexts, asm) = assemble::assemble(tokenizer, &docs, &cfg.assemble)?;
-    write_jsonl_atomic(&dir.join("contexts.jsonl"), &contexts)?;
-    write_atomic(
-        &dir.join("assembly_stats.json"),
-        serde_json::to_string_pretty(&asm)?.as_bytes(),
-    )?;
-    let synth = Synth {
+    let out = crate::stage2::run::run(&SynthJob {
         llm: &llm,
-        tokenizer,
-        template,
         model: args.engine.model.clone(),
+        tokenizer: args.tokenizer.clone(),
         cfg: &cfg,
-        decontaminate: decontaminate.as_ref(),
-        store,
-    };
-    let t0 = std::time::Instant::now();
-    let (pairs, stats) = synth.run(&contexts, &blueprints, args.shard, &dir)?;
-    let secs = t0.elapsed().as_secs_f64();
-    let suffix = args.shard.suffix();
-    output::finish(&dir, &suffix, &pairs, &stats, &cfg, &args.engine.model)?;
+        run: args.run.run.clone(),
+        blueprints,
+        shard: args.shard,
+        models_dir: models_dir.to_path_buf(),
+        engine: args.engine.engine_config(threads)?,
+    })?;
     println!(
         "{} documents, {} contexts; {} pairs -> {} ({} generated, {} from the store); rejected: {:?}",
-        docs.len(),
-        contexts.len(),
-        pairs.len(),
-        dir.join(format!("data{suffix}.jsonl")).display(),
-        stats.generated,
-        stats.reused,
-        stats.rejected
+        out.documents,
+        out.contexts,
+        out.pairs,
+        out.data.display(),
+        out.stats.generated,
+        out.stats.reused,
+        out.stats.rejected
     );
-    if stats.generated > 0 {
+    if out.stats.generated > 0 {
         println!(
-            "  {} contexts in {secs:.1} s: {:.2} pairs/min",
-            stats.contexts,
-            pairs.len() as f64 * 60.0 / secs
+            "  {} contexts in {:.1} s: {:.2} pairs/min",
+            out.stats.contexts,
+            out.seconds,
+            out.pairs as f64 * 60.0 / out.seconds
         );
     }
+    Ok(())
+}
+
+fn pipeline(args: PipelineArgs, threads: usize, models_dir: &Path) -> Result<()> {
+    let mut cfg = crate::config::PipelineConfig::load(&args.config, &args.set)?;
+    if threads > 0 {
+        cfg.engine.threads = threads;
+    }
+    let t0 = std::time::Instant::now();
+    let out = crate::pipeline::run(
+        &cfg,
+        &crate::pipeline::Options {
+            models_dir: models_dir.to_path_buf(),
+            progress: !args.no_progress,
+            config_path: args.config.clone(),
+        },
+    )?;
+    let ran = out.actions.iter().filter(|a| a.1 != "skipped").count();
+    println!(
+        "{ran} of {} steps run in {:.0} s; report: {} (+ report.svg)",
+        out.actions.len(),
+        t0.elapsed().as_secs_f64(),
+        out.report.display()
+    );
     Ok(())
 }
 

@@ -31,6 +31,18 @@ pub fn from_toml_with_overrides<T: serde::de::DeserializeOwned>(
     };
     let mut table: toml::Table =
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    apply_sets(&mut table, sets)?;
+    let what = if sets.is_empty() {
+        name
+    } else {
+        format!("{name} with --set {}", sets.join(" "))
+    };
+    T::deserialize(toml::Value::Table(table)).map_err(|e| anyhow::anyhow!("{what}: {e}"))
+}
+
+/// Applies `--set key.sub=value` overrides to a parsed TOML table. A value that is not
+/// valid TOML is taken as a string (`--set graph.weight=npmi`).
+pub fn apply_sets(table: &mut toml::Table, sets: &[String]) -> Result<()> {
     for set in sets {
         let (key, raw) = set
             .split_once('=')
@@ -41,7 +53,7 @@ pub fn from_toml_with_overrides<T: serde::de::DeserializeOwned>(
         };
         let parts: Vec<&str> = key.trim().split('.').collect();
         let (last, parents) = parts.split_last().expect("split yields one part");
-        let mut cur = &mut table;
+        let mut cur = &mut *table;
         for p in parents {
             cur = cur
                 .entry(p.to_string())
@@ -51,12 +63,7 @@ pub fn from_toml_with_overrides<T: serde::de::DeserializeOwned>(
         }
         cur.insert(last.to_string(), value);
     }
-    let what = if sets.is_empty() {
-        name
-    } else {
-        format!("{name} with --set {}", sets.join(" "))
-    };
-    T::deserialize(toml::Value::Table(table)).map_err(|e| anyhow::anyhow!("{what}: {e}"))
+    Ok(())
 }
 
 /// [`from_toml_with_overrides`], then `validate`, with the file named in its error.
@@ -344,6 +351,21 @@ impl RulerConfig {
         Ok(c)
     }
 
+    /// Keeps only the named tasks (none named = all); an unknown name is an error listing the known.
+    pub fn select(&mut self, wanted: &[&str]) -> Result<()> {
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        for w in wanted {
+            if !self.tasks.contains_key(*w) {
+                let known: Vec<&str> = self.tasks.keys().map(String::as_str).collect();
+                anyhow::bail!("unknown task `{w}` (known: {})", known.join(", "));
+            }
+        }
+        self.tasks.retain(|k, _| wanted.contains(&k.as_str()));
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.lengths.is_empty() || self.lengths.contains(&0) {
             anyhow::bail!("lengths must be a non-empty list of positive token counts");
@@ -484,6 +506,8 @@ pub struct InputConfig {
     pub paths: Vec<String>,
     /// Fail on the first malformed line instead of counting and skipping it.
     pub strict: bool,
+    /// Extract only the first N filtered queries (`--limit` overrides it) [default: all].
+    pub limit: Option<usize>,
 }
 
 impl Default for InputConfig {
@@ -491,6 +515,7 @@ impl Default for InputConfig {
         Self {
             paths: vec!["sample".into()],
             strict: false,
+            limit: None,
         }
     }
 }
@@ -906,6 +931,11 @@ impl std::str::FromStr for Shard {
 }
 
 impl Shard {
+    /// The whole input: 1/1.
+    pub fn whole() -> Self {
+        Self { index: 1, count: 1 }
+    }
+
     pub fn owns(&self, i: usize) -> bool {
         i % self.count == self.index - 1
     }
@@ -1500,5 +1530,177 @@ impl TrainConfig {
             bail!("memory.attention_block and memory.loss_chunk must be ≥ 1");
         }
         Ok(())
+    }
+}
+
+/// `wildlong run CONFIG`: every stage in order into one run folder (`configs/demo.toml`).
+/// `[stage1]`, `[stage2]` and `[train]` take the keys of their own config files; a
+/// `config = "PATH"` key in one of them starts from that file instead of the built-in
+/// defaults, and the section's other keys override it. Paths are relative to the
+/// directory `wildlong` runs in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    pub run: PipelineRunConfig,
+    /// The local engine for generation and evaluation (keys of `configs/engine-cpu.toml`).
+    #[serde(default)]
+    pub engine: EngineConfig,
+    /// Stage 1 and 2 generation on an OpenAI-compatible server instead of the local engine
+    /// (`run.generator` is then the server's model name).
+    #[serde(default)]
+    pub server: Option<OpenAiConfig>,
+    pub stage1: Stage1Config,
+    pub stage2: Stage2Config,
+    pub train: TrainConfig,
+    pub eval: PipelineEvalConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineRunConfig {
+    /// The run folder: `stage1/`, `stage2/`, `train/`, `eval/`, `pipeline/`, `report.md`.
+    pub dir: std::path::PathBuf,
+    /// The model that extracts, writes blueprints and synthesizes (a models spec, or the
+    /// server's model name with `[server]`).
+    pub generator: String,
+    /// With `[server]`: the local model whose tokenizer and chat template measure prompts.
+    pub tokenizer: String,
+}
+
+impl Default for PipelineRunConfig {
+    fn default() -> Self {
+        Self {
+            dir: "runs/demo".into(),
+            generator: "default".into(),
+            tokenizer: "default".into(),
+        }
+    }
+}
+
+/// RULER before and after fine-tuning: the base model (`train.model`), then the base with
+/// the trained adapter (or the merged model).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineEvalConfig {
+    pub lengths: Vec<usize>,
+    /// Task names; empty = every task of the table.
+    pub tasks: Vec<String>,
+    pub samples: usize,
+    pub seed: u64,
+    /// Another task table [default: configs/eval/ruler.toml, built in].
+    pub tasks_config: Option<std::path::PathBuf>,
+    pub qa_squad: Option<String>,
+    pub qa_hotpotqa: Option<String>,
+    /// Render prompts with the model's chat template (RULER's `base` template otherwise).
+    pub chat: bool,
+    /// Cache of generated samples, shared across runs.
+    pub cache_dir: std::path::PathBuf,
+}
+
+impl Default for PipelineEvalConfig {
+    fn default() -> Self {
+        Self {
+            lengths: vec![4096, 8192],
+            tasks: Vec::new(),
+            samples: 20,
+            seed: 42,
+            tasks_config: None,
+            qa_squad: None,
+            qa_hotpotqa: None,
+            chat: true,
+            cache_dir: "runs/cache/ruler".into(),
+        }
+    }
+}
+
+impl PipelineEvalConfig {
+    /// The task table with this section's selection applied, validated.
+    pub fn ruler(&self) -> Result<RulerConfig> {
+        let mut c = match &self.tasks_config {
+            Some(p) => RulerConfig::from_toml_file(p)?,
+            None => RulerConfig::builtin(),
+        };
+        c.lengths = self.lengths.clone();
+        c.samples = self.samples;
+        c.seed = self.seed;
+        if self.qa_squad.is_some() {
+            c.qa_squad = self.qa_squad.clone();
+        }
+        if self.qa_hotpotqa.is_some() {
+            c.qa_hotpotqa = self.qa_hotpotqa.clone();
+        }
+        c.select(&self.tasks.iter().map(String::as_str).collect::<Vec<_>>())
+            .context("eval.tasks")?;
+        c.validate().context("[eval]")?;
+        Ok(c)
+    }
+}
+
+impl PipelineConfig {
+    /// Reads a pipeline file with `--set` overrides (e.g. `train.schedule.steps=4`), resolves
+    /// each section's `config = "PATH"` base, and validates every stage's settings.
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {name}"))?;
+        let mut table: toml::Table =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        apply_sets(&mut table, sets)?;
+        for (section, builtin) in [
+            ("stage1", Stage1Config::BUILTIN),
+            ("stage2", Stage2Config::BUILTIN),
+            ("train", TrainConfig::BUILTIN),
+        ] {
+            let mut own = match table.remove(section) {
+                Some(toml::Value::Table(t)) => t,
+                Some(_) => anyhow::bail!("{name}: `{section}` must be a table"),
+                None => toml::Table::new(),
+            };
+            let mut base: toml::Table = match own.remove("config") {
+                Some(toml::Value::String(p)) => {
+                    let t = std::fs::read_to_string(&p)
+                        .with_context(|| format!("{name}: {section}.config: reading {p}"))?;
+                    toml::from_str(&t).map_err(|e| anyhow::anyhow!("{p}: {e}"))?
+                }
+                Some(_) => anyhow::bail!("{name}: {section}.config must be a path"),
+                None => toml::from_str(builtin).expect("built-in configs parse (tested)"),
+            };
+            merge_tables(&mut base, own);
+            table.insert(section.into(), toml::Value::Table(base));
+        }
+        let what = match sets.is_empty() {
+            true => name.clone(),
+            false => format!("{name} with --set {}", sets.join(" ")),
+        };
+        let c: Self = Self::deserialize(toml::Value::Table(table))
+            .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+        c.stage1
+            .validate()
+            .with_context(|| format!("{what}: [stage1]"))?;
+        c.stage2
+            .validate()
+            .with_context(|| format!("{what}: [stage2]"))?;
+        c.train
+            .validate()
+            .with_context(|| format!("{what}: [train]"))?;
+        c.eval.ruler().with_context(|| what.clone())?;
+        if c.engine.prefill_chunk == 0 || c.engine.max_batch == 0 {
+            anyhow::bail!("{what}: engine.prefill_chunk and engine.max_batch must be at least 1");
+        }
+        if c.server.as_ref().is_some_and(|s| s.base_url.is_empty()) {
+            anyhow::bail!("{what}: server.base_url is empty");
+        }
+        Ok(c)
+    }
+}
+
+/// Deep merge: `over`'s keys replace `base`'s, tables merged key by key.
+fn merge_tables(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_tables(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
     }
 }

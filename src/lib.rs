@@ -7,6 +7,7 @@ pub mod config;
 pub mod engine;
 pub mod eval;
 pub mod models;
+pub mod pipeline;
 pub mod records;
 pub mod stage1;
 pub mod stage2;

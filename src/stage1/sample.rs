@@ -292,3 +292,27 @@ pub fn write_blueprints(
     pb.finish_and_clear();
     Ok(todo.len())
 }
+
+/// The `sample` command and the pipeline's step: paths from the graphs in `dir`, then (with
+/// an LLM) a blueprint for each path not yet written. Returns (paths, new blueprints).
+pub fn run(
+    llm: Option<&Llm>,
+    model: &str,
+    cfg: &SampleConfig,
+    dir: &Path,
+    progress: bool,
+) -> Result<(usize, usize)> {
+    let graphs = crate::stage1::graph::load_all(dir)?;
+    let paths = sample_all(&graphs, cfg, dir)?;
+    let Some(llm) = llm else {
+        return Ok((paths.len(), 0));
+    };
+    let weighting = graphs
+        .first()
+        .map(|g| serde_json::to_value(g.weighting))
+        .transpose()?
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default();
+    let n = write_blueprints(llm, model, &paths, cfg, &weighting, dir, progress)?;
+    Ok((paths.len(), n))
+}

@@ -9,4 +9,5 @@ pub mod documents;
 pub mod gates;
 pub mod output;
 pub mod prompts;
+pub mod run;
 pub mod synth;

@@ -188,7 +188,12 @@ impl Synth<'_> {
                 continue;
             }
             stats.contexts += 1;
-            let Some(pool) = by_type.get(c.document_type.as_str()) else {
+            // Stage 1 merged its rare types into `other`: a type without blueprints of its
+            // own takes those.
+            let Some(pool) = by_type
+                .get(c.document_type.as_str())
+                .or_else(|| by_type.get("other"))
+            else {
                 reject(&mut stats, "no_blueprint_of_type");
                 continue;
             };

@@ -63,6 +63,17 @@ fn word_list(text: &'static str) -> Vec<&'static str> {
 }
 
 impl Assets {
+    /// The material a task table needs: its QA files (paths or `hf://`) resolved and loaded.
+    pub fn for_config(cfg: &crate::config::RulerConfig) -> Result<Self> {
+        let resolve = |f: &Option<String>| {
+            f.as_deref()
+                .map(crate::models::resolve_data_file)
+                .transpose()
+        };
+        let (squad, hotpot) = (resolve(&cfg.qa_squad)?, resolve(&cfg.qa_hotpotqa)?);
+        Self::load(squad.as_deref(), hotpot.as_deref())
+    }
+
     /// Loads the built-in material; QA sets from `squad`/`hotpotqa` files when given.
     pub fn load(squad: Option<&Path>, hotpotqa: Option<&Path>) -> Result<Self> {
         let nouns = word_list(NOUNS);

@@ -1,0 +1,376 @@
+//! The run's summary: `<run>/report.md` and `<run>/report.svg`, built from the files the
+//! steps wrote (so a rerun that skips every step writes the same report).
+
+use crate::config::PipelineConfig;
+use crate::eval::ruler::report::Report;
+use crate::pipeline::{read_state, STEPS};
+use crate::records::write_atomic;
+use crate::train::run::LogLine;
+use anyhow::Result;
+use serde_json::Value;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+fn json(path: &Path) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+fn lines(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
+        .unwrap_or(0)
+}
+
+/// `{"a": 1, "b": 2}` → "a 1, b 2" (largest first); "none" when empty.
+fn counts(v: &Value) -> String {
+    let mut items: Vec<(String, u64)> = v
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    items.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    if items.is_empty() {
+        return "none".into();
+    }
+    items
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The value without its null fields.
+fn compact(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, compact(v)))
+                .collect(),
+        ),
+        v => v,
+    }
+}
+
+/// (step, loss) points.
+type Points = Vec<(f64, f64)>;
+
+/// The training log's step losses and evaluation losses.
+fn curve(dir: &Path) -> (Points, Points) {
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    let text = std::fs::read_to_string(dir.join("train/log.jsonl")).unwrap_or_default();
+    for l in text.lines() {
+        match serde_json::from_str::<LogLine>(l) {
+            Ok(LogLine::Train { step, .. }) if !step.skipped => {
+                train.push(((step.step + 1) as f64, step.loss))
+            }
+            Ok(LogLine::Eval { step, loss, .. }) => eval.push((step as f64, loss)),
+            _ => {}
+        }
+    }
+    (train, eval)
+}
+
+pub fn markdown(cfg: &PipelineConfig, dir: &Path, config_path: &Path) -> Result<String> {
+    let mut s = String::new();
+    let t = &cfg.train;
+    writeln!(s, "# wildlong run: `{}`\n", dir.display())?;
+    writeln!(
+        s,
+        "Config `{}` (resolved: `pipeline/config.toml`). Generator `{}`{}; fine-tuned `{}` ({}{}), RoPE {}.\n",
+        config_path.display(),
+        cfg.run.generator,
+        cfg.server
+            .as_ref()
+            .map_or(String::new(), |sv| format!(" on {}", sv.base_url)),
+        t.model,
+        format!("{:?}", t.method).to_lowercase(),
+        match t.method {
+            crate::config::TrainMethod::Lora => format!(", r {}", t.lora.rank),
+            crate::config::TrainMethod::Full => String::new(),
+        },
+        match t.rope.is_set() {
+            true => compact(serde_json::to_value(&t.rope)?).to_string(),
+            false => "as the checkpoint has it".into(),
+        }
+    )?;
+    writeln!(
+        s,
+        "## Steps\n\n| step | status | seconds | produced |\n|---|---|---:|---|"
+    )?;
+    for step in STEPS {
+        match read_state(dir, step)? {
+            Some(st) => writeln!(
+                s,
+                "| {step} | {:?} | {:.0} | {} |",
+                st.status, st.seconds, st.summary
+            )?,
+            None => writeln!(s, "| {step} | not run | | |")?,
+        }
+    }
+
+    let d1 = dir.join("stage1");
+    writeln!(
+        s,
+        "\n## Stage 1: queries → meta-information → graphs → blueprints\n"
+    )?;
+    if let Some(f) = json(&d1.join("filter_stats.json")) {
+        let (mut rows, mut malformed) = (0, 0);
+        for src in f["sources"].as_array().into_iter().flatten() {
+            rows += src[1]["input"]["rows"].as_u64().unwrap_or(0);
+            malformed += src[1]["input"]["malformed"].as_u64().unwrap_or(0);
+        }
+        writeln!(
+            s,
+            "- Conversations read: {rows} ({malformed} malformed lines skipped). Queries kept: {}; dropped: {}.",
+            f["kept"],
+            counts(&f["dropped"])
+        )?;
+    }
+    if let Some(e) = json(&d1.join("extract_stats.json")) {
+        writeln!(
+            s,
+            "- Meta-information records: {} ({} rejected). Document types: {}.",
+            e["records"],
+            e["rejects"],
+            counts(&e["document_types"])
+        )?;
+    }
+    if let Some(Value::Array(g)) = json(&d1.join("graph_summary.json")) {
+        writeln!(
+            s,
+            "- Graphs (`stage1/graph_summary.md`):\n\n| document type | queries | nodes | edges |\n|---|---:|---:|---:|"
+        )?;
+        for t in &g {
+            writeln!(
+                s,
+                "| {} | {} | {} | {} |",
+                t["document_type"].as_str().unwrap_or("?"),
+                t["queries"],
+                t["nodes"],
+                t["edges"]
+            )?;
+        }
+        writeln!(s)?;
+    }
+    if d1.join("paths.jsonl").exists() {
+        writeln!(
+            s,
+            "- Paths sampled: {}; blueprints written: {}.",
+            lines(&d1.join("paths.jsonl")),
+            lines(&d1.join("blueprints.jsonl"))
+        )?;
+    }
+
+    let d2 = dir.join("stage2");
+    writeln!(s, "\n## Stage 2: documents → long-context pairs\n")?;
+    if let Some(d) = json(&d2.join("documents_stats.json")) {
+        writeln!(
+            s,
+            "- Documents read: {}; skipped: {}; types: {}.",
+            d["read"],
+            counts(&d["skipped"]),
+            counts(&d["types"])
+        )?;
+    }
+    if let Some(y) = json(&d2.join("synth_stats.json")) {
+        writeln!(
+            s,
+            "- Contexts: {}; pairs kept: {}; rejected: {}. Dataset card: `stage2/README.md`.",
+            y["contexts"],
+            y["pairs"],
+            counts(&y["rejected"])
+        )?;
+    }
+
+    let dt = dir.join("train");
+    writeln!(s, "\n## Fine-tuning\n")?;
+    if let Some(d) = json(&dt.join("data_stats.json")) {
+        writeln!(
+            s,
+            "- Data: {} conversations ({} train, {} held out) in {} rows, {} tokens ({} with loss); skipped: {}.",
+            d["conversations"],
+            d["train_conversations"],
+            d["eval_conversations"],
+            d["train_rows"],
+            d["train_tokens"],
+            d["train_loss_tokens"],
+            counts(&d["skipped"])
+        )?;
+    }
+    if let Some(m) = json(&dt.join("summary.json")) {
+        let f = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.4}"));
+        let evals: Vec<String> = m["eval_losses"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|p| format!("step {}: {}", p[0], f(&p[1])))
+                    .collect()
+            })
+            .unwrap_or_default();
+        writeln!(
+            s,
+            "- {} steps ({} skipped), loss {} → {}; held-out loss {}; {:.1} tokens/s; peak RSS {} MiB.",
+            m["steps"],
+            m["skipped_steps"],
+            f(&m["first_loss"]),
+            f(&m["last_loss"]),
+            if evals.is_empty() { "-".into() } else { evals.join(", ") },
+            m["tokens_per_second"].as_f64().unwrap_or(0.0),
+            m["peak_rss_mib"]
+        )?;
+        writeln!(s, "- Training curve: `report.svg` (left).")?;
+    }
+
+    writeln!(s, "\n## RULER before and after fine-tuning\n")?;
+    let before = Report::load(&dir.join("eval/before/report.json")).ok();
+    let after = Report::load(&dir.join("eval/after/report.json")).ok();
+    match (&before, &after) {
+        (Some(b), Some(a)) => {
+            let d = a.delta(b);
+            // The delta's own title is replaced by this section's.
+            s.push_str(d.split_once("\n\n").map_or(&d[..], |x| x.1));
+            writeln!(
+                s,
+                "\nAverage {:.2} → {:.2} ({:+.2}); samples per task and length: {}. Per-sample outputs: `eval/before`, `eval/after`.",
+                b.average,
+                a.average,
+                a.average - b.average,
+                a.samples_per_task
+            )?;
+        }
+        (Some(b), None) => {
+            writeln!(s, "Before (after fine-tuning: not yet evaluated):\n")?;
+            s.push_str(&b.markdown());
+        }
+        _ => writeln!(s, "Not yet evaluated.")?,
+    }
+    writeln!(s, "\n![training curve and RULER before/after](report.svg)")?;
+    Ok(s)
+}
+
+/// Left: training loss per step (and held-out loss); right: RULER's average score per
+/// length before and after.
+pub fn svg(dir: &Path) -> Result<String> {
+    use plotters::prelude::*;
+    let err = |e: &dyn std::fmt::Debug| anyhow::anyhow!("drawing the plot: {e:?}");
+    let (train, eval) = curve(dir);
+    let before = Report::load(&dir.join("eval/before/report.json")).ok();
+    let after = Report::load(&dir.join("eval/after/report.json")).ok();
+    let mut buf = String::new();
+    {
+        let root = SVGBackend::with_string(&mut buf, (1100, 460)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let (left, right) = root.split_horizontally(550);
+        let xmax = train
+            .iter()
+            .chain(&eval)
+            .map(|p| p.0)
+            .fold(1.0f64, f64::max);
+        let ymax = train
+            .iter()
+            .chain(&eval)
+            .map(|p| p.1)
+            .filter(|v| v.is_finite())
+            .fold(0.1f64, f64::max)
+            * 1.1;
+        let mut c = ChartBuilder::on(&left)
+            .caption("training loss", ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..xmax, 0f64..ymax)
+            .map_err(|e| err(&e))?;
+        c.configure_mesh()
+            .x_desc("step")
+            .y_desc("loss")
+            .draw()
+            .map_err(|e| err(&e))?;
+        c.draw_series(LineSeries::new(train.clone(), BLUE.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label("train (token mean per step)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+        c.draw_series(LineSeries::new(eval.clone(), RED.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label("held out")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+        c.draw_series(eval.iter().map(|&p| Circle::new(p, 4, RED.filled())))
+            .map_err(|e| err(&e))?;
+        c.configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+
+        let lengths: Vec<usize> = before
+            .iter()
+            .chain(&after)
+            .flat_map(|r| r.lengths.iter().copied())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let xs = |l: usize| (l as f64).log2();
+        let (x0, x1) = match (lengths.first(), lengths.last()) {
+            (Some(&a), Some(&b)) => (xs(a) - 0.3, xs(b) + 0.3),
+            _ => (0.0, 1.0),
+        };
+        let mut c = ChartBuilder::on(&right)
+            .caption("RULER average score", ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(50)
+            .build_cartesian_2d(x0..x1, 0f64..100f64)
+            .map_err(|e| err(&e))?;
+        let ls = lengths.clone();
+        c.configure_mesh()
+            .x_desc("length (tokens)")
+            .y_desc("score")
+            .x_labels(ls.len().max(2))
+            .x_label_formatter(&|x| {
+                let l = 2f64.powf(*x).round() as usize;
+                match ls.iter().find(|&&k| k == l) {
+                    Some(_) if l >= 1024 => format!("{}K", l / 1024),
+                    Some(_) => l.to_string(),
+                    None => String::new(),
+                }
+            })
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (r, color, name) in [(&before, BLACK, "before"), (&after, GREEN, "after")] {
+            let Some(r) = r else { continue };
+            let pts: Vec<(f64, f64)> = r.length_average.iter().map(|(&l, &v)| (xs(l), v)).collect();
+            c.draw_series(LineSeries::new(pts.clone(), color.stroke_width(3)))
+                .map_err(|e| err(&e))?
+                .label(name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+                });
+            c.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|e| err(&e))?;
+        }
+        c.configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+    }
+    Ok(buf)
+}
+
+/// Writes `report.md` and `report.svg` (only when they changed); returns the markdown's path.
+pub fn write(cfg: &PipelineConfig, dir: &Path, config_path: &Path) -> Result<PathBuf> {
+    for (name, text) in [
+        ("report.md", markdown(cfg, dir, config_path)?),
+        ("report.svg", svg(dir)?),
+    ] {
+        let p = dir.join(name);
+        if std::fs::read_to_string(&p).ok().as_deref() != Some(&text) {
+            write_atomic(&p, text.as_bytes())?;
+        }
+    }
+    Ok(dir.join("report.md"))
+}
