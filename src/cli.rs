@@ -225,25 +225,23 @@ fn load_llm(
     threads: usize,
     models_dir: &Path,
 ) -> Result<crate::engine::backend::Llm> {
-    use crate::engine::backend::Llm;
-    Ok(match &server.server {
-        Some(url) => Llm::Remote(crate::engine::openai::OpenAiClient::new(
-            crate::config::OpenAiConfig {
-                base_url: url.clone(),
-                model: engine.model.clone(),
-                json_format: server.server_json_format,
-                concurrency: server.server_concurrency,
-                timeout_s: server.server_timeout,
-                max_retries: server.server_retries,
-                ..Default::default()
-            },
-        )?),
-        None => Llm::Local(Box::new(models::load_engine(
-            &engine.model,
-            models_dir,
-            &engine.engine_config(threads)?,
-        )?)),
-    })
+    let server = server
+        .server
+        .as_ref()
+        .map(|url| crate::config::OpenAiConfig {
+            base_url: url.clone(),
+            json_format: server.server_json_format,
+            concurrency: server.server_concurrency,
+            timeout_s: server.server_timeout,
+            max_retries: server.server_retries,
+            ..Default::default()
+        });
+    crate::engine::backend::Llm::open(
+        server,
+        &engine.model,
+        models_dir,
+        &engine.engine_config(threads)?,
+    )
 }
 
 #[derive(Args, Debug)]

@@ -188,13 +188,15 @@ pub struct EngineConfig {
 impl EngineConfig {
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let c: Self = from_toml_file(path)?;
-        if c.prefill_chunk == 0 || c.max_batch == 0 {
-            anyhow::bail!(
-                "{}: prefill_chunk and max_batch must be at least 1",
-                path.display()
-            );
-        }
+        c.validate().with_context(|| path.display().to_string())?;
         Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.prefill_chunk == 0 || self.max_batch == 0 {
+            anyhow::bail!("prefill_chunk and max_batch must be at least 1");
+        }
+        Ok(())
     }
 }
 
@@ -1683,9 +1685,9 @@ impl PipelineConfig {
             .validate()
             .with_context(|| format!("{what}: [train]"))?;
         c.eval.ruler().with_context(|| what.clone())?;
-        if c.engine.prefill_chunk == 0 || c.engine.max_batch == 0 {
-            anyhow::bail!("{what}: engine.prefill_chunk and engine.max_batch must be at least 1");
-        }
+        c.engine
+            .validate()
+            .with_context(|| format!("{what}: [engine]"))?;
         if c.server.as_ref().is_some_and(|s| s.base_url.is_empty()) {
             anyhow::bail!("{what}: server.base_url is empty");
         }

@@ -14,6 +14,25 @@ pub enum Llm {
 }
 
 impl Llm {
+    /// The server when one is configured (its `model` set to `model`), else `model` loaded
+    /// in the local engine.
+    pub fn open(
+        server: Option<crate::config::OpenAiConfig>,
+        model: &str,
+        models_dir: &std::path::Path,
+        engine: &crate::config::EngineConfig,
+    ) -> Result<Self> {
+        Ok(match server {
+            Some(s) => Self::Remote(OpenAiClient::new(crate::config::OpenAiConfig {
+                model: model.to_string(),
+                ..s
+            })?),
+            None => Self::Local(Box::new(crate::models::load_engine(
+                model, models_dir, engine,
+            )?)),
+        })
+    }
+
     /// Chat completions for every request, in input order.
     pub fn chat_batch(&self, reqs: &[(Vec<Message>, GenerationParams)]) -> Result<Vec<Completion>> {
         match self {

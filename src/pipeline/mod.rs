@@ -184,23 +184,6 @@ fn supersede(dir: &Path, old: &StepState) -> Result<PathBuf> {
     Ok(to)
 }
 
-/// The generator for stages 1 and 2: the local engine or the server.
-fn load_generator(cfg: &PipelineConfig, opts: &Options) -> Result<Llm> {
-    Ok(match &cfg.server {
-        Some(s) => Llm::Remote(crate::engine::openai::OpenAiClient::new(
-            crate::config::OpenAiConfig {
-                model: cfg.run.generator.clone(),
-                ..s.clone()
-            },
-        )?),
-        None => Llm::Local(Box::new(models::load_engine(
-            &cfg.run.generator,
-            &opts.models_dir,
-            &cfg.engine,
-        )?)),
-    })
-}
-
 pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
     let dir = &cfg.run.dir;
     std::fs::create_dir_all(dir.join("pipeline"))
@@ -259,7 +242,12 @@ pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
         );
         let t0 = std::time::Instant::now();
         if matches!(step.as_str(), "extract" | "sample" | "synth") && generator.is_none() {
-            generator = Some(load_generator(cfg, opts)?);
+            generator = Some(Llm::open(
+                cfg.server.clone(),
+                &cfg.run.generator,
+                &opts.models_dir,
+                &cfg.engine,
+            )?);
         }
         if step == "train" {
             // The generator's memory goes back before training takes its own.
