@@ -42,6 +42,9 @@ fn timed(f: impl FnOnce() -> Result<()>) -> Result<f64> {
 }
 
 pub fn run(args: &BenchArgs, threads: usize, models_dir: &Path) -> Result<()> {
+    if let Some(shape) = &args.synthetic {
+        return synthetic::run(args, shape, threads);
+    }
     if let Some(seq) = args.train_seq {
         return train(args, seq, models_dir);
     }
@@ -158,12 +161,46 @@ pub fn run(args: &BenchArgs, threads: usize, models_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `steps` AdamW steps (lr 1e-4, weight decay 0.01, as PEFT's baseline) on `batch`: each
+/// step's seconds and the last loss.
+fn train_steps(
+    m: &crate::train::model::TrainModel,
+    batch: &crate::train::data::Batch,
+    steps: usize,
+) -> Result<(Vec<f64>, f64)> {
+    use crate::train::{optim, step};
+    let vars = m.trainable().into_iter().map(|(_, v)| v).collect();
+    let mut opt = optim::AdamW::new(
+        vars,
+        optim::AdamWParams {
+            weight_decay: 0.01,
+            ..Default::default()
+        },
+    )?;
+    let settings = step::StepSettings {
+        lr: 1e-4,
+        warmup_steps: 0,
+        total_steps: usize::MAX,
+        min_lr_ratio: 1.0,
+        max_grad_norm: None,
+        seed: 0,
+    };
+    let mut times = Vec::new();
+    let mut loss = 0.0;
+    for i in 0..steps {
+        let t = Instant::now();
+        loss = step::train_step(m, &mut opt, std::slice::from_ref(batch), i, &settings)?.loss;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok((times, loss))
+}
+
 /// LoRA training throughput and peak memory, on the settings of `hf_cpu_baseline.py`: r = 16,
 /// α = 32, no dropout, all seven projections, one row of `seq` tokens of Lorem ipsum with
 /// every next token counted, AdamW at 1e-4; four steps, the median of the last three. The
 /// `--plan` prediction for the same settings is printed beside the measured peak.
 fn train(args: &BenchArgs, seq: usize, models_dir: &Path) -> Result<()> {
-    use crate::train::{model, optim, plan::Plan, step};
+    use crate::train::{model, plan::Plan};
     let spec = model::LoraSpec {
         rank: 16,
         alpha: 32.0,
@@ -196,29 +233,7 @@ fn train(args: &BenchArgs, seq: usize, models_dir: &Path) -> Result<()> {
             .chain([crate::train::ops::IGNORE])
             .collect(),
     };
-    let vars = m.trainable().into_iter().map(|(_, v)| v).collect();
-    let mut opt = optim::AdamW::new(
-        vars,
-        optim::AdamWParams {
-            weight_decay: 0.01,
-            ..Default::default()
-        },
-    )?;
-    let settings = step::StepSettings {
-        lr: 1e-4,
-        warmup_steps: 0,
-        total_steps: usize::MAX,
-        min_lr_ratio: 1.0,
-        max_grad_norm: None,
-        seed: 0,
-    };
-    let mut times = Vec::new();
-    let mut loss = 0.0;
-    for i in 0..4 {
-        let t = Instant::now();
-        loss = step::train_step(&m, &mut opt, std::slice::from_ref(&batch), i, &settings)?.loss;
-        times.push(t.elapsed().as_secs_f64());
-    }
+    let (times, loss) = train_steps(&m, &batch, 4)?;
     let med = median(times[1..].to_vec());
     let mut recipe = crate::config::TrainConfig::load(None, &[])?;
     recipe.lora.dropout = 0.0;
@@ -244,4 +259,330 @@ fn train(args: &BenchArgs, seq: usize, models_dir: &Path) -> Result<()> {
         crate::records::write_atomic(p, format!("{out}\n").as_bytes())?;
     }
     Ok(())
+}
+
+/// `wildlong bench --synthetic SHAPE`: the GPU benchmark of `benches/gpu.sh` on a model with
+/// random bf16 weights made on the device (no files): prefill, decode at batch 1 and 16, and
+/// LoRA training with peak device memory, as `../shared/peers/hf_gpu_baseline.py` measures
+/// HF transformers + PEFT. One JSON line per measurement. `tiny` runs the same code on a
+/// 2-layer model (the CPU test of this command).
+mod synthetic {
+    use super::{median, params, timed, train_steps};
+    use crate::cli::BenchArgs;
+    use crate::engine::generate::{Engine, Request};
+    use crate::engine::llama::{Config, Llama, LlamaConfig};
+    use crate::engine::weights::WeightSource;
+    use crate::train::model::{LoraSpec, TrainModel, TrainOptions, PROJECTIONS};
+    use anyhow::{bail, Context, Result};
+    use candle_core::{DType, Device, Tensor};
+    use rand::{Rng, SeedableRng};
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// The HF config of a shape: `llama-3.1-8b` is the one `hf_gpu_baseline.py` builds.
+    fn hf_config(shape: &str) -> Result<LlamaConfig> {
+        let v = match shape {
+            "llama-3.1-8b" => serde_json::json!({
+                "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+                "tie_word_embeddings": false, "bos_token_id": 0, "eos_token_id": 1,
+                "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+            }),
+            "tiny" => serde_json::json!({
+                "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+                "tie_word_embeddings": false, "bos_token_id": 0, "eos_token_id": 1
+            }),
+            _ => bail!("unknown synthetic shape `{shape}` (llama-3.1-8b, tiny)"),
+        };
+        Ok(serde_json::from_value(v)?)
+    }
+
+    /// Random weights on `device`: projections and embeddings N(0, 0.02) as HF initialises
+    /// them, norms 1; bf16.
+    fn random_weights(cfg: &Config, device: &Device) -> Result<HashMap<String, Tensor>> {
+        let mut t = HashMap::new();
+        let (v, h, i) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
+        let (q, kv) = (
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
+        let mut put = |name: String, shape: &[usize]| -> Result<()> {
+            let x = if shape.len() == 1 {
+                Tensor::ones(shape, DType::BF16, device)?
+            } else {
+                Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(DType::BF16)?
+            };
+            t.insert(name, x);
+            Ok(())
+        };
+        put("model.embed_tokens.weight".into(), &[v, h])?;
+        put("lm_head.weight".into(), &[v, h])?;
+        put("model.norm.weight".into(), &[h])?;
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            put(format!("{p}.self_attn.q_proj.weight"), &[q, h])?;
+            put(format!("{p}.self_attn.k_proj.weight"), &[kv, h])?;
+            put(format!("{p}.self_attn.v_proj.weight"), &[kv, h])?;
+            put(format!("{p}.self_attn.o_proj.weight"), &[h, q])?;
+            put(format!("{p}.mlp.gate_proj.weight"), &[i, h])?;
+            put(format!("{p}.mlp.up_proj.weight"), &[i, h])?;
+            put(format!("{p}.mlp.down_proj.weight"), &[h, i])?;
+            put(format!("{p}.input_layernorm.weight"), &[h])?;
+            put(format!("{p}.post_attention_layernorm.weight"), &[h])?;
+        }
+        Ok(t)
+    }
+
+    /// A word-level tokenizer of a few tokens: the benchmark feeds token ids, and ids the
+    /// tokenizer does not know decode to nothing.
+    fn tokenizer(dir: &std::path::Path) -> Result<crate::engine::tokenizer::Tokenizer> {
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {"<s>": 0, "</s>": 1, "a": 2}, "unk_token": "a"}
+        });
+        let path = dir.join("tokenizer.json");
+        std::fs::write(&path, json.to_string())?;
+        crate::engine::tokenizer::Tokenizer::from_file(&path, &[1])
+    }
+
+    /// Device memory in use (CUDA: total − free, which includes the context and the
+    /// allocator's pool) or `None` on the CPU.
+    fn device_used(device: &Device) -> Option<u64> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = device {
+            let ctx = d.cuda_stream().context().clone();
+            return ctx
+                .mem_get_info()
+                .ok()
+                .map(|(free, total)| (total - free) as u64);
+        }
+        let _ = device;
+        None
+    }
+
+    /// Polls [`device_used`] every 2 ms while alive; its maximum is the peak.
+    struct PeakSampler {
+        stop: Arc<AtomicBool>,
+        peak: Arc<AtomicU64>,
+        handle: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl PeakSampler {
+        fn start(device: &Device) -> Self {
+            let stop = Arc::new(AtomicBool::new(false));
+            let peak = Arc::new(AtomicU64::new(device_used(device).unwrap_or(0)));
+            let (s, p, d) = (stop.clone(), peak.clone(), device.clone());
+            let handle = device_used(device).map(|_| {
+                std::thread::spawn(move || {
+                    while !s.load(Ordering::Relaxed) {
+                        if let Some(u) = device_used(&d) {
+                            p.fetch_max(u, Ordering::Relaxed);
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                    }
+                })
+            });
+            Self { stop, peak, handle }
+        }
+
+        /// The peak in GiB (CUDA), or `None` on the CPU.
+        fn finish(mut self) -> Option<f64> {
+            self.stop.store(true, Ordering::Relaxed);
+            let h = self.handle.take()?;
+            h.join().ok()?;
+            Some(self.peak.load(Ordering::Relaxed) as f64 / (1u64 << 30) as f64)
+        }
+    }
+
+    fn lengths(s: &str) -> Result<Vec<usize>> {
+        s.split(',')
+            .filter(|x| !x.trim().is_empty())
+            .map(|x| {
+                x.trim()
+                    .parse()
+                    .with_context(|| format!("`{x}` in a list of token counts"))
+            })
+            .collect()
+    }
+
+    fn round(x: f64, digits: i32) -> f64 {
+        let f = 10f64.powi(digits);
+        (x * f).round() / f
+    }
+
+    pub fn run(args: &BenchArgs, shape: &str, threads: usize) -> Result<()> {
+        let mut ecfg = args.engine.engine_config(threads)?;
+        let device = crate::models::parse_device(&ecfg.device)?;
+        if args.engine.prefill_chunk.is_none() && device.is_cuda() {
+            // Long prompts in few steps: the GEMMs stay large, attention is fused.
+            ecfg.prefill_chunk = 8192;
+        }
+        let hf = hf_config(shape)?;
+        let cfg = Config::from_hf(&hf, None)?;
+        let prefill = lengths(&args.prefill_lengths)?;
+        let train_lens = lengths(&args.train_lengths)?;
+        let mut out_lines = Vec::new();
+        let mut emit = |v: serde_json::Value| -> Result<()> {
+            println!("{v}");
+            out_lines.push(v.to_string());
+            if let Some(p) = &args.json {
+                crate::records::write_atomic(p, format!("{}\n", out_lines.join("\n")).as_bytes())?;
+            }
+            Ok(())
+        };
+        let t0 = std::time::Instant::now();
+        let weights = random_weights(&cfg, &device)?;
+        let dir = tempfile_dir()?;
+        let tok = tokenizer(dir.path())?;
+        let dtype = if device.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        };
+        ecfg.max_batch = args.batch.max(1);
+        ecfg.max_context = Some(cfg.context_length);
+        let model = Llama::load(
+            WeightSource::in_memory(weights.clone(), dtype, &device),
+            cfg.clone(),
+            &device,
+            dtype,
+        )?;
+        let engine = Engine::new(model, tok, None, ecfg.clone());
+        emit(serde_json::json!({
+            "engine": "wildlong", "step": "init", "shape": shape, "device": ecfg.device,
+            "s": round(t0.elapsed().as_secs_f64(), 1),
+            "params_b": round(cfg.num_parameters() as f64 / 1e9, 3),
+            "prefill_chunk": ecfg.prefill_chunk,
+        }))?;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let vocab = (cfg.vocab_size as u32).min(32000);
+        let mut ids =
+            |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(2..vocab)).collect() };
+        // Warm-up: kernels load, allocations.
+        engine.generate(
+            &[Request {
+                prompt: ids(256),
+                params: params(2),
+            }],
+            |_, _| {},
+        )?;
+        for &n in &prefill {
+            let req = vec![Request {
+                prompt: ids(n),
+                params: params(1),
+            }];
+            let mut runs = Vec::new();
+            for _ in 0..args.runs.clamp(1, 2) {
+                runs.push(timed(|| engine.generate(&req, |_, _| {}).map(drop))?);
+            }
+            let dt = median(runs);
+            emit(serde_json::json!({
+                "engine": "wildlong", "step": "prefill", "tokens": n, "s": round(dt, 3),
+                "tok_s": (n as f64 / dt).round(),
+                "tflops": round(2.0 * cfg.num_parameters() as f64 * n as f64 / dt / 1e12, 1),
+            }))?;
+        }
+        let (p, new) = (args.prompt_tokens, args.new_tokens.max(2));
+        for bs in [1, args.batch.max(1)] {
+            let mk = |m: usize, ids: &mut dyn FnMut(usize) -> Vec<u32>| -> Vec<Request> {
+                (0..bs)
+                    .map(|_| Request {
+                        prompt: ids(p),
+                        params: params(m),
+                    })
+                    .collect()
+            };
+            let (one, full) = (mk(1, &mut ids), mk(new, &mut ids));
+            engine.generate(&full, |_, _| {})?; // warm-up at this batch size
+            let tp = timed(|| engine.generate(&one, |_, _| {}).map(drop))?;
+            let tf = timed(|| engine.generate(&full, |_, _| {}).map(drop))?;
+            emit(serde_json::json!({
+                "engine": "wildlong", "step": "generate", "batch": bs, "prompt": p, "new": new,
+                "s": round(tf, 2),
+                // HF's figure: new tokens over the whole generate() call, prefill included.
+                "tok_s": round((bs * new) as f64 / tf, 1),
+                "decode_only_tok_s": (tf > tp).then(|| round((bs * (new - 1)) as f64 / (tf - tp), 1)),
+            }))?;
+        }
+        drop(engine);
+        if train_lens.is_empty() {
+            return Ok(());
+        }
+        let spec = LoraSpec {
+            rank: 16,
+            alpha: 32.0,
+            targets: PROJECTIONS.map(String::from).to_vec(),
+            seed: 0,
+            dropout: 0.0,
+        };
+        if device.is_cuda() {
+            // TF32 for the f32 products, as in `wildlong train` on CUDA.
+            #[cfg(feature = "cuda")]
+            candle_core::cuda_backend::set_gemm_reduced_precision_f32(true);
+        }
+        let opts = TrainOptions {
+            lora: Some(spec),
+            full: false,
+            base_dtype: DType::BF16,
+            device: device.clone(),
+        };
+        let mut m = TrainModel::load_with(
+            &mut WeightSource::in_memory(weights, DType::BF16, &device),
+            cfg.clone(),
+            &opts,
+        )?;
+        // As the HF baseline: gradient checkpointing per layer.
+        m.checkpoint_layers = true;
+        m.loss_chunk = args.loss_chunk.max(1);
+        for &n in &train_lens {
+            let row = ids(n + 1);
+            let batch = crate::train::data::Batch {
+                tokens: vec![row[..n].to_vec()],
+                positions: vec![(0..n as u32).collect()],
+                segments: vec![vec![0; n]],
+                targets: row[1..].iter().map(|&t| t as i64).collect(),
+            };
+            let sampler = PeakSampler::start(&device);
+            let (times, loss) = train_steps(&m, &batch, 3)?;
+            let peak = sampler.finish();
+            let dt = median(times[1..].to_vec());
+            emit(serde_json::json!({
+                "engine": "wildlong", "step": "lora_train", "tokens": n, "s": round(dt, 2),
+                "tok_s": (n as f64 / dt).round(), "step_s": times, "loss": round(loss, 3),
+                "peak_gib": peak.map(|g| round(g, 1)),
+                "peak_note": "device memory in use (total - free, sampled every 2 ms): includes the CUDA context and allocator pool",
+                "peak_rss_mib": crate::train::run::peak_rss_mib(),
+                "mfu6n_pct": round(100.0 * 6.0 * cfg.num_parameters() as f64 * n as f64 / dt / 989e12, 1),
+            }))?;
+        }
+        Ok(())
+    }
+
+    fn tempfile_dir() -> Result<TempDir> {
+        let base = std::env::temp_dir().join(format!("wildlong-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+        Ok(TempDir(base))
+    }
+
+    /// A folder removed when dropped.
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn path(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }

@@ -285,6 +285,9 @@ pub struct TrainArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// cpu or cuda[:N] (a build with the `cuda` feature) [default: cpu].
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Stop after this many steps, as a kill would (for resume tests).
     #[arg(long, hide = true)]
     pub stop_after: Option<usize>,
@@ -508,6 +511,20 @@ pub struct BenchArgs {
     /// With --train-seq: query rows per attention block.
     #[arg(long, default_value_t = 256)]
     pub attention_block: usize,
+    /// The GPU benchmark (benches/gpu.sh) on a model of this shape with random bf16 weights
+    /// made on the device: `llama-3.1-8b` (as ../shared/peers/hf_gpu_baseline.py builds it) or
+    /// `tiny`. Prints one JSON line per measurement.
+    #[arg(long)]
+    pub synthetic: Option<String>,
+    /// With --synthetic: prompt lengths of the prefill measurements.
+    #[arg(long, default_value = "8192,32768")]
+    pub prefill_lengths: String,
+    /// With --synthetic: row lengths of the LoRA training measurements (empty: none).
+    #[arg(long, default_value = "8192,32768")]
+    pub train_lengths: String,
+    /// With --synthetic: rows of logits per cross-entropy chunk in training.
+    #[arg(long, default_value_t = 1024)]
+    pub loss_chunk: usize,
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -1066,6 +1083,7 @@ fn train(args: TrainArgs, models_dir: &Path) -> Result<()> {
             models_dir: models_dir.to_path_buf(),
             progress: !args.no_progress,
             stop_after: args.stop_after,
+            device: args.device.clone(),
         },
     )?;
     println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -319,7 +319,7 @@ fn download_hub(id: &str) -> Result<ModelFiles> {
     bail!("`{id}` is not in the Hugging Face cache and this build has no `hub-download` feature")
 }
 
-fn parse_device(s: &str) -> Result<Device> {
+pub fn parse_device(s: &str) -> Result<Device> {
     let (kind, idx) = s.split_once(':').unwrap_or((s, "0"));
     let idx: usize = idx
         .parse()

@@ -608,6 +608,27 @@ impl Attention {
         let q = q.reshape((b, t, h, hd))?.transpose(1, 2)?; // (b, h, t, d)
         let k = k.reshape((b, t, kvh, hd))?.transpose(1, 2)?; // (b, kvh, t, d)
         let v = v.reshape((b, t, kvh, hd))?.transpose(1, 2)?;
+        #[cfg(feature = "cuda")]
+        if let Some(m) = &mask.flash {
+            // wildlong's flash-attention kernel over the cache in place (bf16, f32 accumulation).
+            let q = rope.cfg.apply(&q, &rope.cos, &rope.sin)?;
+            let k = rope.cfg.apply(&k, &rope.cos, &rope.sin)?;
+            let (k_all, v_all) = cache.append(layer, &k, &v.contiguous()?)?; // (b, kvh, kv, d)
+            let bf = |x: &Tensor| x.to_dtype(DType::BF16);
+            let scale = 1.0 / (hd as f32).sqrt();
+            let (o, _) = crate::engine::cuda::flash_attention(
+                &bf(&q)?,
+                &bf(&k_all)?,
+                &bf(&v_all)?,
+                m,
+                scale,
+            )?;
+            let out = o
+                .transpose(1, 2)?
+                .reshape((b, t, h * hd))?
+                .to_dtype(x.dtype())?; // (b, t, hidden)
+            return self.o_proj.forward(&out);
+        }
         let q = rope
             .cfg
             .apply(&q, &rope.cos, &rope.sin)?
@@ -788,10 +809,14 @@ impl Block {
     }
 }
 
-/// The additive mask of one forward pass, on the device and on the host.
+/// The additive mask of one forward pass, on the device and on the host; on CUDA (head
+/// sizes the kernel is built for, no shared prefix) the positions the flash-attention kernel
+/// masks by instead, so no `(t, kv)` mask is built.
 struct Mask {
     tensor: Tensor, // (b, 1, t, kv)
     host: Arc<Vec<f32>>,
+    #[cfg(feature = "cuda")]
+    flash: Option<crate::engine::cuda::Masking>,
 }
 
 /// cos/sin tables of one forward pass.
@@ -919,9 +944,36 @@ impl Llama {
                 *row = full;
             }
         }
-        let (tensor, host) =
-            attention_mask_host(positions, &k_pos, self.cfg.sliding_window, &self.device)?;
-        let mask = Mask { tensor, host };
+        #[cfg(feature = "cuda")]
+        let mask = if self.device.is_cuda()
+            && crate::engine::cuda::flash_supports(self.cfg.head_dim)
+            && cache.prefix.is_none()
+        {
+            Mask {
+                tensor: Tensor::zeros(0, DType::F32, &self.device)?,
+                host: Arc::new(Vec::new()),
+                flash: Some(crate::engine::cuda::Masking::positions(
+                    positions,
+                    &k_pos,
+                    self.cfg.sliding_window,
+                    &self.device,
+                )?),
+            }
+        } else {
+            let (tensor, host) =
+                attention_mask_host(positions, &k_pos, self.cfg.sliding_window, &self.device)?;
+            Mask {
+                tensor,
+                host,
+                flash: None,
+            }
+        };
+        #[cfg(not(feature = "cuda"))]
+        let mask = {
+            let (tensor, host) =
+                attention_mask_host(positions, &k_pos, self.cfg.sliding_window, &self.device)?;
+            Mask { tensor, host }
+        };
         let mut x = self
             .embed_tokens
             .index_select(&tokens.flatten_all()?, 0)?

@@ -6,6 +6,8 @@ pub mod attention;
 pub mod backend;
 pub mod chat;
 pub mod constrained;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod generate;
 pub mod llama;
 pub mod lora;

@@ -280,6 +280,20 @@ impl WeightSource {
         })
     }
 
+    /// Named tensors already in memory (random weights made on the device for `wildlong
+    /// bench --synthetic`), read as `dtype` on `device`.
+    pub fn in_memory(
+        tensors: std::collections::HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        Self::Safetensors {
+            vb: VarBuilder::from_tensors(tensors, dtype, device),
+            files: Vec::new(),
+            lora: None,
+        }
+    }
+
     /// Opens a GGUF file and checks that every tensor lies inside it.
     pub fn gguf(path: &Path, format: WeightFormat, device: &Device) -> Result<Self> {
         let (content, reader) = read_gguf(path)?;
@@ -335,8 +349,7 @@ impl WeightSource {
         match self {
             Self::Safetensors { files, .. } => files
                 .first()
-                .map(|f| f.display().to_string())
-                .unwrap_or_default(),
+                .map_or_else(|| "in-memory weights".into(), |f| f.display().to_string()),
             Self::Gguf { path, .. } => path.display().to_string(),
         }
     }

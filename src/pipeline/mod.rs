@@ -320,6 +320,7 @@ pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
                         models_dir: opts.models_dir.clone(),
                         progress: opts.progress,
                         stop_after: None,
+                        device: cfg.engine.device.clone(),
                     },
                 )?;
                 format!(

@@ -40,7 +40,7 @@ pub struct LoraSpec {
 }
 
 /// What is trained, and how the frozen weights are held.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct TrainOptions {
     /// Adapters (`None` with `full = false`: nothing trains, for forward checks).
     pub lora: Option<LoraSpec>,
@@ -49,6 +49,9 @@ pub struct TrainOptions {
     /// Frozen projection and embedding weights: f32 or bf16 (widened per use); norms,
     /// `lm_head`, adapters, gradients and optimizer state are f32.
     pub base_dtype: DType,
+    /// Where the model trains: the CPU, or a CUDA device (`cuda` feature) through
+    /// wildlong's kernels.
+    pub device: Device,
 }
 
 impl TrainOptions {
@@ -57,6 +60,7 @@ impl TrainOptions {
             lora: spec.cloned(),
             full: false,
             base_dtype: DType::F32,
+            device: Device::Cpu,
         }
     }
 }
@@ -218,7 +222,7 @@ impl TrainModel {
         if let Some(freqs) = w.gguf_raw("rope_freqs.weight")? {
             cfg.rope.freq_factors = Some(freqs.to_dtype(DType::F32)?.to_vec1::<f32>()?);
         }
-        let device = Device::Cpu;
+        let device = opts.device.clone();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(lora.map_or(0, |l| l.seed));
         let (v, h, i) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
         let (nh, kvh, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -226,6 +230,7 @@ impl TrainModel {
         // Trained weights are f32 variables; frozen big weights take the base dtype, frozen
         // norms stay f32.
         let param = |t: Tensor, big: bool| -> Result<Param> {
+            let t = t.to_device(&device)?;
             Ok(if full {
                 Param::Trained(Var::from_tensor(&t.to_dtype(DType::F32)?)?)
             } else {
@@ -290,7 +295,7 @@ impl TrainModel {
             match &embed_tokens {
                 // Tied: one variable serves both ends.
                 Param::Trained(_) => embed_tokens.clone(),
-                Param::Frozen(_) => Param::Frozen(embed.to_dtype(DType::F32)?),
+                Param::Frozen(_) => Param::Frozen(embed.to_dtype(DType::F32)?.to_device(&device)?),
             }
         } else {
             bail!("checkpoint has no `lm_head.weight` and does not tie word embeddings");
@@ -319,6 +324,10 @@ impl TrainModel {
 
     pub fn options(&self) -> &TrainOptions {
         &self.options
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Every trained tensor with its name: PEFT names for adapters

@@ -15,9 +15,18 @@
 //! - [`chunked_attention`]: causal grouped-query attention isolated per packed document,
 //!   `block` query rows at a time (memory linear in the sequence), the backward recomputing
 //!   each block's probabilities (FlashAttention-2's formulas).
+//!
+//! With the `cuda` feature each op also runs on a CUDA device through wildlong's kernels
+//! (`crate::engine::cuda`: fused RMSNorm and RoPE with backward, flash attention forward
+//! and backward, per-row cross-entropy) or cuBLAS products (a bf16 frozen weight multiplies
+//! in bf16 with f32 accumulation); the CPU path is unchanged.
 
+#[cfg(feature = "cuda")]
+use crate::engine::cuda;
 use crate::engine::rope::RopeLayout;
 use candle_core::backend::BackendStorage;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -29,6 +38,20 @@ fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&d[a..b]),
         None => candle_core::bail!("{what}: contiguous tensors only"),
+    }
+}
+
+/// `x · wᵀ` (`transposed`) or `x · w` for f32 `x` and a frozen `w` (f32 or bf16), f32 out:
+/// on a CUDA device a bf16 `w` multiplies in bf16 on tensor cores (f32 accumulation), on the
+/// CPU it is widened to f32 for the product.
+pub fn frozen_product(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
+    let w = if transposed { w.t()? } else { w.clone() };
+    if x.device().is_cuda() && w.dtype() == candle_core::DType::BF16 {
+        x.to_dtype(candle_core::DType::BF16)?
+            .matmul(&w)?
+            .to_dtype(candle_core::DType::F32)
+    } else {
+        x.matmul(&w.to_dtype(candle_core::DType::F32)?)
     }
 }
 
@@ -67,6 +90,22 @@ impl CustomOp2 for RmsNorm {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let y = cuda::rms_norm(
+            &cuda::tensor_of(s1, l1)?,
+            &cuda::tensor_of(s2, l2)?,
+            self.eps,
+        )?;
+        Ok((cuda::storage_of(&y)?, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -75,6 +114,11 @@ impl CustomOp2 for RmsNorm {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (x, w, dy) = (x.detach(), w.detach(), dy.detach());
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && w.elem_count() <= cuda::RMS_BWD_MAX {
+            let (dx, dw) = cuda::rms_norm_backward(&x, &w, &dy, self.eps)?;
+            return Ok((Some(dx), Some(dw)));
+        }
         let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?
             .sqrt()?
             .recip()?; // (..., 1)
@@ -195,6 +239,26 @@ impl CustomOp3 for Rope {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let y = cuda::rope(
+            &cuda::tensor_of(s1, l1)?,
+            &cuda::tensor_of(s2, l2)?,
+            &cuda::tensor_of(s3, l3)?,
+            matches!(self.layout, RopeLayout::Interleaved),
+            self.inverse,
+        )?;
+        Ok((cuda::storage_of(&y)?, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         _x: &Tensor,
@@ -261,6 +325,20 @@ impl CustomOp2 for FrozenMatmul {
         Ok((out, (m, n).into()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (x, w) = (cuda::tensor_of(s1, l1)?, cuda::tensor_of(s2, l2)?);
+        let y = frozen_product(&x, &w, true)?;
+        let shape = y.shape().clone();
+        Ok((cuda::storage_of(&y)?, shape))
+    }
+
     fn bwd(
         &self,
         _x: &Tensor,
@@ -268,8 +346,10 @@ impl CustomOp2 for FrozenMatmul {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let w = w.detach().to_dtype(candle_core::DType::F32)?;
-        Ok((Some(dy.detach().matmul(&w)?), None))
+        Ok((
+            Some(frozen_product(&dy.detach(), &w.detach(), false)?),
+            None,
+        ))
     }
 }
 
@@ -293,7 +373,7 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 pub const IGNORE: i64 = -100;
 
 /// `(dh, dw)` of a cross-entropy forward pass.
-type SavedGrads = (Vec<f32>, Option<Vec<f32>>);
+type SavedGrads = (Tensor, Option<Tensor>);
 
 struct ChunkedCrossEntropy {
     targets: std::sync::Arc<Vec<i64>>,
@@ -406,9 +486,69 @@ impl CustomOp2 for ChunkedCrossEntropy {
             }
         }
         if self.grad {
+            let cpu = candle_core::Device::Cpu;
+            let dh = Tensor::from_vec(dh, (n, d), &cpu)?;
+            let dw = dw
+                .map(|dw| Tensor::from_vec(dw, (v, d), &cpu))
+                .transpose()?;
             *self.saved.lock().expect("not poisoned") = Some((dh, dw));
         }
         Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
+    }
+
+    /// The same on a CUDA device: each chunk's logits from one product (bf16 on tensor cores
+    /// for a bf16 head), the losses and `softmax − one-hot` from one kernel
+    /// ([`cuda::cross_entropy_rows`]), then `dh` and `dw` from two products.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, d) = l1.shape().dims2()?;
+        let (v, d2) = l2.shape().dims2()?;
+        if d != d2 {
+            candle_core::bail!("cross entropy: hidden (.., {d}) with weight ({v}, {d2})");
+        }
+        self.check(n, v)?;
+        let (h, w) = (cuda::tensor_of(s1, l1)?, cuda::tensor_of(s2, l2)?);
+        let dev = h.device().clone();
+        let rows: Vec<u32> = (0..n as u32)
+            .filter(|&i| self.targets[i as usize] != IGNORE)
+            .collect();
+        let mut total = Tensor::zeros((), candle_core::DType::F32, &dev)?;
+        let mut dh_parts = Vec::new();
+        let mut dw = if self.grad && self.weight_grad {
+            Some(Tensor::zeros((v, d), candle_core::DType::F32, &dev)?)
+        } else {
+            None
+        };
+        for part in rows.chunks(self.chunk) {
+            let idx = Tensor::new(part, &dev)?;
+            let hc = h.index_select(&idx, 0)?; // (c, d)
+            let z = frozen_product(&hc, &w, true)?; // (c, v)
+            let tg: Vec<i64> = part.iter().map(|&i| self.targets[i as usize]).collect();
+            let (loss, dz) = cuda::cross_entropy_rows(&z, &tg, self.grad)?;
+            drop(z);
+            total = (total + loss.sum_all()?)?;
+            if let Some(dz) = dz {
+                dh_parts.push(frozen_product(&dz, &w, false)?); // (c, d)
+                if let Some(acc) = dw.as_mut() {
+                    *acc = (&*acc + dz.t()?.matmul(&hc)?)?;
+                }
+            }
+        }
+        if self.grad {
+            let mut dh = Tensor::zeros((n, d), candle_core::DType::F32, &dev)?;
+            if !rows.is_empty() {
+                let idx = Tensor::new(rows.as_slice(), &dev)?;
+                dh = dh.index_add(&idx, &Tensor::cat(&dh_parts, 0)?, 0)?;
+            }
+            *self.saved.lock().expect("not poisoned") = Some((dh, dw));
+        }
+        Ok((cuda::storage_of(&total)?, Shape::from(())))
     }
 
     fn bwd(
@@ -424,11 +564,9 @@ impl CustomOp2 for ChunkedCrossEntropy {
             )
         };
         let g = dloss.detach().to_dtype(candle_core::DType::F32)?;
-        let dh = Tensor::from_vec(dh, h.shape(), h.device())?.broadcast_mul(&g)?;
+        let dh = dh.reshape(h.shape())?.broadcast_mul(&g)?;
         let dw = match (self.weight_grad, dw) {
-            (true, Some(dw)) => {
-                Some(Tensor::from_vec(dw, w.shape(), w.device())?.broadcast_mul(&g)?)
-            }
+            (true, Some(dw)) => Some(dw.reshape(w.shape())?.broadcast_mul(&g)?),
             (true, None) => Some(w.zeros_like()?),
             (false, _) => None,
         };
@@ -483,6 +621,9 @@ struct ChunkedAttention {
     segments: std::sync::Arc<Vec<Vec<u32>>>,
     block: usize,
     scale: f64,
+    /// On CUDA: the forward's log-sum-exp `(b, h, t)`, for the backward kernel.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    lse: std::sync::Mutex<Option<Tensor>>,
 }
 
 impl ChunkedAttention {
@@ -587,6 +728,37 @@ impl CustomOp3 for ChunkedAttention {
         Ok((CpuStorage::F32(o), l1.shape().clone()))
     }
 
+    /// On CUDA: the fused flash-attention kernel (bf16 operands, f32 accumulation) for head
+    /// sizes it is built for, keeping the log-sum-exp for the backward kernel; other head
+    /// sizes take the blockwise path above on the device.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (q, k, v) = (
+            cuda::tensor_of(s1, l1)?,
+            cuda::tensor_of(s2, l2)?,
+            cuda::tensor_of(s3, l3)?,
+        );
+        let o = if cuda::flash_supports(q.dim(3)?) {
+            let bf = |x: &Tensor| x.to_dtype(candle_core::DType::BF16);
+            let m = cuda::Masking::packed(&self.segments, q.device())?;
+            let (o, lse) =
+                cuda::flash_attention(&bf(&q)?, &bf(&k)?, &bf(&v)?, &m, self.scale as f32)?;
+            *self.lse.lock().expect("not poisoned") = Some(lse);
+            o.to_dtype(candle_core::DType::F32)?
+        } else {
+            self.forward(&q, &k, &v)?
+        };
+        Ok((cuda::storage_of(&o)?, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -596,6 +768,25 @@ impl CustomOp3 for ChunkedAttention {
         d_o: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v, o, d_o) = (q.detach(), k.detach(), v.detach(), o.detach(), d_o.detach());
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() && cuda::flash_supports(q.dim(3)?) {
+            let bf = |x: &Tensor| x.to_dtype(candle_core::DType::BF16);
+            let (qb, kb, vb) = (bf(&q)?, bf(&k)?, bf(&v)?);
+            let m = cuda::Masking::packed(&self.segments, q.device())?;
+            let scale = self.scale as f32;
+            let saved = self.lse.lock().expect("not poisoned").take();
+            let (ob, lse) = match saved {
+                Some(lse) => (bf(&o)?, lse),
+                None => cuda::flash_attention(&qb, &kb, &vb, &m, scale)?,
+            };
+            let (dq, dk, dv) =
+                cuda::flash_attention_backward(&qb, &kb, &vb, &ob, &bf(&d_o)?, &lse, &m, scale)?;
+            return Ok((
+                Some(dq.contiguous()?),
+                Some(dk.contiguous()?),
+                Some(dv.contiguous()?),
+            ));
+        }
         let (b, h, t, _) = q.dims4()?;
         let kvh = k.dim(1)?;
         let mut dq = Vec::new();
@@ -677,6 +868,7 @@ pub fn chunked_attention(
             segments: std::sync::Arc::new(segments.to_vec()),
             block: block.max(1),
             scale: 1.0 / (d as f64).sqrt(),
+            lse: std::sync::Mutex::new(None),
         },
     )
 }
@@ -797,6 +989,31 @@ impl CustomOp3 for LoraLinear {
         Ok((CpuStorage::F32(y), (m, out).into()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &CudaStorage,
+        lx: &Layout,
+        sa: &CudaStorage,
+        la: &Layout,
+        sb: &CudaStorage,
+        lb: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (x, a, b) = (
+            cuda::tensor_of(sx, lx)?,
+            cuda::tensor_of(sa, la)?,
+            cuda::tensor_of(sb, lb)?,
+        );
+        let xd = match self.mask(x.elem_count()) {
+            Some(m) => (&x * Tensor::from_vec(m, x.shape(), x.device())?)?,
+            None => x.clone(),
+        };
+        let y = (frozen_product(&x, &self.w, true)?
+            + (xd.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale)?)?;
+        let shape = y.shape().clone();
+        Ok((cuda::storage_of(&y)?, shape))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -806,7 +1023,6 @@ impl CustomOp3 for LoraLinear {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (x, a, b, dy) = (x.detach(), a.detach(), b.detach(), dy.detach());
-        let w = self.w.detach().to_dtype(candle_core::DType::F32)?;
         let mask = match self.mask(x.elem_count()) {
             Some(m) => Some(Tensor::from_vec(m, x.shape(), x.device())?),
             None => None,
@@ -820,7 +1036,7 @@ impl CustomOp3 for LoraLinear {
         if let Some(m) = &mask {
             dxd = (dxd * m)?;
         }
-        let dx = (dy.matmul(&w)? + dxd)?;
+        let dx = (frozen_product(&dy, &self.w.detach(), false)? + dxd)?;
         let da = (dyb.t()?.matmul(&xd)? * self.scale)?; // (r, k)
         let db = (dy.t()?.matmul(&xd.matmul(&a.t()?)?)? * self.scale)?; // (out, r)
         Ok((Some(dx), Some(da), Some(db)))

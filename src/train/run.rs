@@ -35,6 +35,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// Stop after this many completed steps, as a kill would (tests of resume).
     pub stop_after: Option<usize>,
+    /// `cpu` or `cuda[:N]` (the `cuda` feature).
+    pub device: String,
 }
 
 /// A line of `log.jsonl`.
@@ -300,7 +302,7 @@ pub fn evaluate(m: &TrainModel, rows: &[Batch], micro: usize, pad: u32) -> Resul
     Ok((sum / tokens.max(1) as f64, tokens))
 }
 
-fn train_options(cfg: &TrainConfig) -> TrainOptions {
+fn train_options(cfg: &TrainConfig, device: candle_core::Device) -> TrainOptions {
     let l = &cfg.lora;
     TrainOptions {
         lora: (cfg.method == TrainMethod::Lora).then(|| LoraSpec {
@@ -316,6 +318,7 @@ fn train_options(cfg: &TrainConfig) -> TrainOptions {
         } else {
             DType::F32
         },
+        device,
     }
 }
 
@@ -421,11 +424,8 @@ fn load_checkpoint(dir: &Path, m: &TrainModel, opt: &mut AdamW) -> Result<Checkp
     let state: CheckpointState =
         serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)
             .with_context(|| format!("{what}/state.json"))?;
-    let w = candle_core::safetensors::load(
-        dir.join("trainable.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .with_context(|| format!("{what}/trainable.safetensors"))?;
+    let w = candle_core::safetensors::load(dir.join("trainable.safetensors"), m.device())
+        .with_context(|| format!("{what}/trainable.safetensors"))?;
     for (name, v) in m.trainable() {
         let t = w
             .get(&name)
@@ -439,11 +439,8 @@ fn load_checkpoint(dir: &Path, m: &TrainModel, opt: &mut AdamW) -> Result<Checkp
         }
         v.set(t)?;
     }
-    let mo = candle_core::safetensors::load(
-        dir.join("optimizer.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .with_context(|| format!("{what}/optimizer.safetensors"))?;
+    let mo = candle_core::safetensors::load(dir.join("optimizer.safetensors"), m.device())
+        .with_context(|| format!("{what}/optimizer.safetensors"))?;
     let get = |k: String| -> Result<Tensor> {
         mo.get(&k)
             .cloned()
@@ -467,6 +464,18 @@ pub fn peak_rss_mib() -> Option<u64> {
 
 /// Runs (or resumes, or finds finished) the recipe `cfg` in `<run>/train`.
 pub fn train(cfg: &TrainConfig, run: &Path, opts: &RunOptions) -> Result<Summary> {
+    let device = crate::models::parse_device(&opts.device)?;
+    if device.is_metal() {
+        bail!(
+            "training runs on `cpu` or `cuda[:N]`, not `{}`",
+            opts.device
+        );
+    }
+    if device.is_cuda() {
+        // TF32 for the f32 products (adapters, the f32 head), as PyTorch's `allow_tf32`.
+        #[cfg(feature = "cuda")]
+        candle_core::cuda_backend::set_gemm_reduced_precision_f32(true);
+    }
     let out = run.join("train");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let files = data_files(cfg, run)?;
@@ -478,7 +487,12 @@ pub fn train(cfg: &TrainConfig, run: &Path, opts: &RunOptions) -> Result<Summary
             .collect::<Result<_>>()?,
     };
     let summary_path = out.join("summary.json");
-    let loaded = model::load_with(&cfg.model, &opts.models_dir, &train_options(cfg), &cfg.rope)?;
+    let loaded = model::load_with(
+        &cfg.model,
+        &opts.models_dir,
+        &train_options(cfg, device),
+        &cfg.rope,
+    )?;
     let mut m = loaded.model;
     m.checkpoint_layers = cfg.memory.checkpoint_layers;
     m.attention_block = cfg.memory.attention_block;

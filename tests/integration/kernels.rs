@@ -1,4 +1,5 @@
-//! Fast paths against their plain references: the packed quantized-weight kernels.
+//! Fast paths against their plain references: the packed quantized-weight kernels, and the
+//! CUDA attention kernels' indexing emulated on the CPU.
 
 use crate::common::lcg_values;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -156,4 +157,35 @@ fn vectorised_exp_matches_f64_exp() {
         assert!((*g as f64 - w).abs() <= 3e-7 * w + 1e-30, "{g} vs {w}");
     }
     assert!((z as f64 - want.iter().sum::<f64>()).abs() < 1e-5);
+}
+
+/// The CUDA flash-attention kernels' fragment indexing, emulated lane by lane on the CPU
+/// (`scripts/emulate_flash_attn.py`, numpy from scripts/test.sh's target/pyenv) against a
+/// plain reference: forward, log-sum-exp and gradients for GQA, packed segments, a cache
+/// offset, left padding and a window. The kernels themselves run in `cuda.rs` on a GPU.
+#[test]
+fn flash_attention_fragment_indexing_emulated_on_the_cpu() {
+    let py = std::env::var_os("WILDLONG_LLAMA_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::common::root().join("target/pyenv/bin/python"));
+    assert!(
+        py.is_file(),
+        "{} is missing: scripts/test.sh installs it (numpy comes with llama-cpp-python)",
+        py.display()
+    );
+    let out = std::process::Command::new(&py)
+        .arg(crate::common::root().join("scripts/emulate_flash_attn.py"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("ok ")).count(),
+        5,
+        "{text}"
+    );
 }

@@ -1,8 +1,11 @@
 //! The integration-test crate: one binary, topic modules, shared helpers in `common`.
 //! Tests that need the default model expect `wildlong models fetch` to have run (CI does it).
 
+mod bench;
 mod cli;
 mod common;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod engine;
 mod kernels;
 mod lora;

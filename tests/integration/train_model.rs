@@ -502,6 +502,7 @@ fn opts(lora: Option<LoraSpec>, full: bool, base: DType) -> model::TrainOptions 
         lora,
         full,
         base_dtype: base,
+        device: candle_core::Device::Cpu,
     }
 }
 

@@ -79,6 +79,7 @@ fn opts(stop_after: Option<usize>) -> RunOptions {
         models_dir: root().join("models"),
         progress: false,
         stop_after,
+        device: "cpu".into(),
     }
 }
 
