@@ -1,5 +1,6 @@
 // FlashAttention-2-style fused attention for wildlong: forward and backward, bf16 inputs with
-// f32 accumulation on tensor cores (mma.sync m16n8k16, sm_80+), grouped-query heads,
+// f32 accumulation on tensor cores (mma.sync m16n8k16 fed by ldmatrix, sm_80+; the fragment
+// indexing is emulated lane by lane in scripts/emulate_flash_attn.py), grouped-query heads,
 // and a position/segment mask that covers causal prefill, decode after a KV cache, left
 // padding, sliding windows and packed (variable-length) training rows in one rule:
 //
@@ -51,30 +52,44 @@ __device__ __forceinline__ uint32_t ld32(const bf16* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
 
-// mma operands from shared-memory tiles of row stride S, for lane (g, t) (PTX ISA fragment
-// layouts for m16n8k16 bf16; see scripts/emulate_flash_attn.py):
-// A (16 x 16) whose rows are tile rows r0.., columns c0..: rows g and g + 8, columns 2t, 2t+8.
+// ldmatrix: four 8x8 b16 matrices from shared memory; lanes 8i..8i+7 give the row addresses
+// of matrix i (16-byte aligned), and lane l receives of matrix i the pair (row l/4, columns
+// 2(l%4), 2(l%4)+1) — or, with .trans, (rows 2(l%4), 2(l%4)+1, column l/4) — in register i.
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, const bf16* p) {
+  uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+__device__ __forceinline__ void ldsm_x4_t(uint32_t* r, const bf16* p) {
+  uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+// mma operands from shared-memory tiles of row stride S (elements; S·2 bytes a multiple of
+// 16), for lane `lane` (PTX ISA fragment layouts for m16n8k16 bf16, with g = lane / 4,
+// t = lane % 4; emulated in scripts/emulate_flash_attn.py):
+// A (16 x 16) = tile rows r0.., columns c0..: a0 (g, 2t), a1 (g+8, 2t), a2 (g, 2t+8), a3 (g+8, 2t+8).
 __device__ __forceinline__ void frag_a(uint32_t* a, const bf16* tile, int S, int r0, int c0,
-                                       int g, int t) {
-  a[0] = ld32(tile + (r0 + g) * S + c0 + 2 * t);
-  a[1] = ld32(tile + (r0 + g + 8) * S + c0 + 2 * t);
-  a[2] = ld32(tile + (r0 + g) * S + c0 + 2 * t + 8);
-  a[3] = ld32(tile + (r0 + g + 8) * S + c0 + 2 * t + 8);
+                                       int lane) {
+  ldsm_x4(a, tile + (r0 + lane % 16) * S + c0 + (lane / 16) * 8);
 }
 
-// B (16 x 8, k x n) whose column n is tile row n0 + n (k along the row): B = tile^T.
-__device__ __forceinline__ void frag_b_t(uint32_t* b, const bf16* tile, int S, int n0, int k0,
-                                         int g, int t) {
-  b[0] = ld32(tile + (n0 + g) * S + k0 + 2 * t);
-  b[1] = ld32(tile + (n0 + g) * S + k0 + 2 * t + 8);
+// B operands (16 x 8, k x n) of two n-tiles, B = tile^T: column n of n-tile j is tile row
+// n0 + 8j + n, k runs along the row from k0. b[0..1] for n-tile 0, b[2..3] for n-tile 1.
+__device__ __forceinline__ void frag_b_t2(uint32_t* b, const bf16* tile, int S, int n0, int k0,
+                                          int lane) {
+  ldsm_x4(b, tile + (n0 + lane % 8 + (lane / 16) * 8) * S + k0 + ((lane / 8) % 2) * 8);
 }
 
-// B (16 x 8, k x n) read straight from the tile: k = tile rows k0.., n = tile columns n0...
-__device__ __forceinline__ void frag_b(uint32_t* b, const bf16* tile, int S, int k0, int n0,
-                                       int g, int t) {
-  const bf16* p = tile + (k0 + 2 * t) * S + n0 + g;
-  b[0] = pack_raw(p[0], p[S]);
-  b[1] = pack_raw(p[8 * S], p[9 * S]);
+// B operands of two n-tiles read straight from the tile: k = tile rows k0.., n = tile
+// columns n0 + 8j... b[0..1] for n-tile 0, b[2..3] for n-tile 1.
+__device__ __forceinline__ void frag_b2(uint32_t* b, const bf16* tile, int S, int k0, int n0,
+                                        int lane) {
+  ldsm_x4_t(b, tile + (k0 + lane % 8 + ((lane / 8) % 2) * 8) * S + n0 + (lane / 16) * 8);
 }
 
 // A (16 x 16) of an accumulator pair: the f32 C fragments of n-tiles 2kk and 2kk + 1 are,
@@ -88,12 +103,9 @@ __device__ __forceinline__ void frag_a_acc(uint32_t* a, const float* c0, const f
 
 // A (16 x 16) read transposed: A[m][k] = tile[k0 + k][m0 + m].
 __device__ __forceinline__ void frag_a_t(uint32_t* a, const bf16* tile, int S, int k0, int m0,
-                                         int g, int t) {
-  const bf16* p = tile + (k0 + 2 * t) * S + m0 + g;
-  a[0] = pack_raw(p[0], p[S]);
-  a[1] = pack_raw(p[8], p[S + 8]);
-  a[2] = pack_raw(p[8 * S], p[9 * S]);
-  a[3] = pack_raw(p[8 * S + 8], p[9 * S + 8]);
+                                         int lane) {
+  int i = lane / 8;
+  ldsm_x4_t(a, tile + (k0 + lane % 8 + (i / 2) * 8) * S + m0 + (i % 2) * 8);
 }
 
 struct MaskRow {
@@ -214,12 +226,13 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 #pragma unroll
     for (int kt = 0; kt < KT_D; kt++) {
       uint32_t a[4];
-      frag_a(a, qs, SD, warp * 16, kt * 16, g, t);
+      frag_a(a, qs, SD, warp * 16, kt * 16, lane);
 #pragma unroll
-      for (int n = 0; n < BC / 8; n++) {
-        uint32_t bb[2];
-        frag_b_t(bb, ks, SD, n * 8, kt * 16, g, t);
+      for (int n = 0; n < BC / 8; n += 2) {
+        uint32_t bb[4];
+        frag_b_t2(bb, ks, SD, n * 8, kt * 16, lane);
         mma_bf16(s[n], a, bb);
+        mma_bf16(s[n + 1], a, bb + 2);
       }
     }
     // Mask, scale (log2 domain), online softmax.
@@ -267,10 +280,11 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
       uint32_t a[4];
       frag_a_acc(a, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
-      for (int n = 0; n < NT_O; n++) {
-        uint32_t bb[2];
-        frag_b(bb, vs, SD, kk * 16, n * 8, g, t);
+      for (int n = 0; n < NT_O; n += 2) {
+        uint32_t bb[4];
+        frag_b2(bb, vs, SD, kk * 16, n * 8, lane);
         mma_bf16(acc[n], a, bb);
+        mma_bf16(acc[n + 1], a, bb + 2);
       }
     }
   }
@@ -420,15 +434,17 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 #pragma unroll
       for (int kt = 0; kt < KT_D; kt++) {
         uint32_t ak[4], av[4];
-        frag_a(ak, ks, SD, warp * 16, kt * 16, g, t);
-        frag_a(av, vs, SD, warp * 16, kt * 16, g, t);
+        frag_a(ak, ks, SD, warp * 16, kt * 16, lane);
+        frag_a(av, vs, SD, warp * 16, kt * 16, lane);
 #pragma unroll
-        for (int n = 0; n < BR / 8; n++) {
-          uint32_t bq[2], bd[2];
-          frag_b_t(bq, qs, SD, n * 8, kt * 16, g, t);
-          frag_b_t(bd, dos, SD, n * 8, kt * 16, g, t);
+        for (int n = 0; n < BR / 8; n += 2) {
+          uint32_t bq[4], bd[4];
+          frag_b_t2(bq, qs, SD, n * 8, kt * 16, lane);
+          frag_b_t2(bd, dos, SD, n * 8, kt * 16, lane);
           mma_bf16(s[n], ak, bq);
+          mma_bf16(s[n + 1], ak, bq + 2);
           mma_bf16(dp[n], av, bd);
+          mma_bf16(dp[n + 1], av, bd + 2);
         }
       }
       // P^T and dS^T = P^T ∘ (dP^T − Dv) (rows: keys g, g+8 of the warp; cols: queries).
@@ -454,12 +470,14 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
         frag_a_acc(ap, s[2 * kk], s[2 * kk + 1]);
         frag_a_acc(as, dp[2 * kk], dp[2 * kk + 1]);
 #pragma unroll
-        for (int n = 0; n < NT_D; n++) {
-          uint32_t bd[2], bq[2];
-          frag_b(bd, dos, SD, kk * 16, n * 8, g, t);
-          frag_b(bq, qs, SD, kk * 16, n * 8, g, t);
+        for (int n = 0; n < NT_D; n += 2) {
+          uint32_t bd[4], bq[4];
+          frag_b2(bd, dos, SD, kk * 16, n * 8, lane);
+          frag_b2(bq, qs, SD, kk * 16, n * 8, lane);
           mma_bf16(dv_acc[n], ap, bd);
+          mma_bf16(dv_acc[n + 1], ap, bd + 2);
           mma_bf16(dk_acc[n], as, bq);
+          mma_bf16(dk_acc[n + 1], as, bq + 2);
         }
       }
       // dS^T to shared memory for dQ = dS K.
@@ -481,12 +499,13 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 #pragma unroll
         for (int kk = 0; kk < BK / 16; kk++) {
           uint32_t a[4];
-          frag_a_t(a, dss, SS, kk * 16, mq, g, t);
+          frag_a_t(a, dss, SS, kk * 16, mq, lane);
 #pragma unroll
-          for (int n = 0; n < NT_D / 2; n++) {
-            uint32_t bb[2];
-            frag_b(bb, ks, SD, kk * 16, (n0 + n) * 8, g, t);
+          for (int n = 0; n < NT_D / 2; n += 2) {
+            uint32_t bb[4];
+            frag_b2(bb, ks, SD, kk * 16, (n0 + n) * 8, lane);
             mma_bf16(dq[n], a, bb);
+            mma_bf16(dq[n + 1], a, bb + 2);
           }
         }
 #pragma unroll

@@ -1,11 +1,13 @@
 """Emulates kernels/flash_attn.cu on the CPU, lane by lane, to check its fragment indexing
-without a GPU: every shared-memory read, every mma.sync m16n8k16 operand and accumulator is
-built exactly as the kernel builds it (per lane: groupID g = lane / 4, t = lane % 4), using
-the fragment layouts of the PTX ISA ("Matrix Fragments for mma.m16n8k16", bf16):
+without a GPU: every shared-memory read (ldmatrix, with the row address each lane gives),
+every mma.sync m16n8k16 operand and accumulator is built exactly as the kernel builds it
+(per lane: groupID g = lane / 4, t = lane % 4), using the PTX ISA's definitions:
 
-  A (16x16, row): a0,a1 = (g, 2t..2t+1), a2,a3 = (g+8, 2t..), a4,a5 = (g, 2t+8..), a6,a7 = (g+8, 2t+8..)
-  B (16x8, col):  b0,b1 = (k 2t..2t+1, n g), b2,b3 = (k 2t+8.., n g)
-  C (16x8, f32):  c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..)
+  mma A (16x16, row): a0,a1 = (g, 2t..2t+1), a2,a3 = (g+8, 2t..), a4,a5 = (g, 2t+8..), a6,a7 = (g+8, 2t+8..)
+  mma B (16x8, col):  b0,b1 = (k 2t..2t+1, n g), b2,b3 = (k 2t+8.., n g)
+  mma C (16x8, f32):  c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..)
+  ldmatrix .x4: lanes 8i..8i+7 address the rows of matrix i; register i of lane l holds
+    (row l/4, cols 2(l%4), 2(l%4)+1) of matrix i, or with .trans (rows 2(l%4), 2(l%4)+1, col l/4)
 
 and compares outputs, log-sum-exp and gradients with a plain numpy reference (f64), for
 GQA, ragged packed segments, a KV-cache offset, left padding and a window. Arithmetic is
@@ -43,9 +45,38 @@ def visible(qi, qpos, qseg, j, kpos, kseg, off, window, segs):
             and (window == 0 or qpos - kpos < window) and (not segs or qseg == kseg))
 
 
-def ld2(tile, row, col):
-    """ld32: two consecutive bf16 of a row."""
-    return [tile[row, col], tile[row, col + 1]]
+def ldsm_x4(tile, addr, trans=False):
+    """ldmatrix.x4 (.trans): addr(lane) = (row, col) of the 8-element row lane gives; returns
+    per lane the 8 values of its 4 registers."""
+    regs = [[] for _ in range(32)]
+    for i in range(4):
+        M = np.array([tile[r, c:c + 8] for r, c in (addr(l) for l in range(8 * i, 8 * i + 8))])
+        for l in range(32):
+            if trans:
+                regs[l] += [M[2 * (l % 4), l // 4], M[2 * (l % 4) + 1, l // 4]]
+            else:
+                regs[l] += [M[l // 4, 2 * (l % 4)], M[l // 4, 2 * (l % 4) + 1]]
+    return regs
+
+
+# The kernel's operand loaders (frag_a, frag_b_t2, frag_b2, frag_a_t), with its addresses.
+def frag_a(tile, r0, c0):
+    return ldsm_x4(tile, lambda l: (r0 + l % 16, c0 + (l // 16) * 8))
+
+
+def frag_b_t2(tile, n0, k0):
+    """B of n-tiles n0 and n0+8 (4 values per lane each)."""
+    r = ldsm_x4(tile, lambda l: (n0 + l % 8 + (l // 16) * 8, k0 + ((l // 8) % 2) * 8))
+    return [x[0:4] for x in r], [x[4:8] for x in r]
+
+
+def frag_b2(tile, k0, n0):
+    r = ldsm_x4(tile, lambda l: (k0 + l % 8 + ((l // 8) % 2) * 8, n0 + (l // 16) * 8), trans=True)
+    return [x[0:4] for x in r], [x[4:8] for x in r]
+
+
+def frag_a_t(tile, k0, m0):
+    return ldsm_x4(tile, lambda l: (k0 + l % 8 + ((l // 8) // 2) * 8, m0 + ((l // 8) % 2) * 8), trans=True)
 
 
 def forward(q, k, v, q_pos, k_pos, q_seg, k_seg, q_kmin, window, scale):
@@ -101,18 +132,13 @@ def forward(q, k, v, q_pos, k_pos, q_seg, k_seg, q_kmin, window, scale):
                             kp[jj] = k_pos[b][j]
                             kg[jj] = k_seg[b][j] if segs else 0
                     for w in range(4):
-                        qw = qs[w * 16:(w + 1) * 16]
                         s = np.zeros((32, BC // 8, 4))
                         for kt in range(D // 16):
-                            a = [ld2(qw, lane // 4, kt * 16 + 2 * (lane % 4)) +
-                                 ld2(qw, lane // 4 + 8, kt * 16 + 2 * (lane % 4)) +
-                                 ld2(qw, lane // 4, kt * 16 + 2 * (lane % 4) + 8) +
-                                 ld2(qw, lane // 4 + 8, kt * 16 + 2 * (lane % 4) + 8) for lane in range(32)]
-                            for n in range(BC // 8):
-                                bb = [ld2(ks, n * 8 + lane // 4, kt * 16 + 2 * (lane % 4)) +
-                                      ld2(ks, n * 8 + lane // 4, kt * 16 + 2 * (lane % 4) + 8) for lane in range(32)]
-                                c = s[:, n, :]
-                                mma(c, a, bb)
+                            a = frag_a(qs, w * 16, kt * 16)
+                            for n in range(0, BC // 8, 2):
+                                b0, b1 = frag_b_t2(ks, n * 8, kt * 16)
+                                mma(s[:, n, :], a, b0)
+                                mma(s[:, n + 1, :], a, b1)
                         mx = np.full((32, 2), NEG_INF)
                         for lane in range(32):
                             t = lane % 4
@@ -143,13 +169,10 @@ def forward(q, k, v, q_pos, k_pos, q_seg, k_seg, q_kmin, window, scale):
                         for kk in range(BC // 16):
                             a = [list(s[lane, 2 * kk, 0:2]) + list(s[lane, 2 * kk, 2:4]) +
                                  list(s[lane, 2 * kk + 1, 0:2]) + list(s[lane, 2 * kk + 1, 2:4]) for lane in range(32)]
-                            for n in range(D // 8):
-                                bb = []
-                                for lane in range(32):
-                                    g, t = lane // 4, lane % 4
-                                    row, col = kk * 16 + 2 * t, n * 8 + g
-                                    bb.append([vs[row, col], vs[row + 1, col], vs[row + 8, col], vs[row + 9, col]])
-                                mma(acc[w, :, n, :], a, bb)
+                            for n in range(0, D // 8, 2):
+                                b0, b1 = frag_b2(vs, kk * 16, n * 8)
+                                mma(acc[w, :, n, :], a, b0)
+                                mma(acc[w, :, n + 1, :], a, b1)
                 for w in range(4):
                     lsum = np.zeros((32, 2))
                     for lane in range(32):
@@ -222,23 +245,17 @@ def backward(q, k, v, do, lse, dvec, q_pos, k_pos, q_seg, k_seg, q_kmin, window,
                                 qs[x], dos[x] = q[b, h, i], do[b, h, i]
                         dss = np.zeros((BK, BR))
                         for w in range(4):
-                            kw, vw = ks[w * 16:(w + 1) * 16], vs[w * 16:(w + 1) * 16]
                             s = np.zeros((32, BR // 8, 4))
                             dp = np.zeros((32, BR // 8, 4))
                             for kt in range(D // 16):
-                                def afr(tile):
-                                    return [ld2(tile, lane // 4, kt * 16 + 2 * (lane % 4)) +
-                                            ld2(tile, lane // 4 + 8, kt * 16 + 2 * (lane % 4)) +
-                                            ld2(tile, lane // 4, kt * 16 + 2 * (lane % 4) + 8) +
-                                            ld2(tile, lane // 4 + 8, kt * 16 + 2 * (lane % 4) + 8) for lane in range(32)]
-                                ak, av = afr(kw), afr(vw)
-                                for n in range(BR // 8):
-                                    bq = [ld2(qs, n * 8 + lane // 4, kt * 16 + 2 * (lane % 4)) +
-                                          ld2(qs, n * 8 + lane // 4, kt * 16 + 2 * (lane % 4) + 8) for lane in range(32)]
-                                    bd = [ld2(dos, n * 8 + lane // 4, kt * 16 + 2 * (lane % 4)) +
-                                          ld2(dos, n * 8 + lane // 4, kt * 16 + 2 * (lane % 4) + 8) for lane in range(32)]
-                                    mma(s[:, n, :], ak, bq)
-                                    mma(dp[:, n, :], av, bd)
+                                ak, av = frag_a(ks, w * 16, kt * 16), frag_a(vs, w * 16, kt * 16)
+                                for n in range(0, BR // 8, 2):
+                                    bq0, bq1 = frag_b_t2(qs, n * 8, kt * 16)
+                                    bd0, bd1 = frag_b_t2(dos, n * 8, kt * 16)
+                                    mma(s[:, n, :], ak, bq0)
+                                    mma(s[:, n + 1, :], ak, bq1)
+                                    mma(dp[:, n, :], av, bd0)
+                                    mma(dp[:, n + 1, :], av, bd1)
                             for lane in range(32):
                                 g, t = lane // 4, lane % 4
                                 for n in range(BR // 8):
@@ -253,15 +270,13 @@ def backward(q, k, v, do, lse, dvec, q_pos, k_pos, q_seg, k_seg, q_kmin, window,
                                       list(s[lane, 2 * kk + 1, 0:2]) + list(s[lane, 2 * kk + 1, 2:4]) for lane in range(32)]
                                 as_ = [list(dp[lane, 2 * kk, 0:2]) + list(dp[lane, 2 * kk, 2:4]) +
                                        list(dp[lane, 2 * kk + 1, 0:2]) + list(dp[lane, 2 * kk + 1, 2:4]) for lane in range(32)]
-                                for n in range(D // 8):
-                                    bd, bq = [], []
-                                    for lane in range(32):
-                                        g, t = lane // 4, lane % 4
-                                        row, col = kk * 16 + 2 * t, n * 8 + g
-                                        bd.append([dos[row, col], dos[row + 1, col], dos[row + 8, col], dos[row + 9, col]])
-                                        bq.append([qs[row, col], qs[row + 1, col], qs[row + 8, col], qs[row + 9, col]])
-                                    mma(dv_acc[w, :, n, :], ap, bd)
-                                    mma(dk_acc[w, :, n, :], as_, bq)
+                                for n in range(0, D // 8, 2):
+                                    bd0, bd1 = frag_b2(dos, kk * 16, n * 8)
+                                    bq0, bq1 = frag_b2(qs, kk * 16, n * 8)
+                                    mma(dv_acc[w, :, n, :], ap, bd0)
+                                    mma(dv_acc[w, :, n + 1, :], ap, bd1)
+                                    mma(dk_acc[w, :, n, :], as_, bq0)
+                                    mma(dk_acc[w, :, n + 1, :], as_, bq1)
                             for lane in range(32):
                                 g, t = lane // 4, lane % 4
                                 for n in range(BR // 8):
@@ -272,19 +287,11 @@ def backward(q, k, v, do, lse, dvec, q_pos, k_pos, q_seg, k_seg, q_kmin, window,
                             mq, n0 = (w % 2) * 16, (w // 2) * (D // 16)
                             dqf = np.zeros((32, D // 16, 4))
                             for kk in range(BK // 16):
-                                a = []
-                                for lane in range(32):
-                                    g, t = lane // 4, lane % 4
-                                    r = kk * 16 + 2 * t
-                                    a.append([dss[r, mq + g], dss[r + 1, mq + g], dss[r, mq + g + 8], dss[r + 1, mq + g + 8],
-                                              dss[r + 8, mq + g], dss[r + 9, mq + g], dss[r + 8, mq + g + 8], dss[r + 9, mq + g + 8]])
-                                for n in range(D // 16):
-                                    bb = []
-                                    for lane in range(32):
-                                        g, t = lane // 4, lane % 4
-                                        r, col = kk * 16 + 2 * t, (n0 + n) * 8 + g
-                                        bb.append([ks[r, col], ks[r + 1, col], ks[r + 8, col], ks[r + 9, col]])
-                                    mma(dqf[:, n, :], a, bb)
+                                a = frag_a_t(dss, kk * 16, mq)
+                                for n in range(0, D // 16, 2):
+                                    b0, b1 = frag_b2(ks, kk * 16, (n0 + n) * 8)
+                                    mma(dqf[:, n, :], a, b0)
+                                    mma(dqf[:, n + 1, :], a, b1)
                             for lane in range(32):
                                 g, t = lane // 4, lane % 4
                                 for e in range(2):
