@@ -40,6 +40,14 @@ fn view<'a, T: CudaDType + DeviceRepr>(
     Ok(c.as_cuda_slice::<T>()?.slice(l.start_offset()..))
 }
 
+/// A zeroed device buffer of `n` elements (at least one: CUDA refuses empty allocations).
+fn zeros<T: DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits>(
+    dev: &CudaDevice,
+    n: usize,
+) -> Result<CudaSlice<T>> {
+    dev.alloc_zeros::<T>(n.max(1))
+}
+
 fn wrap<T: CudaDType>(s: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
     Tensor::from_storage(
         Storage::Cuda(T::wrap_cuda_slice(s, dev.clone())),
@@ -269,8 +277,8 @@ pub fn flash_attention(
     let (k, ks) = attn_operand(k, "k")?;
     let (v, vs) = attn_operand(v, "v")?;
     let (b, tq, tk) = (m.b, m.tq, m.tk);
-    let o = dev.alloc_zeros::<half::bf16>(b * hq * tq * d)?;
-    let lse = dev.alloc_zeros::<f32>(b * hq * tq)?;
+    let o = zeros::<half::bf16>(&dev, b * hq * tq * d)?;
+    let lse = zeros::<f32>(&dev, b * hq * tq)?;
     if b * tq > 0 {
         let os = [(hq * tq * d) as i64, (tq * d) as i64, d as i64];
         let name = if d == 64 {
@@ -346,9 +354,9 @@ pub fn flash_attention_backward(
     let (k, ks) = attn_operand(k, "k")?;
     let (v, vs) = attn_operand(v, "v")?;
     let (d_o, ds) = attn_operand(d_o, "d_o")?;
-    let dq = dev.alloc_zeros::<f32>(b * tq * hq * d)?;
-    let dk = dev.alloc_zeros::<f32>(b * tk * hkv * d)?;
-    let dv = dev.alloc_zeros::<f32>(b * tk * hkv * d)?;
+    let dq = zeros::<f32>(&dev, b * tq * hq * d)?;
+    let dk = zeros::<f32>(&dev, b * tk * hkv * d)?;
+    let dv = zeros::<f32>(&dev, b * tk * hkv * d)?;
     if b * tq * tk > 0 {
         let name = if d == 64 {
             "flash_bwd_d64"
@@ -422,7 +430,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
         bail!("rms_norm: weight of {} for rows of {d}", w.elem_count());
     }
     let n = x.elem_count() / d.max(1);
-    let y = dev.alloc_zeros::<f32>(x.elem_count())?;
+    let y = zeros::<f32>(&dev, x.elem_count())?;
     if n > 0 {
         let func = dev.get_or_load_custom_func("rms_norm_fwd_f32", "wildlong_fused", FUSED_PTX)?;
         let (xg, xl) = x.storage_and_layout();
@@ -467,8 +475,8 @@ pub fn rms_norm_backward(
         );
     }
     let n = x.elem_count() / d.max(1);
-    let dx = dev.alloc_zeros::<f32>(x.elem_count())?;
-    let dw = dev.alloc_zeros::<f32>(d)?;
+    let dx = zeros::<f32>(&dev, x.elem_count())?;
+    let dw = zeros::<f32>(&dev, d)?;
     if n > 0 {
         let func = dev.get_or_load_custom_func("rms_norm_bwd_f32", "wildlong_fused", FUSED_PTX)?;
         let (xg, xl) = x.storage_and_layout();
@@ -534,7 +542,7 @@ pub fn rope(
     let sv = view::<f32>(&sg, sl, "sin")?;
     macro_rules! launch {
         ($ty:ty, $name:expr) => {{
-            let y = dev.alloc_zeros::<$ty>(x.elem_count())?;
+            let y = zeros::<$ty>(&dev, x.elem_count())?;
             if pairs > 0 {
                 let func = dev.get_or_load_custom_func($name, "wildlong_fused", FUSED_PTX)?;
                 let xv = view::<$ty>(&xg, xl, "x")?;
@@ -577,9 +585,9 @@ pub fn cross_entropy_rows(
         })
         .collect::<Result<_>>()?;
     let tg = Tensor::from_vec(tg, c, z.device())?;
-    let loss = dev.alloc_zeros::<f32>(c)?;
+    let loss = zeros::<f32>(&dev, c)?;
     let dz = if grad {
-        Some(dev.alloc_zeros::<f32>(c * v)?)
+        Some(zeros::<f32>(&dev, c * v)?)
     } else {
         None
     };

@@ -611,10 +611,12 @@ impl Attention {
         #[cfg(feature = "cuda")]
         if let Some(m) = &mask.flash {
             // wildlong's flash-attention kernel over the cache in place (bf16, f32 accumulation).
-            let q = rope.cfg.apply(&q, &rope.cos, &rope.sin)?;
-            let k = rope.cfg.apply(&k, &rope.cos, &rope.sin)?;
-            let (k_all, v_all) = cache.append(layer, &k, &v.contiguous()?)?; // (b, kvh, kv, d)
+            // The cache holds bf16 on this path (an f32 model's cache is not widened and
+            // narrowed again at every step).
             let bf = |x: &Tensor| x.to_dtype(DType::BF16);
+            let q = rope.cfg.apply(&q, &rope.cos, &rope.sin)?;
+            let k = bf(&rope.cfg.apply(&k, &rope.cos, &rope.sin)?)?;
+            let (k_all, v_all) = cache.append(layer, &k, &bf(&v.contiguous()?)?)?; // (b, kvh, kv, d)
             let scale = 1.0 / (hd as f32).sqrt();
             let (o, _) = crate::engine::cuda::flash_attention(
                 &bf(&q)?,
@@ -950,7 +952,8 @@ impl Llama {
             && cache.prefix.is_none()
         {
             Mask {
-                tensor: Tensor::zeros(0, DType::F32, &self.device)?,
+                // Unused on this path (a placeholder on the host).
+                tensor: Tensor::zeros(1, DType::F32, &Device::Cpu)?,
                 host: Arc::new(Vec::new()),
                 flash: Some(crate::engine::cuda::Masking::positions(
                     positions,
