@@ -13,7 +13,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-out}"
 BIN="${WILDLONG_BIN:-target/release/wildlong}"
+# The peer script: ../shared/peers/ beside the checkout, or shared/peers/ inside it (where the
+# device tool copies a checkout's shared/ folder).
 HF="${HF_BASELINE:-../shared/peers/hf_gpu_baseline.py}"
+[ -f "$HF" ] || [ ! -f shared/peers/hf_gpu_baseline.py ] || HF=shared/peers/hf_gpu_baseline.py
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH="/usr/local/cuda-13.0/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 start=$(date +%s)
