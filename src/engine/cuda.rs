@@ -204,6 +204,21 @@ macro_rules! mask_views {
     };
 }
 
+/// The attention kernels' shared arguments after their tensors: the mask views (positions,
+/// segments, first keys) and `[has_seg, has_kmin, hq, hkv, tq, tk, window]`.
+fn push_mask_args<'a>(
+    bld: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>,
+    views: [&'a CudaView<'a, i32>; 5],
+    ints: &'a [i32; 7],
+) {
+    for v in views {
+        bld.arg(v);
+    }
+    for i in ints {
+        bld.arg(i);
+    }
+}
+
 /// Element strides of a `(b, h, t, d)` bf16 tensor the kernels can read in place (d
 /// contiguous, 16-byte aligned rows); otherwise a contiguous copy.
 fn attn_operand(x: &Tensor, what: &str) -> Result<(Tensor, [i64; 3])> {
@@ -294,18 +309,14 @@ pub fn flash_attention(
         let kv = view::<half::bf16>(&kg, kl, "k")?;
         let vv = view::<half::bf16>(&vg, vl, "v")?;
         mask_views!(m => qp, kp, qsv, ksv, kmv, has_seg, has_kmin);
-        let (hq_, hkv_, tq_, tk_) = (hq as i32, hkv as i32, tq as i32, tk as i32);
         let scale_log2 = scale * std::f32::consts::LOG2_E;
         let mut bld = func.builder();
         bld.arg(&qv).arg(&kv).arg(&vv).arg(&o).arg(&lse);
-        bld.arg(&qp).arg(&kp).arg(&qsv).arg(&ksv).arg(&kmv);
-        bld.arg(&has_seg)
-            .arg(&has_kmin)
-            .arg(&hq_)
-            .arg(&hkv_)
-            .arg(&tq_)
-            .arg(&tk_);
-        bld.arg(&m.window).arg(&scale_log2);
+        let ints = [
+            has_seg, has_kmin, hq as i32, hkv as i32, tq as i32, tk as i32, m.window,
+        ];
+        push_mask_args(&mut bld, [&qp, &kp, &qsv, &ksv, &kmv], &ints);
+        bld.arg(&scale_log2);
         for s in qs.iter().chain(&ks).chain(&vs).chain(&os) {
             bld.arg(s);
         }
@@ -383,18 +394,14 @@ pub fn flash_attention_backward(
         let lv = view::<f32>(&lg, ll, "lse")?;
         let dvv = view::<f32>(&dvg, dvl, "dvec")?;
         mask_views!(m => qp, kp, qsv, ksv, kmv, has_seg, has_kmin);
-        let (hq_, hkv_, tq_, tk_) = (hq as i32, hkv as i32, tq as i32, tk as i32);
         let mut bld = func.builder();
         bld.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&dvv);
         bld.arg(&dq).arg(&dk).arg(&dv);
-        bld.arg(&qp).arg(&kp).arg(&qsv).arg(&ksv).arg(&kmv);
-        bld.arg(&has_seg)
-            .arg(&has_kmin)
-            .arg(&hq_)
-            .arg(&hkv_)
-            .arg(&tq_)
-            .arg(&tk_);
-        bld.arg(&m.window).arg(&scale);
+        let ints = [
+            has_seg, has_kmin, hq as i32, hkv as i32, tq as i32, tk as i32, m.window,
+        ];
+        push_mask_args(&mut bld, [&qp, &kp, &qsv, &ksv, &kmv], &ints);
+        bld.arg(&scale);
         for s in qs.iter().chain(&ks).chain(&vs).chain(&ds) {
             bld.arg(s);
         }
