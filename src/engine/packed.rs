@@ -652,9 +652,9 @@ mod avx512 {
         let mut vacc = [_mm512_setzero_ps(); T];
         for b in 0..w.nb {
             let (w0, w1) = dequant_block(w, r, b);
-            for t in 0..T {
+            for (t, v) in vacc.iter_mut().enumerate() {
                 let (x0, x1) = load_x(x, w.k, i0 + t, b);
-                vacc[t] = _mm512_fmadd_ps(w1, x1, _mm512_fmadd_ps(w0, x0, vacc[t]));
+                *v = _mm512_fmadd_ps(w1, x1, _mm512_fmadd_ps(w0, x0, *v));
             }
         }
         for t in 0..T {

@@ -413,3 +413,99 @@ pub fn ok(out: &std::process::Output) -> String {
     );
     String::from_utf8_lossy(&out.stdout).to_string()
 }
+
+/// A long test's own time limit. libtest has none: past the limit the watchdog names the
+/// test, kills the processes the test started (the `wildlong` binary, servers) and exits the
+/// test process with code 124, so a hang fails in minutes instead of at CI's wall clock.
+/// Dropping the guard (the test returned or panicked) disarms it.
+/// `WILDLONG_TEST_TIME_LIMIT_S` replaces every limit (seconds), to try one out.
+#[must_use = "the limit holds while the guard lives"]
+pub struct TimeLimit {
+    _disarm: std::sync::mpsc::Sender<()>,
+}
+
+pub fn time_limit(minutes: u64) -> TimeLimit {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let name = std::thread::current()
+        .name()
+        .unwrap_or("an unnamed test")
+        .to_string();
+    let secs = std::env::var("WILDLONG_TEST_TIME_LIMIT_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(minutes * 60);
+    std::thread::spawn(move || {
+        let limit = std::time::Duration::from_secs(secs);
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+            // Straight to the file: threads a test spawns share its captured output, which
+            // libtest would never print once the process exits.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "\ntest {name} ran past its time limit of {secs} s: failing the run"
+            );
+            let _ = std::process::Command::new("pkill")
+                .args(["-KILL", "-P", &std::process::id().to_string()])
+                .status();
+            std::process::exit(124);
+        }
+    });
+    TimeLimit { _disarm: tx }
+}
+
+/// Hangs (with a child process) only when `WILDLONG_HANG_TEST` names a file for the child's
+/// pid; run by the test below in a child test process.
+#[test]
+#[ignore = "run by a_hung_test_fails_by_its_own_time_limit_and_names_itself"]
+fn hangs_past_its_time_limit() {
+    let Some(pid_file) = std::env::var_os("WILDLONG_HANG_TEST") else {
+        return;
+    };
+    let _limit = time_limit(10);
+    let mut child = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    std::fs::write(pid_file, child.id().to_string()).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(600));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn a_hung_test_fails_by_its_own_time_limit_and_names_itself() {
+    let d = tempdir();
+    let pid_file = d.path().join("child.pid");
+    let t0 = std::time::Instant::now();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "common::hangs_past_its_time_limit"])
+        .env("WILDLONG_TEST_TIME_LIMIT_S", "2")
+        .env("WILDLONG_HANG_TEST", &pid_file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(124), "{stderr}");
+    assert!(
+        stderr.contains("test common::hangs_past_its_time_limit ran past its time limit of 2 s"),
+        "{stderr}"
+    );
+    assert!(t0.elapsed().as_secs() < 60);
+    // The process the hung test started was killed with it.
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let gone = (0..100).any(|_| {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // No /proc entry: gone; a zombie (state Z) is dead too.
+        let alive = !state.is_empty()
+            && !state
+                .rsplit(')')
+                .next()
+                .unwrap()
+                .trim_start()
+                .starts_with('Z');
+        if alive {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        !alive
+    });
+    assert!(gone, "the hung test's child {pid} is still running");
+}

@@ -119,7 +119,7 @@ fn sampling_is_seeded_per_row_and_independent_of_batching() {
         params: p(2),
     };
     let batch = e.generate(&[a.clone(), b.clone()], |_, _| {}).unwrap();
-    let again = e.generate(&[a.clone()], |_, _| {}).unwrap();
+    let again = e.generate(std::slice::from_ref(&a), |_, _| {}).unwrap();
     assert_eq!(batch[0].tokens, again[0].tokens);
     let diff_seed = e
         .generate(

@@ -407,6 +407,7 @@ impl Drop for LlamaServer {
 
 #[test]
 fn llama_cpp_server_serves_the_backend_and_stage2() {
+    let _limit = time_limit(6);
     let port = LlamaServer::free_port();
     let srv = LlamaServer::spawn(port);
     let cfg = |f: &dyn Fn(&mut OpenAiConfig)| {

@@ -127,8 +127,10 @@ fn step_hashes_chain_each_step_to_the_steps_it_reads() {
     );
 }
 
-/// A small pipeline: 6 queries, one blueprint per type, four 1K contexts, 2 LoRA steps,
-/// two RULER tasks at 1K.
+/// A small pipeline: 6 queries, one blueprint per type, one 1K context, one LoRA step, one
+/// RULER task at 512 tokens.
+const QUERIES: usize = 6;
+
 fn tiny_config(dir: &Path) -> PathBuf {
     let p = dir.join("pipeline.toml");
     std::fs::write(
@@ -140,25 +142,27 @@ dir = "{run}"
 [engine]
 max_batch = 3
 [stage1]
-input = {{ paths = ["sample"], limit = 6 }}
+input = {{ paths = ["sample"], limit = {queries} }}
 graph = {{ min_type_queries = 2 }}
 sample = {{ per_type = 1 }}
 [stage2]
-assemble = {{ buckets = [1024], per_bucket = 4, reserve_tokens = 384, multi_document_share = 0.0 }}
+assemble = {{ buckets = [1024], per_bucket = 1, reserve_tokens = 384, multi_document_share = 0.0 }}
 generate = {{ instructions_per_context = 1, max_answer_tokens = 128 }}
 gates = {{ min_answer_words = 1, max_ungrounded_names = 1.0, closed_book_max_f1 = 1.0 }}
 [train]
 config = "configs/train/smollm2-cpu.toml"
 data = {{ max_length = 1024 }}
-schedule = {{ steps = 2, grad_accum = 1, checkpoint_every = 1, eval_every = 1 }}
+optim = {{ warmup_steps = 0 }}
+schedule = {{ steps = 1, grad_accum = 1, checkpoint_every = 1, eval_every = 1 }}
 [eval]
-lengths = [1024]
-tasks = ["niah_single_1", "vt"]
+lengths = [512]
+tasks = ["niah_single_1"]
 samples = 1
 cache_dir = "{cache}"
 "#,
             run = dir.join("run").display(),
-            cache = dir.join("cache").display()
+            cache = dir.join("cache").display(),
+            queries = QUERIES,
         ),
     )
     .unwrap();
@@ -200,6 +204,7 @@ fn sha256(b: &[u8]) -> Vec<u8> {
 
 #[test]
 fn killed_pipeline_resumes_to_the_uninterrupted_outputs_and_a_rerun_does_nothing() {
+    let _limit = time_limit(15);
     let d = tempdir();
     let run = |cfg: &Path, sets: &[&str]| {
         let mut c = wildlong(&["run", cfg.to_str().unwrap(), "--no-progress"]);
@@ -220,10 +225,10 @@ fn killed_pipeline_resumes_to_the_uninterrupted_outputs_and_a_rerun_does_nothing
     let report = std::fs::read_to_string(whole.join("run/report.md")).unwrap();
     for part in [
         "## Stage 1",
-        "Meta-information records: 6",
+        format!("Meta-information records: {QUERIES}").as_str(),
         "## Stage 2",
         "## Fine-tuning",
-        "2 steps",
+        "1 steps",
         "niah_single_1",
     ] {
         assert!(report.contains(part), "{part} missing from\n{report}");
@@ -257,10 +262,7 @@ fn killed_pipeline_resumes_to_the_uninterrupted_outputs_and_a_rerun_does_nothing
         ),
         ("sample", Box::new(|| true)),
         ("synth", Box::new(|| entries(r.join("stage2/store")) >= 1)),
-        (
-            "train",
-            Box::new(|| entries(r.join("train/checkpoints")) >= 1),
-        ),
+        ("train", Box::new(|| true)),
         ("eval_before", Box::new(|| started("eval_before"))),
     ];
     let mut kills = 0;
@@ -307,7 +309,7 @@ fn killed_pipeline_resumes_to_the_uninterrupted_outputs_and_a_rerun_does_nothing
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].to_string())
         .collect();
     let unique: std::collections::BTreeSet<_> = ids.iter().collect();
-    assert_eq!(unique.len(), 6, "records lost or duplicated");
+    assert_eq!(unique.len(), QUERIES, "records lost or duplicated");
 
     // A rerun does nothing and leaves the report as it was.
     let report = std::fs::read_to_string(r.join("report.md")).unwrap();
@@ -320,7 +322,7 @@ fn killed_pipeline_resumes_to_the_uninterrupted_outputs_and_a_rerun_does_nothing
 
     // A changed training setting: training and the evaluation after it run again; the old
     // training folder is moved aside, not deleted.
-    let out = ok(&run(&cfg_k, &["train.schedule.steps=1"]).output().unwrap());
+    let out = ok(&run(&cfg_k, &["train.optim.lr=1e-4"]).output().unwrap());
     assert!(out.contains("2 of 7 steps run"), "{out}");
     for s in ["extract", "graph", "sample", "synth", "eval_before"] {
         assert!(
@@ -341,4 +343,7 @@ fn killed_pipeline_resumes_to_the_uninterrupted_outputs_and_a_rerun_does_nothing
         serde_json::from_str(&std::fs::read_to_string(r.join("train/summary.json")).unwrap())
             .unwrap();
     assert_eq!(summary["steps"], 1);
+    let log = std::fs::read_to_string(r.join("train/log.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert_eq!(first["lr"], 1e-4, "{log}");
 }

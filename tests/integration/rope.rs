@@ -69,7 +69,9 @@ fn cos_sin_tables_match_hf_at_far_positions() {
             .iter()
             .map(|p| p.as_u64().unwrap() as u32)
             .collect();
-        let (cos, sin) = cfg.cos_sin(&[pos.clone()], &Device::Cpu).unwrap();
+        let (cos, sin) = cfg
+            .cos_sin(std::slice::from_ref(&pos), &Device::Cpu)
+            .unwrap();
         let want_cos: Vec<Vec<f64>> = c["cos"].as_array().unwrap().iter().map(floats).collect();
         let want_sin: Vec<Vec<f64>> = c["sin"].as_array().unwrap().iter().map(floats).collect();
         let cos = cos.squeeze(0).unwrap().to_vec2::<f32>().unwrap();

@@ -314,6 +314,7 @@ fn same_seed_same_samples_other_seed_other_samples() {
 
 #[test]
 fn killed_evaluation_resumes_without_losing_or_duplicating() {
+    let _limit = time_limit(8);
     let d = tempdir();
     let out = d.path().join("eval");
     let cache = d.path().join("cache");
@@ -323,9 +324,9 @@ fn killed_evaluation_resumes_without_losing_or_duplicating() {
         "--model",
         "default",
         "--lengths",
-        "1024",
+        "512",
         "--tasks",
-        "niah_single_1,vt,qa_1",
+        "niah_single_1",
         "--samples",
         "3",
         "--batch-size",
@@ -337,7 +338,7 @@ fn killed_evaluation_resumes_without_losing_or_duplicating() {
         cache.to_str().unwrap(),
     ];
     let mut child = wildlong(&args).spawn().unwrap();
-    let first = out.join("1024/niah_single_1/pred.jsonl");
+    let first = out.join("512/niah_single_1/pred.jsonl");
     let t0 = std::time::Instant::now();
     while std::fs::read_to_string(&first)
         .map(|s| s.lines().count())
@@ -354,7 +355,7 @@ fn killed_evaluation_resumes_without_losing_or_duplicating() {
     child.wait().unwrap();
     let before = std::fs::read_to_string(&first).unwrap();
     let kept: Vec<String> = before.lines().map(String::from).collect();
-    assert!(!kept.is_empty() && kept.len() < 3 * 3);
+    assert!(!kept.is_empty() && kept.len() < 3);
     // A write torn by the kill.
     let mut torn = before.clone();
     torn.push_str("{\"index\": 2, \"hash\": \"ab");
@@ -362,13 +363,10 @@ fn killed_evaluation_resumes_without_losing_or_duplicating() {
 
     let stdout = ok(&wildlong(&args).output().unwrap());
     assert!(stdout.contains("| niah_single_1 |"), "{stdout}");
-    for task in ["niah_single_1", "vt", "qa_1"] {
-        let p = out.join(format!("1024/{task}/pred.jsonl"));
-        let preds: Vec<Prediction> = read_jsonl_resumable(&p).unwrap();
-        let mut idx: Vec<usize> = preds.iter().map(|p| p.index).collect();
-        idx.sort();
-        assert_eq!(idx, [0, 1, 2], "{task}: {idx:?}");
-    }
+    let preds: Vec<Prediction> = read_jsonl_resumable(&first).unwrap();
+    let mut idx: Vec<usize> = preds.iter().map(|p| p.index).collect();
+    idx.sort();
+    assert_eq!(idx, [0, 1, 2], "{idx:?}");
     let after = std::fs::read_to_string(&first).unwrap();
     assert!(
         after.starts_with(&kept.join("\n")),
@@ -391,7 +389,8 @@ fn killed_evaluation_resumes_without_losing_or_duplicating() {
 }
 
 #[test]
-fn end_to_end_on_the_default_model_at_1k_2k_4k() {
+fn end_to_end_on_the_default_model_at_1k() {
+    let _limit = time_limit(10);
     let d = tempdir();
     let out = d.path().join("eval");
     let stdout = ok(&wildlong(&[
@@ -400,7 +399,7 @@ fn end_to_end_on_the_default_model_at_1k_2k_4k() {
         "--model",
         "default",
         "--lengths",
-        "1024,2048,4096",
+        "1024",
         "--tasks",
         "all",
         "--samples",
@@ -417,9 +416,9 @@ fn end_to_end_on_the_default_model_at_1k_2k_4k() {
         assert!(out.join(f).is_file(), "{f}");
     }
     let r = Report::load(&out.join("report.json")).unwrap();
-    assert_eq!(r.lengths, [1024, 2048, 4096]);
+    assert_eq!(r.lengths, [1024]);
     assert_eq!(r.tasks, RULER_TASKS);
-    assert_eq!(r.results.len(), 39);
+    assert_eq!(r.results.len(), 13);
     assert_eq!((r.seed, r.samples_per_task), (42, 1));
     assert!(r.tool.starts_with("wildlong "));
     assert!(r.template.contains("chat template"));
@@ -462,9 +461,9 @@ fn end_to_end_on_the_default_model_at_1k_2k_4k() {
     assert!(md.contains(&format!("**{:.2}**", r.average)));
     let csv = std::fs::read_to_string(out.join("report.csv")).unwrap();
     assert_eq!(csv.lines().count(), 15);
-    assert!(csv.starts_with("task,1024,2048,4096,avg\n"));
+    assert!(csv.starts_with("task,1024,avg\n"));
     let svg = std::fs::read_to_string(out.join("report.svg")).unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains("niah_single_1") && svg.contains("4K"));
+    assert!(svg.starts_with("<svg") && svg.contains("niah_single_1") && svg.contains("1K"));
 
     // Before/after: the delta table against a baseline with known shifts.
     let mut base = r.clone();

@@ -467,6 +467,7 @@ fn parquet_output_holds_the_pairs() {
 
 #[test]
 fn synthesis_pairs_fit_their_bucket_and_resume_from_the_store() {
+    let _limit = time_limit(5);
     use wildlong::config::{Shard, Stage2GenerateConfig};
     use wildlong::engine::backend::Llm;
     use wildlong::records::{Blueprint, Store};
@@ -569,6 +570,7 @@ pub(crate) fn blueprint_file(dir: &std::path::Path) -> std::path::PathBuf {
 
 #[test]
 fn killed_synthesis_resumes_to_the_same_dataset() {
+    let _limit = time_limit(8);
     let d = tempdir();
     let bp = blueprint_file(d.path());
     let args = |run: &std::path::Path| {
@@ -581,7 +583,9 @@ fn killed_synthesis_resumes_to_the_same_dataset() {
             "--blueprints".into(),
             bp.to_str().unwrap().into(),
             "--set".into(),
-            "assemble.buckets=[2048]".into(),
+            "assemble.buckets=[1024]".into(),
+            "--set".into(),
+            "assemble.reserve_tokens=384".into(),
             "--set".into(),
             "assemble.per_bucket=2".into(),
             "--set".into(),
@@ -603,6 +607,21 @@ fn killed_synthesis_resumes_to_the_same_dataset() {
     let reference = std::fs::read_to_string(whole.join("stage2/data.jsonl")).unwrap();
     let card = std::fs::read_to_string(whole.join("stage2/README.md")).unwrap();
     let n = reference.lines().count();
+    // What became of every context (kept, or rejected and why): the default model's answers
+    // at these small budgets are mostly cut off, so the rejections carry the comparison.
+    let outcome = |run: &std::path::Path| {
+        let v: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run.join("stage2/synth_stats.json")).unwrap(),
+        )
+        .unwrap();
+        (
+            v["contexts"].clone(),
+            v["pairs"].clone(),
+            v["rejected"].clone(),
+        )
+    };
+    let reference_outcome = outcome(&whole);
+    assert_eq!(reference_outcome.0, 2);
     assert!(card.contains(&format!("| total | {n} |")), "{card}");
 
     let killed = d.path().join("killed");
@@ -631,6 +650,7 @@ fn killed_synthesis_resumes_to_the_same_dataset() {
         std::fs::read_to_string(killed.join("stage2/data.jsonl")).unwrap(),
         reference
     );
+    assert_eq!(outcome(&killed), reference_outcome);
     // Two shards, then the merge: the same dataset and card as one run.
     let sharded = d.path().join("sharded");
     for k in ["1/2", "2/2"] {

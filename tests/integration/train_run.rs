@@ -293,6 +293,7 @@ fn the_plan_counts_tokens_and_refuses_with_settings_that_fit() {
 
 #[test]
 fn fine_tuning_the_default_model_teaches_it_a_retrieval_task() {
+    let _limit = time_limit(12);
     // Records of eight word = number pairs; the question names one word. The base model
     // answers with prose; 20 LoRA steps on 120 conversations teach it to retrieve.
     use rand::{seq::IndexedRandom, Rng, SeedableRng};
