@@ -19,6 +19,6 @@ phase() {
 phases_report() {
   [ -s "$WILDLONG_PHASES" ] || return 0
   echo
-  echo "phase timings (wall clock; phases marked ∥ ran beside the one after them):"
+  echo "phase timings (wall clock; a phase marked ∥ ran in the background, beside the build):"
   awk -F'\t' '{ printf "  %-24s %6d s  %5.1f min  %s\n", $1, $2, $2 / 60, $3 }' "$WILDLONG_PHASES"
 }

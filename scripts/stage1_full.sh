@@ -4,13 +4,14 @@
 # (stage1::end_to_end_on_the_default_model_over_the_sample_queries); this script is the full
 # run, whose figures (records parsed against the schema, document types, time) go in notes.
 #   bash scripts/stage1_full.sh [THREADS=2] [BATCH=4]
+# WILDLONG_BIN=path uses that binary instead of building the release one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${1:-2}
 BATCH=${2:-4}
-cargo build --release --quiet
-cargo run --release --quiet -- models fetch
-BIN=target/release/wildlong
+BIN=${WILDLONG_BIN:-target/release/wildlong}
+[ -n "${WILDLONG_BIN:-}" ] || cargo build --release --quiet
+"$BIN" models fetch
 RUN=$(mktemp -d)
 trap 'rm -rf "$RUN"' EXIT
 t0=$SECONDS
