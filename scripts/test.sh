@@ -8,8 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v python3 >/dev/null || { echo "python3 with pip is needed to fetch the default model" >&2; exit 2; }
 source scripts/phases.sh
-outermost=${WILDLONG_PHASES_OWNER:-}
-if [ -z "$outermost" ]; then
+if [ -z "${WILDLONG_PHASES_OWNER:-}" ]; then
   export WILDLONG_PHASES_OWNER=$$
   trap phases_report EXIT
 fi

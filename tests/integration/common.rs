@@ -462,8 +462,13 @@ fn hangs_past_its_time_limit() {
         return;
     };
     let _limit = time_limit(10);
+    // Its own stdio, so that a child the watchdog fails to kill does not hold the test's
+    // output pipes open (the check below would then wait for it instead of failing).
     let mut child = std::process::Command::new("sleep")
         .arg("600")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     std::fs::write(pid_file, child.id().to_string()).unwrap();
@@ -492,20 +497,19 @@ fn a_hung_test_fails_by_its_own_time_limit_and_names_itself() {
     assert!(t0.elapsed().as_secs() < 60);
     // The process the hung test started was killed with it.
     let pid = std::fs::read_to_string(&pid_file).unwrap();
+    // Running while /proc has it and it is no zombie (state Z, after the `)` of its name).
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, s)| !s.starts_with('Z'))
+        })
+    };
     let gone = (0..100).any(|_| {
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // No /proc entry: gone; a zombie (state Z) is dead too.
-        let alive = !state.is_empty()
-            && !state
-                .rsplit(')')
-                .next()
-                .unwrap()
-                .trim_start()
-                .starts_with('Z');
-        if alive {
+        let r = running();
+        if r {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        !alive
+        !r
     });
     assert!(gone, "the hung test's child {pid} is still running");
 }
