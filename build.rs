@@ -49,7 +49,7 @@ fn main() {
             .unwrap_or_else(|e| {
                 panic!(
                     "running {} for kernels/{k}.cu: {e} (the cuda feature needs the CUDA \
-                     toolkit: see ../shared/cuda or set CUDA_HOME)",
+                     toolkit: bash scripts/cuda/setup.sh, or set CUDA_HOME)",
                     nvcc.display()
                 )
             });

@@ -1,6 +1,6 @@
 //! Criterion benchmarks of the engine's fast paths against their references, on the default
 //! model's decode shapes (576 hidden, 1536 MLP, 49152 vocabulary). Whole-model throughput is
-//! `wildlong bench` (and `scripts/bench_peers.sh` for the peers).
+//! `wildlong bench` (and `bash benches/run.sh peers` for the peers).
 //!   cargo bench --bench engine
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};

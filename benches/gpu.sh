@@ -3,7 +3,7 @@
 # wildlong on a Llama-3.1-8B-shaped model with random bf16 weights made on the GPU (prefill
 # 8K and 32K tokens; generate at batch 1 and 16 with 512-token prompts and 128 new tokens;
 # LoRA r16 on all projections at 8K and 32K tokens with peak memory), then HF transformers +
-# PEFT on the same shape (../shared/peers/hf_gpu_baseline.py), then both side by side.
+# PEFT on the same shape (benches/peers/hf_gpu_baseline.py), then both side by side.
 # Every line of every output is JSON.
 #
 #   WILDLONG_BIN=target/release/wildlong bash benches/gpu.sh    # binary built --features cuda
@@ -13,10 +13,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-out}"
 BIN="${WILDLONG_BIN:-target/release/wildlong}"
-# The peer script: ../shared/peers/ beside the checkout, or shared/peers/ inside it (where the
-# device tool copies a checkout's shared/ folder).
-HF="${HF_BASELINE:-../shared/peers/hf_gpu_baseline.py}"
-[ -f "$HF" ] || [ ! -f shared/peers/hf_gpu_baseline.py ] || HF=shared/peers/hf_gpu_baseline.py
+# The peer script, the project's own.
+HF="${HF_BASELINE:-benches/peers/hf_gpu_baseline.py}"
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH="/usr/local/cuda-13.0/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 start=$(date +%s)

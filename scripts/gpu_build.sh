@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the CUDA path here (no GPU needed) and packs what the GPU machine runs into
 # target/gpu/ (< 64 MiB): the stripped `wildlong` binary and the integration-test binary
-# (kernel tests), both xz-compressed. Needs ../shared/cuda/setup.sh to have run once.
+# (kernel tests), both xz-compressed. Needs scripts/cuda/setup.sh to have run once.
 #
 #   bash scripts/gpu_build.sh            # then on the GPU machine: bash scripts/gpu_check.sh
 #
@@ -9,7 +9,7 @@
 # first build compiles candle's kernels with nvcc (12-18 min on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source "${WILDLONG_CUDA_ENV:-../shared/cuda/env.sh}"
+source "${WILDLONG_CUDA_ENV:-scripts/cuda/env.sh}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/cuda}"
 cargo build --release --features cuda
 test_bin=$(cargo test --release --features cuda --test integration --no-run --message-format=json 2>/dev/null \

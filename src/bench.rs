@@ -1,9 +1,9 @@
 //! `wildlong bench`: prefill, decode, batched-decode and shared-prefix throughput of the
 //! engine on one model, medians over repeated runs, printed as one JSON object. Peers are
-//! measured beside it by `scripts/bench_peers.sh` (same machine, same run).
+//! measured beside it by `benches/peers.sh` (same machine, same run).
 
 use crate::cli::BenchArgs;
-use crate::config::{GenerationParams, SamplingParams};
+use crate::engine::config::{GenerationParams, SamplingParams};
 use crate::engine::generate::{Engine, Request};
 use crate::models;
 use anyhow::{bail, Result};
@@ -144,7 +144,8 @@ pub fn run(args: &BenchArgs, threads: usize, models_dir: &Path) -> Result<()> {
         "engine": "wildlong",
         "model": args.engine.model,
         "weights": format!("{:?}", cfg.weight_format),
-        "threads": threads,
+        // The pool the measurement ran in (`--threads`, else the engine config's).
+        "threads": rayon::current_num_threads(),
         "prompt_tokens": p,
         "new_tokens": n,
         "runs": runs,
@@ -235,7 +236,7 @@ fn train(args: &BenchArgs, seq: usize, models_dir: &Path) -> Result<()> {
     };
     let (times, loss) = train_steps(&m, &batch, 4)?;
     let med = median(times[1..].to_vec());
-    let mut recipe = crate::config::TrainConfig::load(None, &[])?;
+    let mut recipe = crate::train::config::TrainConfig::load(None, &[])?;
     recipe.lora.dropout = 0.0;
     recipe.data.max_length = seq;
     recipe.schedule.micro_batch = 1;
@@ -263,7 +264,7 @@ fn train(args: &BenchArgs, seq: usize, models_dir: &Path) -> Result<()> {
 
 /// `wildlong bench --synthetic SHAPE`: the GPU benchmark of `benches/gpu.sh` on a model with
 /// random bf16 weights made on the device (no files): prefill, decode at batch 1 and 16, and
-/// LoRA training with peak device memory, as `../shared/peers/hf_gpu_baseline.py` measures
+/// LoRA training with peak device memory, as `benches/peers/hf_gpu_baseline.py` measures
 /// HF transformers + PEFT. One JSON line per measurement. `tiny` runs the same code on a
 /// 2-layer model (the CPU test of this command).
 mod synthetic {
@@ -306,34 +307,13 @@ mod synthetic {
     /// them, norms 1; bf16.
     fn random_weights(cfg: &Config, device: &Device) -> Result<HashMap<String, Tensor>> {
         let mut t = HashMap::new();
-        let (v, h, i) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
-        let (q, kv) = (
-            cfg.num_heads * cfg.head_dim,
-            cfg.num_kv_heads * cfg.head_dim,
-        );
-        let mut put = |name: String, shape: &[usize]| -> Result<()> {
+        for (name, shape) in crate::engine::llama::tensors::checkpoint_tensors(cfg) {
             let x = if shape.len() == 1 {
                 Tensor::ones(shape, DType::BF16, device)?
             } else {
                 Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(DType::BF16)?
             };
             t.insert(name, x);
-            Ok(())
-        };
-        put("model.embed_tokens.weight".into(), &[v, h])?;
-        put("lm_head.weight".into(), &[v, h])?;
-        put("model.norm.weight".into(), &[h])?;
-        for l in 0..cfg.num_layers {
-            let p = format!("model.layers.{l}");
-            put(format!("{p}.self_attn.q_proj.weight"), &[q, h])?;
-            put(format!("{p}.self_attn.k_proj.weight"), &[kv, h])?;
-            put(format!("{p}.self_attn.v_proj.weight"), &[kv, h])?;
-            put(format!("{p}.self_attn.o_proj.weight"), &[h, q])?;
-            put(format!("{p}.mlp.gate_proj.weight"), &[i, h])?;
-            put(format!("{p}.mlp.up_proj.weight"), &[i, h])?;
-            put(format!("{p}.mlp.down_proj.weight"), &[h, i])?;
-            put(format!("{p}.input_layernorm.weight"), &[h])?;
-            put(format!("{p}.post_attention_layernorm.weight"), &[h])?;
         }
         Ok(t)
     }

@@ -1,16 +1,16 @@
 //! Command-line interface: argument types (clap derive) and one function per command.
 
-use crate::config::{
-    EdgeWeight, EngineConfig, GenerationParams, MetaSchema, RulerConfig, SamplingParams, Shard,
-    Stage1Config,
-};
 use crate::engine::chat::Message;
+use crate::engine::config::{EngineConfig, GenerationParams, SamplingParams};
 use crate::engine::generate::{Completion, Engine, Request};
 use crate::engine::weights::WeightFormat;
+use crate::eval::ruler::config::RulerConfig;
 use crate::eval::ruler::data::Assets;
 use crate::eval::ruler::report::Report;
 use crate::eval::ruler::run::RulerRun;
 use crate::models;
+use crate::shard::Shard;
+use crate::stage1::config::{EdgeWeight, MetaSchema, Stage1Config};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
@@ -24,7 +24,8 @@ use std::path::{Path, PathBuf};
     after_help = "Examples:\n  wildlong models fetch\n  wildlong models info default\n  wildlong generate --model default --chat --prompt \"What is the capital of France?\"\n  wildlong bench --model default --threads 2\n  wildlong eval ruler --model default --lengths 1024,2048,4096 --samples 5"
 )]
 pub struct Cli {
-    /// CPU threads for candle (0 = all physical cores). Sets RAYON_NUM_THREADS.
+    /// CPU threads for candle (0 = the engine config's `threads`, else all physical cores).
+    /// Sets RAYON_NUM_THREADS.
     #[arg(long, global = true, default_value_t = 0)]
     pub threads: usize,
     /// Folder holding fetched models.
@@ -191,7 +192,11 @@ impl Stage1Args {
     fn load(&self) -> Result<(Stage1Config, MetaSchema, PathBuf)> {
         let cfg = Stage1Config::load(self.run.config.as_deref(), &self.run.set)?;
         let schema = MetaSchema::load(cfg.schema.as_deref())?;
-        Ok((cfg, schema, self.run.run.join("stage1")))
+        Ok((
+            cfg,
+            schema,
+            crate::layout::RunLayout::new(&self.run.run).stage1(),
+        ))
     }
 }
 
@@ -206,7 +211,7 @@ pub struct ServerArgs {
     /// How JSON schemas are sent: json-schema (OpenAI, vLLM, SGLang, llama-server) or
     /// json-object (llama-cpp-python).
     #[arg(long, value_enum, default_value = "json-schema")]
-    pub server_json_format: crate::config::JsonFormat,
+    pub server_json_format: crate::generator::openai::JsonFormat,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 8)]
     pub server_concurrency: usize,
@@ -224,11 +229,11 @@ fn load_llm(
     server: &ServerArgs,
     threads: usize,
     models_dir: &Path,
-) -> Result<crate::engine::backend::Llm> {
+) -> Result<crate::generator::Llm> {
     let server = server
         .server
         .as_ref()
-        .map(|url| crate::config::OpenAiConfig {
+        .map(|url| crate::generator::openai::OpenAiConfig {
             base_url: url.clone(),
             json_format: server.server_json_format,
             concurrency: server.server_concurrency,
@@ -236,7 +241,7 @@ fn load_llm(
             max_retries: server.server_retries,
             ..Default::default()
         });
-    crate::engine::backend::Llm::open(
+    crate::generator::Llm::open(
         server,
         &engine.model,
         models_dir,
@@ -431,6 +436,7 @@ impl EngineArgs {
         if threads > 0 {
             c.threads = threads;
         }
+        c.validate().context("engine settings")?;
         Ok(c)
     }
 }
@@ -512,7 +518,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 256)]
     pub attention_block: usize,
     /// The GPU benchmark (benches/gpu.sh) on a model of this shape with random bf16 weights
-    /// made on the device: `llama-3.1-8b` (as ../shared/peers/hf_gpu_baseline.py builds it) or
+    /// made on the device: `llama-3.1-8b` (as benches/peers/hf_gpu_baseline.py builds it) or
     /// `tiny`. Prints one JSON line per measurement.
     #[arg(long)]
     pub synthetic: Option<String>,
@@ -527,7 +533,41 @@ pub struct BenchArgs {
     pub loss_chunk: usize,
 }
 
-pub fn run(cli: Cli) -> Result<()> {
+impl Cli {
+    /// The CPU threads this invocation runs with, validated: `--threads`, else the `threads`
+    /// of the engine config the command reads (`--engine-config FILE`, a pipeline's
+    /// `[engine]`), else 0 (all physical cores).
+    pub fn threads(&self) -> Result<usize> {
+        if self.threads > 0 {
+            crate::engine::config::check_threads(self.threads).context("--threads")?;
+            return Ok(self.threads);
+        }
+        let engine = match &self.command {
+            Command::Generate(a) => Some(&a.engine),
+            Command::Bench(a) => Some(&a.engine),
+            Command::Extract(a) => Some(&a.engine),
+            Command::Sample(a) => Some(&a.engine),
+            Command::Synth(a) => Some(&a.engine),
+            Command::Eval(EvalCommand::Ruler(a)) => Some(&a.engine),
+            Command::Run(a) => {
+                let cfg = crate::pipeline::config::PipelineConfig::load(&a.config, &a.set)?;
+                return Ok(cfg.engine.threads);
+            }
+            _ => None,
+        };
+        Ok(match engine {
+            Some(e) => e.engine_config(0)?.threads,
+            None => 0,
+        })
+    }
+}
+
+pub fn run(mut cli: Cli) -> Result<()> {
+    cli.threads = cli.threads()?;
+    if cli.threads > 0 {
+        // Candle sizes its parallel loops by RAYON_NUM_THREADS; nothing has started a pool yet.
+        std::env::set_var("RAYON_NUM_THREADS", cli.threads.to_string());
+    }
     // Run inside a worker of the pool so that every parallel matmul and attention call is
     // joined by this thread instead of handing work over and sleeping (a wake-up per call).
     let pool = rayon::ThreadPoolBuilder::new()
@@ -564,37 +604,27 @@ fn run_command(cli: Cli) -> Result<()> {
     }
 }
 
-/// Resolves `--tasks`, `--lengths`, … against the task config.
-pub fn ruler_config(args: &RulerArgs) -> Result<RulerConfig> {
-    let mut c = match &args.tasks_config {
-        Some(p) => RulerConfig::from_toml_file(p)?,
-        None => RulerConfig::builtin(),
-    };
-    if !args.lengths.is_empty() {
-        c.lengths = args.lengths.clone();
+impl RulerArgs {
+    /// `--tasks`, `--lengths`, … over the task config.
+    pub fn ruler_config(&self) -> Result<RulerConfig> {
+        crate::eval::ruler::config::RulerSelection {
+            tasks_config: self.tasks_config.clone(),
+            lengths: (!self.lengths.is_empty()).then(|| self.lengths.clone()),
+            samples: self.samples,
+            seed: self.seed,
+            qa_squad: self.qa_squad.clone(),
+            qa_hotpotqa: self.qa_hotpotqa.clone(),
+            tasks: match self.tasks.as_str() {
+                "all" => Vec::new(),
+                t => t.split(',').map(|s| s.trim().to_string()).collect(),
+            },
+        }
+        .resolve("--tasks")
     }
-    if let Some(n) = args.samples {
-        c.samples = n;
-    }
-    if let Some(s) = args.seed {
-        c.seed = s;
-    }
-    if args.qa_squad.is_some() {
-        c.qa_squad = args.qa_squad.clone();
-    }
-    if args.qa_hotpotqa.is_some() {
-        c.qa_hotpotqa = args.qa_hotpotqa.clone();
-    }
-    if args.tasks != "all" {
-        let wanted: Vec<&str> = args.tasks.split(',').map(str::trim).collect();
-        c.select(&wanted).context("--tasks")?;
-    }
-    c.validate()?;
-    Ok(c)
 }
 
 fn eval_ruler(args: RulerArgs, threads: usize, models_dir: &Path) -> Result<()> {
-    let cfg = ruler_config(&args)?;
+    let cfg = args.ruler_config()?;
     let assets = Assets::for_config(&cfg)?;
     let baseline = args.baseline.as_deref().map(Report::load).transpose()?;
     let ecfg = args.engine.engine_config(threads)?;
@@ -642,7 +672,7 @@ fn extract(args: ExtractArgs, threads: usize, models_dir: &Path) -> Result<()> {
         prepare_queries(&cfg, &dir)?;
         print!(
             "{}",
-            std::fs::read_to_string(dir.join("filter_stats.json"))?
+            std::fs::read_to_string(dir.join(crate::layout::stage1::FILTER_STATS))?
         );
         return Ok(());
     }
@@ -657,8 +687,9 @@ fn extract(args: ExtractArgs, threads: usize, models_dir: &Path) -> Result<()> {
         progress: !args.stage1.no_progress,
     };
     let stats = run.run(&llm)?;
-    let filter: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("filter_stats.json"))?)?;
+    let filter: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        dir.join(crate::layout::stage1::FILTER_STATS),
+    )?)?;
     println!(
         "filter: {} queries kept; dropped by reason: {}",
         filter["kept"], filter["dropped"]
@@ -741,12 +772,13 @@ fn sample(args: SampleArgs, threads: usize, models_dir: &Path) -> Result<()> {
 
 fn synth(args: SynthArgs, threads: usize, models_dir: &Path) -> Result<()> {
     use crate::stage2::{output, run::SynthJob};
-    let mut cfg = crate::config::Stage2Config::load(args.run.config.as_deref(), &args.run.set)?;
+    let mut cfg =
+        crate::stage2::config::Stage2Config::load(args.run.config.as_deref(), &args.run.set)?;
     if !args.documents.is_empty() {
         cfg.documents.paths = args.documents.clone();
     }
     if args.merge {
-        let dir = args.run.run.join("stage2");
+        let dir = crate::layout::RunLayout::new(&args.run.run).stage2();
         let (pairs, stats) =
             output::merge(&dir, cfg.gates.near_duplicate_threshold, cfg.generate.seed)?;
         // The card names the model that made the pairs.
@@ -802,7 +834,7 @@ fn synth(args: SynthArgs, threads: usize, models_dir: &Path) -> Result<()> {
 }
 
 fn pipeline(args: PipelineArgs, threads: usize, models_dir: &Path) -> Result<()> {
-    let mut cfg = crate::config::PipelineConfig::load(&args.config, &args.set)?;
+    let mut cfg = crate::pipeline::config::PipelineConfig::load(&args.config, &args.set)?;
     if threads > 0 {
         cfg.engine.threads = threads;
     }
@@ -1049,7 +1081,7 @@ fn completed_ids(path: &Path) -> Result<std::collections::HashSet<String>> {
 
 fn train(args: TrainArgs, models_dir: &Path) -> Result<()> {
     use crate::train::plan::{available_cpu_memory_gib, fitting_settings, Plan};
-    let cfg = crate::config::TrainConfig::load(args.run.config.as_deref(), &args.run.set)?;
+    let cfg = crate::train::config::TrainConfig::load(args.run.config.as_deref(), &args.run.set)?;
     if args.plan {
         let shape = models::model_config(&cfg.model, models_dir)?;
         let plan = Plan::estimate(&shape, &cfg);

@@ -7,10 +7,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let cli = wildlong::cli::Cli::parse();
-    if cli.threads > 0 {
-        // Before candle or rayon start their pools.
-        std::env::set_var("RAYON_NUM_THREADS", cli.threads.to_string());
-    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("WILDLONG_LOG"))
         .with_writer(std::io::stderr)

@@ -3,8 +3,8 @@
 //! ids through `hf-hub` (its cache first; downloads with the `hub-download` feature).
 //! Loading a located model into an [`Engine`] also happens here.
 
-use crate::config::EngineConfig;
 use crate::engine::chat::ChatTemplate;
+use crate::engine::config::EngineConfig;
 use crate::engine::generate::Engine;
 use crate::engine::llama::{Config, Llama, LlamaConfig};
 use crate::engine::tokenizer::Tokenizer;
@@ -347,6 +347,9 @@ pub struct Located {
     pub config: Config,
     pub tokenizer: Tokenizer,
     pub chat_template: Option<ChatTemplate>,
+    /// The device the weights load onto; the model runs on this same object (candle tells
+    /// devices apart by identity: a second `Device::new_cuda(0)` is another device).
+    pub device: Device,
     pub(crate) source: WeightSource,
 }
 
@@ -415,6 +418,7 @@ pub fn locate(files: ModelFiles, cfg: &EngineConfig) -> Result<Located> {
         config,
         tokenizer,
         chat_template,
+        device,
         source,
     })
 }
@@ -477,7 +481,6 @@ pub fn load_engine_with_adapter(
 ) -> Result<Engine> {
     let files = resolve(spec, models_dir)?;
     let mut located = locate(files, cfg)?;
-    let device = parse_device(&cfg.device)?;
     let dtype = match &located.files {
         ModelFiles::Gguf(_) => DType::F32,
         ModelFiles::HfFolder { .. } => parse_dtype(&cfg.dtype)?,
@@ -501,7 +504,7 @@ pub fn load_engine_with_adapter(
             located.config.validate()?;
         }
     }
-    let model = Llama::load(located.source, located.config, &device, dtype)?;
+    let model = Llama::load(located.source, located.config, &located.device, dtype)?;
     Ok(Engine::new(
         model,
         located.tokenizer,

@@ -3,8 +3,8 @@
 //! strings, EOS sets, token limits, JSON-schema constraints, and shared-prefix decoding
 //! (prefill a long document once, decode many continuations after it).
 
-use crate::config::{EngineConfig, GenerationParams};
 use crate::engine::chat::{ChatTemplate, Message};
+use crate::engine::config::{EngineConfig, GenerationParams};
 use crate::engine::constrained::{Constraint, ConstraintFactory};
 use crate::engine::llama::{Cache, Llama, SharedPrefix};
 use crate::engine::rope::RopeScaling;

@@ -3,15 +3,12 @@
 //! above this layer runs a model directly.
 
 pub mod attention;
-pub mod backend;
 pub mod chat;
+pub mod config;
 pub mod constrained;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 pub mod generate;
 pub mod llama;
 pub mod lora;
-pub mod openai;
 pub mod packed;
 pub mod rope;
 pub mod sampling;

@@ -1,7 +1,7 @@
 //! The one sampler: per-row RNG state over candle-transformers' `LogitsProcessor`, with
 //! an optional allowed-token mask applied to the logits first (constrained decoding).
 
-use crate::config::SamplingParams;
+use crate::engine::config::SamplingParams;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};

@@ -8,52 +8,104 @@
 //! store, checkpoints), and moves the outputs of a step whose inputs changed — and so of
 //! every step after it — to `<run>/superseded/` before running it again. Nothing is deleted.
 
+pub mod config;
 pub mod report;
 
-use crate::config::{EngineConfig, MetaSchema, PipelineConfig, Shard};
-use crate::engine::backend::Llm;
+use crate::engine::config::EngineConfig;
 use crate::eval::ruler::data::Assets;
 use crate::eval::ruler::run::RulerRun;
+use crate::generator::Llm;
+use crate::layout::RunLayout;
 use crate::models;
+use crate::pipeline::config::PipelineConfig;
 use crate::records::write_atomic;
+use crate::shard::Shard;
+use crate::stage1::config::MetaSchema;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
-/// The steps, in order.
-pub const STEPS: [&str; 7] = [
-    "extract",
-    "graph",
-    "sample",
-    "synth",
-    "train",
-    "eval_before",
-    "eval_after",
-];
+/// The pipeline's steps, in order. Each owns its outputs under the run folder and names
+/// the step whose outputs it reads (its hash covers that step's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Extract,
+    Graph,
+    Sample,
+    Synth,
+    Train,
+    EvalBefore,
+    EvalAfter,
+}
 
-/// What each step owns under the run folder (moved aside when its inputs change).
-fn outputs(step: &str) -> &'static [&'static str] {
-    match step {
-        "extract" => &["stage1"],
-        "graph" => &[
-            "stage1/normalized.jsonl",
-            "stage1/merges.json",
-            "stage1/graphs",
-            "stage1/graph_summary.json",
-            "stage1/graph_summary.md",
-        ],
-        "sample" => &[
-            "stage1/paths.jsonl",
-            "stage1/sample_stats.json",
-            "stage1/sample.json",
-            "stage1/blueprints.jsonl",
-        ],
-        "synth" => &["stage2"],
-        "train" => &["train"],
-        "eval_before" => &["eval/before"],
-        "eval_after" => &["eval/after"],
-        _ => &[],
+impl Step {
+    pub const ALL: [Step; 7] = [
+        Self::Extract,
+        Self::Graph,
+        Self::Sample,
+        Self::Synth,
+        Self::Train,
+        Self::EvalBefore,
+        Self::EvalAfter,
+    ];
+
+    /// The name in `pipeline/<name>.json`, the hash and the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Extract => "extract",
+            Self::Graph => "graph",
+            Self::Sample => "sample",
+            Self::Synth => "synth",
+            Self::Train => "train",
+            Self::EvalBefore => "eval_before",
+            Self::EvalAfter => "eval_after",
+        }
+    }
+
+    /// The step whose outputs this one reads (RULER before training reads none).
+    pub fn parent(self) -> Option<Step> {
+        match self {
+            Self::Extract | Self::EvalBefore => None,
+            Self::Graph => Some(Self::Extract),
+            Self::Sample => Some(Self::Graph),
+            Self::Synth => Some(Self::Sample),
+            Self::Train => Some(Self::Synth),
+            Self::EvalAfter => Some(Self::Train),
+        }
+    }
+
+    /// What the step owns under the run folder, relative to it (moved aside when its
+    /// inputs change).
+    pub fn outputs(self) -> Vec<PathBuf> {
+        use crate::layout::{stage1 as s1, stage2, train};
+        let in1 = |names: &[&str]| names.iter().map(|n| Path::new(s1::DIR).join(n)).collect();
+        match self {
+            Self::Extract => vec![s1::DIR.into()],
+            Self::Graph => in1(&[
+                s1::NORMALIZED,
+                s1::MERGES,
+                s1::GRAPHS,
+                s1::GRAPH_SUMMARY,
+                s1::GRAPH_SUMMARY_MD,
+            ]),
+            Self::Sample => in1(&[
+                s1::PATHS,
+                s1::SAMPLE_STATS,
+                s1::SAMPLE_IDENTITY,
+                s1::BLUEPRINTS,
+            ]),
+            Self::Synth => vec![stage2::DIR.into()],
+            Self::Train => vec![train::DIR.into()],
+            Self::EvalBefore => vec![Path::new("eval").join("before")],
+            Self::EvalAfter => vec![Path::new("eval").join("after")],
+        }
+    }
+
+    /// Whether the step generates text with the run's generator (loaded once, kept until
+    /// training needs the memory).
+    pub fn generates(self) -> bool {
+        matches!(self, Self::Extract | Self::Sample | Self::Synth)
     }
 }
 
@@ -96,8 +148,8 @@ fn sha(bytes: &[u8]) -> String {
     crate::records::hex(&Sha256::digest(bytes))
 }
 
-/// Each step's hashed inputs, chained: a step's hash covers every step it reads from.
-pub fn step_inputs(cfg: &PipelineConfig) -> Result<Vec<(String, serde_json::Value, String)>> {
+/// Each step's hashed inputs and hash, chained: a step's hash covers every step it reads from.
+pub fn step_inputs(cfg: &PipelineConfig) -> Result<Vec<(Step, serde_json::Value, String)>> {
     use serde_json::json;
     let schema = MetaSchema::load(cfg.stage1.schema.as_deref())?;
     // Threads do not change what is generated.
@@ -112,32 +164,33 @@ pub fn step_inputs(cfg: &PipelineConfig) -> Result<Vec<(String, serde_json::Valu
         "engine": engine,
     });
     let s1 = &cfg.stage1;
-    let own = [
-        json!({ "gen": generator, "schema": schema, "input": s1.input, "filter": s1.filter, "extract": s1.extract }),
-        json!({ "normalize": s1.normalize, "graph": s1.graph }),
-        json!({ "gen": generator, "sample": s1.sample }),
-        json!({ "gen": generator, "stage2": cfg.stage2 }),
-        json!({ "train": cfg.train }),
-        json!({ "engine": engine, "eval": cfg.eval, "model": cfg.train.model }),
-        json!({ "engine": engine, "eval": cfg.eval }),
-    ];
-    // eval_before reads no earlier step; eval_after reads train.
-    let parent = [None, Some(0), Some(1), Some(2), Some(3), None, Some(4)];
-    let mut out: Vec<(String, serde_json::Value, String)> = Vec::new();
-    for (i, (step, inputs)) in STEPS.iter().zip(own).enumerate() {
-        let up = parent[i].map(|p| out[p].2.clone()).unwrap_or_default();
-        let hash = sha(format!("{step}\n{up}\n{inputs}").as_bytes());
-        out.push((step.to_string(), inputs, hash));
+    let own = |step: Step| match step {
+        Step::Extract => {
+            json!({ "gen": generator, "schema": schema, "input": s1.input, "filter": s1.filter, "extract": s1.extract })
+        }
+        Step::Graph => json!({ "normalize": s1.normalize, "graph": s1.graph }),
+        Step::Sample => json!({ "gen": generator, "sample": s1.sample }),
+        Step::Synth => json!({ "gen": generator, "stage2": cfg.stage2 }),
+        Step::Train => json!({ "train": cfg.train }),
+        Step::EvalBefore => json!({ "engine": engine, "eval": cfg.eval, "model": cfg.train.model }),
+        Step::EvalAfter => json!({ "engine": engine, "eval": cfg.eval }),
+    };
+    let mut out: Vec<(Step, serde_json::Value, String)> = Vec::new();
+    for step in Step::ALL {
+        let up = step
+            .parent()
+            .and_then(|p| out.iter().find(|(s, ..)| *s == p))
+            .map(|(.., h)| h.clone())
+            .unwrap_or_default();
+        let inputs = own(step);
+        let hash = sha(format!("{}\n{up}\n{inputs}", step.name()).as_bytes());
+        out.push((step, inputs, hash));
     }
     Ok(out)
 }
 
-fn state_path(dir: &Path, step: &str) -> PathBuf {
-    dir.join("pipeline").join(format!("{step}.json"))
-}
-
 pub fn read_state(dir: &Path, step: &str) -> Result<Option<StepState>> {
-    let p = state_path(dir, step);
+    let p = RunLayout::new(dir).step_state(step);
     if !p.exists() {
         return Ok(None);
     }
@@ -152,30 +205,28 @@ pub fn read_state(dir: &Path, step: &str) -> Result<Option<StepState>> {
 
 fn write_state(dir: &Path, s: &StepState) -> Result<()> {
     write_atomic(
-        &state_path(dir, &s.step),
+        &RunLayout::new(dir).step_state(&s.step),
         serde_json::to_string_pretty(s)?.as_bytes(),
     )
 }
 
 /// Moves a step's outputs and record to `<run>/superseded/<time>-<step>-<hash>/`.
-fn supersede(dir: &Path, old: &StepState) -> Result<PathBuf> {
+fn supersede(dir: &Path, step: Step, old: &StepState) -> Result<PathBuf> {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let to = dir
-        .join("superseded")
+    let layout = RunLayout::new(dir);
+    let to = layout
+        .superseded()
         .join(format!("{secs}-{}-{}", old.step, &old.hash[..12]));
-    for rel in outputs(&old.step)
-        .iter()
-        .copied()
-        .chain([&*format!("pipeline/{}.json", old.step)])
-    {
-        let from = dir.join(rel);
+    let record = Path::new("pipeline").join(format!("{}.json", step.name()));
+    for rel in step.outputs().into_iter().chain([record]) {
+        let from = dir.join(&rel);
         if !from.exists() {
             continue;
         }
-        let dest = to.join(rel);
+        let dest = to.join(&rel);
         std::fs::create_dir_all(dest.parent().expect("joined path has a parent"))
             .with_context(|| format!("creating {}", to.display()))?;
         std::fs::rename(&from, &dest)
@@ -186,16 +237,18 @@ fn supersede(dir: &Path, old: &StepState) -> Result<PathBuf> {
 
 pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
     let dir = &cfg.run.dir;
-    std::fs::create_dir_all(dir.join("pipeline"))
-        .with_context(|| format!("creating {}", dir.join("pipeline").display()))?;
+    let layout = RunLayout::new(dir);
+    std::fs::create_dir_all(layout.pipeline())
+        .with_context(|| format!("creating {}", layout.pipeline().display()))?;
     let resolved = toml::to_string(cfg).context("writing the resolved config")?;
-    write_atomic(&dir.join("pipeline/config.toml"), resolved.as_bytes())?;
+    write_atomic(&layout.resolved_config(), resolved.as_bytes())?;
     let steps = step_inputs(cfg)?;
-    let stage1_dir = dir.join("stage1");
+    let stage1_dir = layout.stage1();
     let mut generator: Option<Llm> = None;
     let mut actions = Vec::new();
-    let total = STEPS.len();
-    for (i, (step, inputs, hash)) in steps.into_iter().enumerate() {
+    let total = Step::ALL.len();
+    for (i, (step_kind, inputs, hash)) in steps.into_iter().enumerate() {
+        let step = step_kind.name().to_string();
         let prior = read_state(dir, &step)?;
         let action = match &prior {
             Some(s) if s.hash == hash && s.status == Status::Done => {
@@ -208,7 +261,7 @@ pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
                 continue;
             }
             Some(s) if s.hash != hash => {
-                let to = supersede(dir, s)?;
+                let to = supersede(dir, step_kind, s)?;
                 println!(
                     "[{}/{total}] {step}: its settings or inputs changed; the earlier outputs are in {}",
                     i + 1,
@@ -241,7 +294,7 @@ pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
             }
         );
         let t0 = std::time::Instant::now();
-        if matches!(step.as_str(), "extract" | "sample" | "synth") && generator.is_none() {
+        if step_kind.generates() && generator.is_none() {
             generator = Some(Llm::open(
                 cfg.server.clone(),
                 &cfg.run.generator,
@@ -249,12 +302,13 @@ pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
                 &cfg.engine,
             )?);
         }
-        if step == "train" {
+        if step_kind == Step::Train {
             // The generator's memory goes back before training takes its own.
             generator = None;
         }
-        state.summary = match step.as_str() {
-            "extract" => {
+        let llm = generator.as_ref().filter(|_| step_kind.generates());
+        state.summary = match step_kind {
+            Step::Extract => {
                 let schema = MetaSchema::load(cfg.stage1.schema.as_deref())?;
                 let run = crate::stage1::extract::Extraction {
                     cfg: &cfg.stage1,
@@ -265,10 +319,10 @@ pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
                     limit: cfg.stage1.input.limit,
                     progress: opts.progress,
                 };
-                let s = run.run(generator.as_ref().expect("loaded above"))?;
+                let s = run.run(llm.context("the generator")?)?;
                 format!("{} records, {} rejected", s.records, s.rejects)
             }
-            "graph" => {
+            Step::Graph => {
                 let schema = MetaSchema::load(cfg.stage1.schema.as_deref())?;
                 let g = crate::stage1::graph::run(&cfg.stage1, &schema, &stage1_dir)?;
                 format!(
@@ -278,9 +332,9 @@ pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
                     g.iter().map(|s| s.edges).sum::<usize>()
                 )
             }
-            "sample" => {
+            Step::Sample => {
                 let (paths, _) = crate::stage1::sample::run(
-                    generator.as_ref(),
+                    llm,
                     &cfg.run.generator,
                     &cfg.stage1.sample,
                     &stage1_dir,
@@ -288,14 +342,14 @@ pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
                 )?;
                 format!("{paths} paths, each with its blueprint")
             }
-            "synth" => {
+            Step::Synth => {
                 let out = crate::stage2::run::run(&crate::stage2::run::SynthJob {
-                    llm: generator.as_ref().expect("loaded above"),
+                    llm: llm.context("the generator")?,
                     model: cfg.run.generator.clone(),
                     tokenizer: cfg.run.tokenizer.clone(),
                     cfg: &cfg.stage2,
                     run: dir.clone(),
-                    blueprints: crate::stage2::run::default_blueprints(dir),
+                    blueprints: layout.blueprints(),
                     shard: Shard::whole(),
                     models_dir: opts.models_dir.clone(),
                     engine: cfg.engine.clone(),
@@ -304,7 +358,7 @@ pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
                     anyhow::bail!(
                         "synthesis kept no pairs (rejections: {:?}); see {}",
                         out.stats.rejected,
-                        dir.join("stage2/README.md").display()
+                        layout.stage2_file(crate::layout::stage2::CARD).display()
                     );
                 }
                 format!(
@@ -312,7 +366,7 @@ pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
                     out.documents, out.contexts, out.pairs
                 )
             }
-            "train" => {
+            Step::Train => {
                 let s = crate::train::run::train(
                     &cfg.train,
                     dir,
@@ -330,8 +384,8 @@ pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
                     s.last_loss.map_or("-".into(), |l| format!("{l:.3}"))
                 )
             }
-            "eval_before" | "eval_after" => {
-                let after = step == "eval_after";
+            Step::EvalBefore | Step::EvalAfter => {
+                let after = step_kind == Step::EvalAfter;
                 let (model, adapter) = evaluated_model(cfg, after)?;
                 let ruler = cfg.eval.ruler()?;
                 let assets = Assets::for_config(&ruler)?;
@@ -341,9 +395,7 @@ pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
                     &opts.models_dir,
                     &cfg.engine,
                 )?;
-                let out = dir
-                    .join("eval")
-                    .join(if after { "after" } else { "before" });
+                let out = layout.eval(after);
                 let report = RulerRun {
                     config: ruler,
                     out: out.clone(),
@@ -358,7 +410,6 @@ pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
                 .context("the evaluation wrote no report")?;
                 format!("RULER average {:.2}", report.average)
             }
-            _ => unreachable!("STEPS lists every step"),
         };
         state.seconds += t0.elapsed().as_secs_f64();
         state.status = Status::Done;
@@ -381,12 +432,13 @@ pub fn evaluated_model(cfg: &PipelineConfig, after: bool) -> Result<(String, Opt
     if !after {
         return Ok((cfg.train.model.clone(), None));
     }
-    let train = cfg.run.dir.join("train");
-    let adapter = train.join("adapter");
+    let layout = RunLayout::new(&cfg.run.dir);
+    let train = layout.train();
+    let adapter = layout.train_file(crate::layout::train::ADAPTER);
     if adapter.join("adapter_config.json").is_file() {
         return Ok((cfg.train.model.clone(), Some(adapter)));
     }
-    let merged = train.join("merged");
+    let merged = layout.train_file(crate::layout::train::MERGED);
     if merged.join("config.json").is_file() {
         return Ok((merged.display().to_string(), None));
     }

@@ -1,9 +1,10 @@
 //! The run's summary: `<run>/report.md` and `<run>/report.svg`, built from the files the
 //! steps wrote (so a rerun that skips every step writes the same report).
 
-use crate::config::PipelineConfig;
 use crate::eval::ruler::report::Report;
-use crate::pipeline::{read_state, STEPS};
+use crate::layout::{stage1 as s1, stage2 as s2, train as tr, RunLayout};
+use crate::pipeline::config::PipelineConfig;
+use crate::pipeline::{read_state, Step};
 use crate::records::write_atomic;
 use crate::train::run::LogLine;
 use anyhow::Result;
@@ -61,7 +62,7 @@ type Points = Vec<(f64, f64)>;
 /// The training log's step losses and evaluation losses.
 fn curve(dir: &Path) -> (Points, Points) {
     let (mut train, mut eval) = (Vec::new(), Vec::new());
-    let text = std::fs::read_to_string(dir.join("train/log.jsonl")).unwrap_or_default();
+    let text = std::fs::read_to_string(RunLayout::new(dir).train_file(tr::LOG)).unwrap_or_default();
     for l in text.lines() {
         match serde_json::from_str::<LogLine>(l) {
             Ok(LogLine::Train { step, .. }) if !step.skipped => {
@@ -89,8 +90,8 @@ pub fn markdown(cfg: &PipelineConfig, dir: &Path, config_path: &Path) -> Result<
         t.model,
         format!("{:?}", t.method).to_lowercase(),
         match t.method {
-            crate::config::TrainMethod::Lora => format!(", r {}", t.lora.rank),
-            crate::config::TrainMethod::Full => String::new(),
+            crate::train::config::TrainMethod::Lora => format!(", r {}", t.lora.rank),
+            crate::train::config::TrainMethod::Full => String::new(),
         },
         match t.rope.is_set() {
             true => compact(serde_json::to_value(&t.rope)?).to_string(),
@@ -101,7 +102,7 @@ pub fn markdown(cfg: &PipelineConfig, dir: &Path, config_path: &Path) -> Result<
         s,
         "## Steps\n\n| step | status | seconds | produced |\n|---|---|---:|---|"
     )?;
-    for step in STEPS {
+    for step in Step::ALL.map(Step::name) {
         match read_state(dir, step)? {
             Some(st) => writeln!(
                 s,
@@ -112,12 +113,13 @@ pub fn markdown(cfg: &PipelineConfig, dir: &Path, config_path: &Path) -> Result<
         }
     }
 
-    let d1 = dir.join("stage1");
+    let run = RunLayout::new(dir);
+    let d1 = run.stage1();
     writeln!(
         s,
         "\n## Stage 1: queries → meta-information → graphs → blueprints\n"
     )?;
-    if let Some(f) = json(&d1.join("filter_stats.json")) {
+    if let Some(f) = json(&d1.join(s1::FILTER_STATS)) {
         let (mut rows, mut malformed) = (0, 0);
         for src in f["sources"].as_array().into_iter().flatten() {
             rows += src[1]["input"]["rows"].as_u64().unwrap_or(0);
@@ -130,7 +132,7 @@ pub fn markdown(cfg: &PipelineConfig, dir: &Path, config_path: &Path) -> Result<
             counts(&f["dropped"])
         )?;
     }
-    if let Some(e) = json(&d1.join("extract_stats.json")) {
+    if let Some(e) = json(&d1.join(s1::EXTRACT_STATS)) {
         writeln!(
             s,
             "- Meta-information records: {} ({} rejected). Document types: {}.",
@@ -139,7 +141,7 @@ pub fn markdown(cfg: &PipelineConfig, dir: &Path, config_path: &Path) -> Result<
             counts(&e["document_types"])
         )?;
     }
-    if let Some(Value::Array(g)) = json(&d1.join("graph_summary.json")) {
+    if let Some(Value::Array(g)) = json(&d1.join(s1::GRAPH_SUMMARY)) {
         writeln!(
             s,
             "- Graphs (`stage1/graph_summary.md`):\n\n| document type | queries | nodes | edges |\n|---|---:|---:|---:|"
@@ -156,18 +158,18 @@ pub fn markdown(cfg: &PipelineConfig, dir: &Path, config_path: &Path) -> Result<
         }
         writeln!(s)?;
     }
-    if d1.join("paths.jsonl").exists() {
+    if d1.join(s1::PATHS).exists() {
         writeln!(
             s,
             "- Paths sampled: {}; blueprints written: {}.",
-            lines(&d1.join("paths.jsonl")),
-            lines(&d1.join("blueprints.jsonl"))
+            lines(&d1.join(s1::PATHS)),
+            lines(&d1.join(s1::BLUEPRINTS))
         )?;
     }
 
-    let d2 = dir.join("stage2");
+    let d2 = run.stage2();
     writeln!(s, "\n## Stage 2: documents → long-context pairs\n")?;
-    if let Some(d) = json(&d2.join("documents_stats.json")) {
+    if let Some(d) = json(&d2.join(s2::DOCUMENTS_STATS)) {
         writeln!(
             s,
             "- Documents read: {}; skipped: {}; types: {}.",
@@ -176,7 +178,7 @@ pub fn markdown(cfg: &PipelineConfig, dir: &Path, config_path: &Path) -> Result<
             counts(&d["types"])
         )?;
     }
-    if let Some(y) = json(&d2.join("synth_stats.json")) {
+    if let Some(y) = json(&d2.join(s2::SYNTH_STATS)) {
         writeln!(
             s,
             "- Contexts: {}; pairs kept: {}; rejected: {}. Dataset card: `stage2/README.md`.",
@@ -186,9 +188,9 @@ pub fn markdown(cfg: &PipelineConfig, dir: &Path, config_path: &Path) -> Result<
         )?;
     }
 
-    let dt = dir.join("train");
+    let dt = run.train();
     writeln!(s, "\n## Fine-tuning\n")?;
-    if let Some(d) = json(&dt.join("data_stats.json")) {
+    if let Some(d) = json(&dt.join(tr::DATA_STATS)) {
         writeln!(
             s,
             "- Data: {} conversations ({} train, {} held out) in {} rows, {} tokens ({} with loss); skipped: {}.",
@@ -201,7 +203,7 @@ pub fn markdown(cfg: &PipelineConfig, dir: &Path, config_path: &Path) -> Result<
             counts(&d["skipped"])
         )?;
     }
-    if let Some(m) = json(&dt.join("summary.json")) {
+    if let Some(m) = json(&dt.join(tr::SUMMARY)) {
         let f = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.4}"));
         let evals: Vec<String> = m["eval_losses"]
             .as_array()
@@ -226,8 +228,8 @@ pub fn markdown(cfg: &PipelineConfig, dir: &Path, config_path: &Path) -> Result<
     }
 
     writeln!(s, "\n## RULER before and after fine-tuning\n")?;
-    let before = Report::load(&dir.join("eval/before/report.json")).ok();
-    let after = Report::load(&dir.join("eval/after/report.json")).ok();
+    let before = Report::load(&RunLayout::new(dir).eval(false).join("report.json")).ok();
+    let after = Report::load(&RunLayout::new(dir).eval(true).join("report.json")).ok();
     match (&before, &after) {
         (Some(b), Some(a)) => {
             let d = a.delta(b);
@@ -258,8 +260,8 @@ pub fn svg(dir: &Path) -> Result<String> {
     use plotters::prelude::*;
     let err = |e: &dyn std::fmt::Debug| anyhow::anyhow!("drawing the plot: {e:?}");
     let (train, eval) = curve(dir);
-    let before = Report::load(&dir.join("eval/before/report.json")).ok();
-    let after = Report::load(&dir.join("eval/after/report.json")).ok();
+    let before = Report::load(&RunLayout::new(dir).eval(false).join("report.json")).ok();
+    let after = Report::load(&RunLayout::new(dir).eval(true).join("report.json")).ok();
     let mut buf = String::new();
     {
         let root = SVGBackend::with_string(&mut buf, (1100, 460)).into_drawing_area();
@@ -372,5 +374,5 @@ pub fn write(cfg: &PipelineConfig, dir: &Path, config_path: &Path) -> Result<Pat
             write_atomic(&p, text.as_bytes())?;
         }
     }
-    Ok(dir.join("report.md"))
+    Ok(RunLayout::new(dir).report_md())
 }

@@ -4,14 +4,15 @@
 //! versioned; the instruction part is prefilled once and shared by every query. Records are
 //! appended per batch, so a killed run resumes without losing or repeating any.
 
-use crate::config::{DocumentTypeMode, MetaSchema, Shard, Stage1Config};
-use crate::config::{GenerationParams, SamplingParams};
-use crate::engine::backend::Llm;
 use crate::engine::chat::Message;
+use crate::engine::config::{GenerationParams, SamplingParams};
 use crate::engine::generate::{Completion, Engine, FinishReason, Request};
+use crate::generator::Llm;
 use crate::records::{
     append_line, check_identity, progress_bar, read_jsonl_resumable, write_atomic,
 };
+use crate::shard::Shard;
+use crate::stage1::config::{DocumentTypeMode, MetaSchema, Stage1Config};
 use crate::stage1::filter::{FilterStats, Query, QueryFilter};
 use crate::stage1::input::{hex, Source};
 use crate::stage1::prompts::{extract_messages, EXTRACT_VERSION};
@@ -104,7 +105,7 @@ struct Identity {
     model: String,
     prompt_version: String,
     schema_hash: String,
-    extract: crate::config::ExtractConfig,
+    extract: crate::stage1::config::ExtractConfig,
     queries: String,
 }
 
@@ -155,8 +156,8 @@ pub fn prepare_queries(cfg: &Stage1Config, dir: &Path) -> Result<(String, usize)
         serde_json::to_string(&cfg.filter)?.as_bytes(),
     ])[..16]
         .to_string();
-    let queries = dir.join("queries.jsonl");
-    let stats_path = dir.join("filter_stats.json");
+    let queries = dir.join(crate::layout::stage1::QUERIES);
+    let stats_path = dir.join(crate::layout::stage1::FILTER_STATS);
     #[derive(Serialize, Deserialize)]
     struct Saved {
         fingerprint: String,
@@ -268,12 +269,13 @@ fn for_each_chunk(
 
 impl Extraction<'_> {
     pub fn meta_path(&self) -> PathBuf {
-        self.dir.join(format!("meta{}.jsonl", self.shard.suffix()))
+        self.dir
+            .join(crate::layout::stage1::meta(&self.shard.suffix()))
     }
 
     fn rejects_path(&self) -> PathBuf {
         self.dir
-            .join(format!("rejects{}.jsonl", self.shard.suffix()))
+            .join(crate::layout::stage1::rejects(&self.shard.suffix()))
     }
 
     /// Filters (or reuses the filtered queries), then extracts every query of this shard
@@ -288,7 +290,12 @@ impl Extraction<'_> {
             extract: self.cfg.extract.clone(),
             queries: fingerprint,
         };
-        check_identity(&self.dir.join("extract.json"), &identity)?;
+        check_identity(
+            &self.dir.join(crate::layout::stage1::EXTRACT_IDENTITY),
+            &identity,
+        )?;
+        // Stage 2 types documents with the same taxonomy.
+        self.schema.save_in(&self.dir)?;
 
         let meta_path = self.meta_path();
         let rejects_path = self.rejects_path();
@@ -318,7 +325,7 @@ impl Extraction<'_> {
         let local = llm.local().map(|e| LocalPrompt::new(e, self)).transpose()?;
         let batch = llm.batch_size();
 
-        let queries_path = self.dir.join("queries.jsonl");
+        let queries_path = self.dir.join(crate::layout::stage1::QUERIES);
         // This shard's queries, from the filter's count (no pass over the file).
         let listed = self.limit.map_or(kept, |l| l.min(kept));
         let total = (0..listed).filter(|&i| self.shard.owns(i)).count();

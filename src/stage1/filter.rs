@@ -2,7 +2,7 @@
 //! exact and near-duplicate removal (MinHash over word shingles, LSH banding, candidates
 //! checked against the similarity threshold). Every dropped row is counted by reason.
 
-use crate::config::{FilterConfig, TurnPolicy};
+use crate::stage1::config::{FilterConfig, TurnPolicy};
 use crate::stage1::input::{Conversation, InputStats};
 use crate::text::{canonical, NearDuplicates};
 use serde::{Deserialize, Serialize};

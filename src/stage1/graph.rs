@@ -4,8 +4,8 @@
 //! the thresholds are pruned. Graphs are saved as JSON (reloadable), DOT and GraphML, with a
 //! summary of nodes, edges and top values per field per type.
 
-use crate::config::{EdgeWeight, GraphConfig, MetaSchema};
 use crate::records::write_atomic;
+use crate::stage1::config::{EdgeWeight, GraphConfig, MetaSchema};
 use crate::stage1::normalize::NormalizedRecord;
 use anyhow::{bail, Context, Result};
 use petgraph::graph::{NodeIndex, UnGraph};
@@ -294,7 +294,7 @@ pub fn summarize(g: &TypeGraph, file: &str) -> TypeSummary {
 
 /// Writes every graph (JSON, DOT, GraphML) under `<dir>/graphs/` and the summary files.
 pub fn save_all(graphs: &[TypeGraph], dir: &Path, schema: &MetaSchema) -> Result<Vec<TypeSummary>> {
-    let gdir = dir.join("graphs");
+    let gdir = dir.join(crate::layout::stage1::GRAPHS);
     std::fs::create_dir_all(&gdir).with_context(|| format!("creating {}", gdir.display()))?;
     let mut summaries = Vec::new();
     for g in graphs {
@@ -308,7 +308,7 @@ pub fn save_all(graphs: &[TypeGraph], dir: &Path, schema: &MetaSchema) -> Result
         summaries.push(summarize(g, &format!("graphs/{s}.json")));
     }
     write_atomic(
-        &dir.join("graph_summary.json"),
+        &dir.join(crate::layout::stage1::GRAPH_SUMMARY),
         serde_json::to_string_pretty(&summaries)?.as_bytes(),
     )?;
     let mut md = String::from(
@@ -329,13 +329,16 @@ pub fn save_all(graphs: &[TypeGraph], dir: &Path, schema: &MetaSchema) -> Result
             }
         }
     }
-    write_atomic(&dir.join("graph_summary.md"), md.as_bytes())?;
+    write_atomic(
+        &dir.join(crate::layout::stage1::GRAPH_SUMMARY_MD),
+        md.as_bytes(),
+    )?;
     Ok(summaries)
 }
 
 /// The graphs saved by [`save_all`].
 pub fn load_all(dir: &Path) -> Result<Vec<TypeGraph>> {
-    let path = dir.join("graph_summary.json");
+    let path = dir.join(crate::layout::stage1::GRAPH_SUMMARY);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("reading {} (run `wildlong graph` first)", path.display()))?;
     let summaries: Vec<TypeSummary> = serde_json::from_str(&text)
@@ -350,7 +353,7 @@ pub fn load_all(dir: &Path) -> Result<Vec<TypeGraph>> {
 /// `other`, builds and saves the graphs (`normalized.jsonl`, `merges.json`, `graphs/`,
 /// `graph_summary.{json,md}`).
 pub fn run(
-    cfg: &crate::config::Stage1Config,
+    cfg: &crate::stage1::config::Stage1Config,
     schema: &MetaSchema,
     dir: &Path,
 ) -> Result<Vec<TypeSummary>> {
@@ -360,9 +363,9 @@ pub fn run(
     if !rare.is_empty() {
         tracing::info!("document types merged into `other`: {}", rare.join(", "));
     }
-    crate::records::write_jsonl_atomic(&dir.join("normalized.jsonl"), &records)?;
+    crate::records::write_jsonl_atomic(&dir.join(crate::layout::stage1::NORMALIZED), &records)?;
     write_atomic(
-        &dir.join("merges.json"),
+        &dir.join(crate::layout::stage1::MERGES),
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     let graphs = build_all(&records, &cfg.graph);

@@ -4,7 +4,7 @@
 //! values below the support threshold. Writes nothing itself: `graph.rs` saves the
 //! normalised records and the merge report.
 
-use crate::config::{NormalizeConfig, SimilarityMetric};
+use crate::stage1::config::{NormalizeConfig, SimilarityMetric};
 use crate::stage1::extract::MetaRecord;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};

@@ -2,9 +2,9 @@
 //! blueprint prompt. A change to a prompt's text bumps its version, which is recorded in
 //! every record made with it (and a run folder refuses to mix versions).
 
-use crate::config::MetaSchema;
 use crate::engine::chat::Message;
 use crate::records::PathStep;
+use crate::stage1::config::MetaSchema;
 
 pub const EXTRACT_VERSION: &str = "extract-v2";
 

@@ -4,12 +4,13 @@
 //! a quota per type (`paths.jsonl`); then the LLM writes one instruction blueprint per path
 //! (`blueprints.jsonl`, appended per batch, resumable).
 
-use crate::config::{GenerationParams, SampleConfig, SamplingParams};
-use crate::engine::backend::Llm;
+use crate::engine::config::{GenerationParams, SamplingParams};
+use crate::generator::Llm;
 use crate::records::{
     append_line, progress_bar, read_jsonl_resumable, write_atomic, Blueprint, BlueprintProvenance,
     PathStep,
 };
+use crate::stage1::config::SampleConfig;
 use crate::stage1::graph::TypeGraph;
 use crate::stage1::input::hex;
 use crate::stage1::prompts::{blueprint_messages, BLUEPRINT_VERSION};
@@ -197,9 +198,9 @@ pub fn sample_all(
             });
         }
     }
-    crate::records::write_jsonl_atomic(&dir.join("paths.jsonl"), &all)?;
+    crate::records::write_jsonl_atomic(&dir.join(crate::layout::stage1::PATHS), &all)?;
     write_atomic(
-        &dir.join("sample_stats.json"),
+        &dir.join(crate::layout::stage1::SAMPLE_STATS),
         serde_json::to_string_pretty(&stats)?.as_bytes(),
     )?;
     Ok(all)
@@ -215,9 +216,9 @@ pub fn write_blueprints(
     dir: &Path,
     progress: bool,
 ) -> Result<usize> {
-    let out = dir.join("blueprints.jsonl");
+    let out = dir.join(crate::layout::stage1::BLUEPRINTS);
     crate::records::check_identity(
-        &dir.join("sample.json"),
+        &dir.join(crate::layout::stage1::SAMPLE_IDENTITY),
         &serde_json::json!({ "model": model, "prompt_version": BLUEPRINT_VERSION, "sample": cfg }),
     )?;
     let done: HashSet<String> = read_jsonl_resumable::<Blueprint>(&out)?

@@ -5,9 +5,9 @@
 //! budget; documents too short for every bucket are counted. Seeded: the same documents and
 //! settings give the same contexts.
 
-use crate::config::AssembleConfig;
 use crate::engine::tokenizer::Tokenizer;
 use crate::records::hex;
+use crate::stage2::config::AssembleConfig;
 use crate::stage2::documents::Document;
 use anyhow::Result;
 use rand::seq::{IndexedRandom, SliceRandom};

@@ -6,14 +6,13 @@
 //! and (by policy) documents longer than the model's context, are skipped. Unusable
 //! documents are counted by reason, never fatal unless nothing is left.
 
-use crate::config::{
-    DocumentClassifier, DocumentsConfig, GenerationParams, MetaSchema, SamplingParams,
-    TooLongPolicy,
-};
-use crate::engine::backend::Llm;
 use crate::engine::chat::Message;
+use crate::engine::config::{GenerationParams, SamplingParams};
 use crate::engine::tokenizer::Tokenizer;
+use crate::generator::Llm;
 use crate::records::Store;
+use crate::stage1::config::MetaSchema;
+use crate::stage2::config::{DocumentClassifier, DocumentsConfig, TooLongPolicy};
 use crate::stage2::gates::Decontaminator;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};

@@ -2,9 +2,9 @@
 //! and pandas read: `messages` as a list of `{role, content}`, the main metadata as columns,
 //! the full metadata as a JSON string), and the merge of sharded outputs into one dataset.
 
-use crate::config::Stage2Config;
 use crate::records::{read_jsonl_resumable, write_atomic, write_jsonl_atomic, Pair};
 use crate::stage2::assemble::Context;
+use crate::stage2::config::Stage2Config;
 use crate::stage2::synth::SynthStats;
 use anyhow::{bail, Context as _, Result};
 use parquet::data_type::{BoolType, ByteArray, ByteArrayType, Int64Type};
@@ -159,7 +159,7 @@ pub fn merge(
 ) -> Result<(Vec<Pair>, SynthStats)> {
     let files = shard_files(dir)?;
     let n = files.len();
-    let contexts: Vec<Context> = read_jsonl_resumable(&dir.join("contexts.jsonl"))?;
+    let contexts: Vec<Context> = read_jsonl_resumable(&dir.join(crate::layout::stage2::CONTEXTS))?;
     let order: HashMap<&str, usize> = contexts
         .iter()
         .enumerate()
@@ -206,7 +206,7 @@ pub fn merge(
         }
     }
     stats.pairs = kept.len();
-    write_jsonl_atomic(&dir.join("data.jsonl"), &kept)?;
+    write_jsonl_atomic(&dir.join(crate::layout::stage2::DATA), &kept)?;
     Ok((kept, stats))
 }
 

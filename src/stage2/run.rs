@@ -1,10 +1,13 @@
 //! `wildlong synth` as a library call: documents → contexts → pairs → `data.jsonl` and the card.
 //! The command and the pipeline (`wildlong run`) both call [`run`].
 
-use crate::config::{EngineConfig, MetaSchema, Shard, Stage2Config};
-use crate::engine::backend::Llm;
+use crate::engine::config::EngineConfig;
+use crate::generator::Llm;
 use crate::models;
 use crate::records::{read_jsonl_resumable, write_atomic, write_jsonl_atomic, Blueprint, Store};
+use crate::shard::Shard;
+use crate::stage1::config::MetaSchema;
+use crate::stage2::config::Stage2Config;
 use crate::stage2::synth::{Synth, SynthStats};
 use crate::stage2::{assemble, documents::DocumentReader, gates::Decontaminator, output};
 use anyhow::{bail, Context, Result};
@@ -37,14 +40,15 @@ pub struct SynthOutcome {
 
 pub fn run(job: &SynthJob) -> Result<SynthOutcome> {
     let cfg = job.cfg;
-    let dir = job.run.join("stage2");
-    let schema = MetaSchema::builtin();
+    let dir = crate::layout::RunLayout::new(&job.run).stage2();
     if !job.blueprints.is_file() {
         bail!(
             "{}: no blueprints (run `wildlong sample` first, or pass --blueprints)",
             job.blueprints.display()
         );
     }
+    // Documents are typed with the taxonomy the blueprints were made with.
+    let schema = MetaSchema::of_stage1(job.blueprints.parent().unwrap_or(Path::new(".")))?;
     let blueprints: Vec<Blueprint> = read_jsonl_resumable(&job.blueprints)?;
     if blueprints.is_empty() {
         bail!("{}: holds no blueprints", job.blueprints.display());
@@ -72,7 +76,7 @@ pub fn run(job: &SynthJob) -> Result<SynthOutcome> {
         false => None,
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let store = Store::open(&dir.join("store"))?;
+    let store = Store::open(&dir.join(crate::layout::stage2::STORE))?;
     let mut reader = DocumentReader::new(tokenizer, &schema, &cfg.documents);
     reader.max_context = max_context;
     reader.decontaminate = decontaminate.as_ref();
@@ -82,16 +86,16 @@ pub fn run(job: &SynthJob) -> Result<SynthOutcome> {
     reader.classify(job.llm, &job.model, &store)?;
     let (docs, doc_stats) = reader.finish()?;
     write_atomic(
-        &dir.join("documents_stats.json"),
+        &dir.join(crate::layout::stage2::DOCUMENTS_STATS),
         serde_json::to_string_pretty(&doc_stats)?.as_bytes(),
     )?;
     if let Some(&b) = cfg.assemble.buckets.iter().find(|&&b| b > max_context) {
         bail!("bucket {b} is longer than the model's context ({max_context} tokens)");
     }
     let (contexts, asm) = assemble::assemble(tokenizer, &docs, &cfg.assemble)?;
-    write_jsonl_atomic(&dir.join("contexts.jsonl"), &contexts)?;
+    write_jsonl_atomic(&dir.join(crate::layout::stage2::CONTEXTS), &contexts)?;
     write_atomic(
-        &dir.join("assembly_stats.json"),
+        &dir.join(crate::layout::stage2::ASSEMBLY_STATS),
         serde_json::to_string_pretty(&asm)?.as_bytes(),
     )?;
     let synth = Synth {
@@ -119,5 +123,5 @@ pub fn run(job: &SynthJob) -> Result<SynthOutcome> {
 
 /// Where a run's blueprints are unless another file is named.
 pub fn default_blueprints(run: &Path) -> PathBuf {
-    run.join("stage1/blueprints.jsonl")
+    crate::layout::RunLayout::new(run).blueprints()
 }

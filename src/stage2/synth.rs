@@ -8,13 +8,15 @@
 //! applied in a fixed order (answer, grounding, closed-book, decontamination, then
 //! near-duplicate instructions in context order), so the same store gives the same data.
 
-use crate::config::{GenerationParams, SamplingParams, Shard, Stage2Config};
-use crate::engine::backend::Llm;
 use crate::engine::chat::{ChatTemplate, Message};
+use crate::engine::config::{GenerationParams, SamplingParams};
 use crate::engine::generate::{Completion, FinishReason, Request};
 use crate::engine::tokenizer::Tokenizer;
+use crate::generator::Llm;
 use crate::records::{hex, write_jsonl_atomic, Blueprint, Pair, PairMetadata, Store};
+use crate::shard::Shard;
 use crate::stage2::assemble::Context;
+use crate::stage2::config::Stage2Config;
 use crate::stage2::gates::{answer_gate, instruction_index, Decontaminator};
 use crate::stage2::prompts::{closed_book_turn, rewrite_request, user_turn, VERSION};
 use anyhow::{Context as _, Result};

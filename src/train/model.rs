@@ -15,16 +15,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 
-/// Projection names LoRA may target (PEFT's `target_modules`).
-pub const PROJECTIONS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+pub use crate::engine::llama::tensors::PROJECTIONS;
+use crate::engine::llama::tensors::{self as names, Layer, Projection};
 
 /// Which projections get adapters, and their shape.
 #[derive(Debug, Clone, PartialEq)]
@@ -208,24 +200,13 @@ impl TrainModel {
             if !(0.0..1.0).contains(&l.dropout) {
                 bail!("lora dropout must be in [0, 1), got {}", l.dropout);
             }
-            if let Some(t) = l
-                .targets
-                .iter()
-                .find(|t| !PROJECTIONS.contains(&t.as_str()))
-            {
-                bail!(
-                    "unknown LoRA target `{t}` (known: {})",
-                    PROJECTIONS.join(", ")
-                );
-            }
+            names::check_lora_targets(&l.targets)?;
         }
-        if let Some(freqs) = w.gguf_raw("rope_freqs.weight")? {
-            cfg.rope.freq_factors = Some(freqs.to_dtype(DType::F32)?.to_vec1::<f32>()?);
-        }
+        names::load_rope_freqs(w, &mut cfg.rope)?;
         let device = opts.device.clone();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(lora.map_or(0, |l| l.seed));
-        let (v, h, i) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
-        let (nh, kvh, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let (v, h, _i) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
+        let (_nh, _kvh, _hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let full = opts.full;
         // Trained weights are f32 variables; frozen big weights take the base dtype, frozen
         // norms stay f32.
@@ -239,7 +220,8 @@ impl TrainModel {
             })
         };
         let mut linear =
-            |w: &mut WeightSource, name: String, out: usize, inp: usize| -> Result<TrainLinear> {
+            |w: &mut WeightSource, layer: Layer, p: Projection| -> Result<TrainLinear> {
+                let (name, (out, inp)) = (layer.projection(p), p.shape(&cfg));
                 let weight = param(w.tensor(&format!("{name}.weight"), &[out, inp])?, true)?;
                 let short = name.rsplit('.').next().unwrap_or("");
                 let adapter = lora.filter(|l| l.targets.iter().any(|t| t == short));
@@ -266,31 +248,23 @@ impl TrainModel {
             };
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
-            let p = format!("model.layers.{l}");
-            let a = format!("{p}.self_attn");
-            let m = format!("{p}.mlp");
+            let l = Layer(l);
             blocks.push(Block {
-                input_layernorm: param(
-                    w.tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
-                    false,
-                )?,
-                q: linear(w, format!("{a}.q_proj"), nh * hd, h)?,
-                k: linear(w, format!("{a}.k_proj"), kvh * hd, h)?,
-                v: linear(w, format!("{a}.v_proj"), kvh * hd, h)?,
-                o: linear(w, format!("{a}.o_proj"), h, nh * hd)?,
-                post_attention_layernorm: param(
-                    w.tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                    false,
-                )?,
-                gate: linear(w, format!("{m}.gate_proj"), i, h)?,
-                up: linear(w, format!("{m}.up_proj"), i, h)?,
-                down: linear(w, format!("{m}.down_proj"), h, i)?,
+                input_layernorm: param(w.tensor(&l.input_norm(), &[h])?, false)?,
+                q: linear(w, l, Projection::Q)?,
+                k: linear(w, l, Projection::K)?,
+                v: linear(w, l, Projection::V)?,
+                o: linear(w, l, Projection::O)?,
+                post_attention_layernorm: param(w.tensor(&l.post_attention_norm(), &[h])?, false)?,
+                gate: linear(w, l, Projection::Gate)?,
+                up: linear(w, l, Projection::Up)?,
+                down: linear(w, l, Projection::Down)?,
             });
         }
-        let embed = w.tensor("model.embed_tokens.weight", &[v, h])?;
+        let embed = w.tensor(names::EMBED, &[v, h])?;
         let embed_tokens = param(embed.clone(), true)?;
-        let lm_head = if w.has("lm_head.weight") {
-            param(w.tensor("lm_head.weight", &[v, h])?, false)?
+        let lm_head = if w.has(names::LM_HEAD) {
+            param(w.tensor(names::LM_HEAD, &[v, h])?, false)?
         } else if cfg.tie_word_embeddings {
             match &embed_tokens {
                 // Tied: one variable serves both ends.
@@ -301,7 +275,7 @@ impl TrainModel {
             bail!("checkpoint has no `lm_head.weight` and does not tie word embeddings");
         };
         Ok(Self {
-            norm: param(w.tensor("model.norm.weight", &[h])?, false)?,
+            norm: param(w.tensor(names::NORM, &[h])?, false)?,
             gguf_head_dim: w.gguf_content().is_some().then_some(cfg.head_dim),
             cfg,
             embed_tokens,
@@ -341,20 +315,16 @@ impl TrainModel {
                 }
             }
         };
-        push("model.embed_tokens.weight".into(), &self.embed_tokens);
+        push(names::EMBED.into(), &self.embed_tokens);
         for (l, b) in self.blocks.iter().enumerate() {
-            let p = format!("model.layers.{l}");
-            push(format!("{p}.input_layernorm.weight"), &b.input_layernorm);
-            push(
-                format!("{p}.post_attention_layernorm.weight"),
-                &b.post_attention_layernorm,
-            );
+            push(Layer(l).input_norm(), &b.input_layernorm);
+            push(Layer(l).post_attention_norm(), &b.post_attention_layernorm);
             for lin in b.linears() {
                 push(format!("{}.weight", lin.name), &lin.weight);
             }
         }
-        push("model.norm.weight".into(), &self.norm);
-        push("lm_head.weight".into(), &self.lm_head);
+        push(names::NORM.into(), &self.norm);
+        push(names::LM_HEAD.into(), &self.lm_head);
         for l in self.linears() {
             if let Some((a, b)) = &l.lora {
                 out.push((
@@ -613,18 +583,11 @@ impl TrainModel {
         let config = self.cfg.to_hf_json("float32")?;
         let mut tensors = std::collections::HashMap::new();
         let plain = |p: &Param| p.f32();
-        tensors.insert(
-            "model.embed_tokens.weight".to_string(),
-            plain(&self.embed_tokens)?,
-        );
+        tensors.insert(names::EMBED.to_string(), plain(&self.embed_tokens)?);
         for (l, b) in self.blocks.iter().enumerate() {
-            let p = format!("model.layers.{l}");
+            tensors.insert(Layer(l).input_norm(), plain(&b.input_layernorm)?);
             tensors.insert(
-                format!("{p}.input_layernorm.weight"),
-                plain(&b.input_layernorm)?,
-            );
-            tensors.insert(
-                format!("{p}.post_attention_layernorm.weight"),
+                Layer(l).post_attention_norm(),
                 plain(&b.post_attention_layernorm)?,
             );
             for lin in b.linears() {
@@ -634,9 +597,9 @@ impl TrainModel {
                 );
             }
         }
-        tensors.insert("model.norm.weight".to_string(), plain(&self.norm)?);
+        tensors.insert(names::NORM.to_string(), plain(&self.norm)?);
         if !self.cfg.tie_word_embeddings {
-            tensors.insert("lm_head.weight".to_string(), plain(&self.lm_head)?);
+            tensors.insert(names::LM_HEAD.to_string(), plain(&self.lm_head)?);
         }
         let parent = dir.parent().unwrap_or(Path::new("."));
         let name = dir
@@ -688,9 +651,9 @@ pub fn load_with(
     spec: &str,
     models_dir: &Path,
     opts: &TrainOptions,
-    rope: &crate::config::RopeSettings,
+    rope: &crate::train::config::RopeSettings,
 ) -> Result<Loaded> {
-    let engine_cfg = crate::config::EngineConfig {
+    let engine_cfg = crate::engine::config::EngineConfig {
         dtype: "f32".into(),
         ..Default::default()
     };

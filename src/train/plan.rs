@@ -7,10 +7,10 @@
 //! layer's, or with layer checkpointing each layer's input plus one recomputed layer), the
 //! largest transient buffer (an attention block's scores or a loss chunk's logits) and a fixed
 //! runtime allowance. The activation count follows the ops of `model.rs` tensor by tensor;
-//! `scripts/bench_train.sh` prints the prediction beside the measured peak RSS.
+//! `benches/train.sh` prints the prediction beside the measured peak RSS.
 
-use crate::config::{TrainConfig, TrainMethod};
 use crate::engine::llama::Config;
+use crate::train::config::{TrainConfig, TrainMethod};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 

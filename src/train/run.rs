@@ -13,10 +13,11 @@
 //! `checkpoints/step-NNNNNN/` (`trainable.safetensors`, `optimizer.safetensors`,
 //! `state.json`), `adapter/` (PEFT), `merged/` (HF folder), `summary.json`.
 
-use crate::config::{TooLongPolicy, TrainConfig, TrainMethod};
 use crate::engine::chat::Message;
 use crate::engine::rope::{RopeRecord, RopeScaling};
 use crate::records::{self, write_atomic};
+use crate::stage2::config::TooLongPolicy;
+use crate::train::config::{TrainConfig, TrainMethod};
 use crate::train::data::{self, Batch, Example};
 use crate::train::model::{self, LoraSpec, TrainModel, TrainOptions};
 use crate::train::ops::IGNORE;
@@ -325,7 +326,7 @@ fn train_options(cfg: &TrainConfig, device: candle_core::Device) -> TrainOptions
 /// The data files a recipe names (default: stage 2's output in `run`).
 pub fn data_files(cfg: &TrainConfig, run: &Path) -> Result<Vec<PathBuf>> {
     if cfg.data.paths.is_empty() {
-        let p = run.join("stage2/data.jsonl");
+        let p = crate::layout::RunLayout::new(run).data();
         if !p.is_file() {
             bail!(
                 "{}: no training data (run `wildlong synth --run {}` first, or set data.paths)",
@@ -476,7 +477,7 @@ pub fn train(cfg: &TrainConfig, run: &Path, opts: &RunOptions) -> Result<Summary
         #[cfg(feature = "cuda")]
         candle_core::cuda_backend::set_gemm_reduced_precision_f32(true);
     }
-    let out = run.join("train");
+    let out = crate::layout::RunLayout::new(run).train();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let files = data_files(cfg, run)?;
     let identity = Identity {
@@ -486,7 +487,7 @@ pub fn train(cfg: &TrainConfig, run: &Path, opts: &RunOptions) -> Result<Summary
             .map(|f| Ok((f.display().to_string(), crate::models::sha256_file(f)?)))
             .collect::<Result<_>>()?,
     };
-    let summary_path = out.join("summary.json");
+    let summary_path = out.join(crate::layout::train::SUMMARY);
     let loaded = model::load_with(
         &cfg.model,
         &opts.models_dir,
@@ -515,7 +516,7 @@ pub fn train(cfg: &TrainConfig, run: &Path, opts: &RunOptions) -> Result<Summary
         return Ok(s);
     }
     write_atomic(
-        &out.join("data_stats.json"),
+        &out.join(crate::layout::train::DATA_STATS),
         serde_json::to_string_pretty(&data.stats)?.as_bytes(),
     )?;
 
@@ -548,7 +549,7 @@ pub fn train(cfg: &TrainConfig, run: &Path, opts: &RunOptions) -> Result<Summary
 
     // Resume: the newest checkpoint's tensors and counters; the log cut back to it.
     let ckpt_dir = out.join("checkpoints");
-    let log_path = out.join("log.jsonl");
+    let log_path = out.join(crate::layout::train::LOG);
     let (mut done, mut bad_steps) = (0usize, 0usize);
     if let Some((step, dir)) = latest_checkpoint(&ckpt_dir)? {
         let st = load_checkpoint(&dir, &m, &mut opt)?;

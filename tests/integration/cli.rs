@@ -404,7 +404,7 @@ fn tokenizer_config_template_and_eos_are_used() {
         .unwrap()
         .unwrap()
         .path();
-    let e = load(&snap, wildlong::config::EngineConfig::default());
+    let e = load(&snap, wildlong::engine::config::EngineConfig::default());
     let ids = e
         .chat_prompt(&[wildlong::engine::chat::Message::new("user", "hey")])
         .unwrap();
@@ -421,9 +421,11 @@ fn tokenizer_config_template_and_eos_are_used() {
 
 #[test]
 fn engine_config_files_parse_and_reject_unknown_keys() {
-    let c = wildlong::config::EngineConfig::from_toml_file(&root().join("configs/engine-cpu.toml"))
-        .unwrap();
-    assert_eq!(c, wildlong::config::EngineConfig::default());
+    let c = wildlong::engine::config::EngineConfig::from_toml_file(
+        &root().join("configs/engine-cpu.toml"),
+    )
+    .unwrap();
+    assert_eq!(c, wildlong::engine::config::EngineConfig::default());
     let d = tempdir();
     let bad = d.path().join("engine.toml");
     std::fs::write(&bad, "prefill_chunk = 64\nmax_bath = 4\n").unwrap();
@@ -437,4 +439,101 @@ fn engine_config_files_parse_and_reject_unknown_keys() {
     fails_with(&out, "engine.toml");
     fails_with(&out, "unknown field `max_bath`");
     fails_with(&out, "max_batch");
+}
+
+/// The binary without the helpers' `--threads 1`.
+fn wildlong_threads(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wildlong"))
+        .args(args)
+        .arg("--models-dir")
+        .arg(root().join("models"))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_thread_count_the_machine_cannot_start_is_refused_from_the_flag_and_the_file() {
+    // It used to panic (thread stacks cannot be allocated) from the flag, and the file's
+    // `threads` was never read.
+    let model = default_model_path();
+    let out = wildlong_threads(&[
+        "--threads",
+        "100000",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    fails_with(
+        &out,
+        "--threads: 100000 threads is more than 4 per logical CPU",
+    );
+    let d = tempdir();
+    let cfg = d.path().join("engine.toml");
+    std::fs::write(&cfg, "threads = 100000\n").unwrap();
+    let out = wildlong_threads(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--engine-config",
+        cfg.to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    fails_with(&out, "engine.toml: threads: 100000 threads is more than");
+    // A zero batch is one error whichever way it comes.
+    std::fs::write(&cfg, "max_batch = 0\n").unwrap();
+    let file = wildlong_threads(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--engine-config",
+        cfg.to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    fails_with(&file, "max_batch (--batch-size) must be at least 1");
+    let flag = wildlong_threads(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--batch-size",
+        "0",
+        "--prompt",
+        "x",
+    ]);
+    fails_with(&flag, "max_batch (--batch-size) must be at least 1");
+}
+
+#[test]
+fn the_engine_configs_threads_size_the_pool() {
+    // One more thread than the machine has CPUs, so that the default (all cores) differs.
+    let n = std::thread::available_parallelism().unwrap().get() + 1;
+    let d = tempdir();
+    let cfg = d.path().join("engine.toml");
+    std::fs::write(&cfg, format!("threads = {n}\n")).unwrap();
+    let model = default_model_path();
+    let out = ok(&wildlong_threads(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--engine-config",
+        cfg.to_str().unwrap(),
+        "--prompt-tokens",
+        "8",
+        "--new-tokens",
+        "2",
+        "--batch",
+        "1",
+        "--continuations",
+        "1",
+        "--prefix-tokens",
+        "0",
+        "--runs",
+        "1",
+    ]));
+    let line = out.lines().last().unwrap();
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["threads"], n, "{line}");
 }

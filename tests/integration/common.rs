@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use wildlong::config::EngineConfig;
+use wildlong::engine::config::EngineConfig;
 use wildlong::engine::generate::Engine;
 
 pub fn root() -> PathBuf {

@@ -7,8 +7,8 @@
 
 use crate::common::*;
 use candle_core::{DType, Device, Tensor, Var, D};
-use wildlong::engine::cuda::{self, Masking};
 use wildlong::engine::llama::attention_mask;
+use wildlong::kernels::cuda::{self, Masking};
 use wildlong::train::ops;
 
 fn gpu() -> Device {
@@ -463,7 +463,7 @@ fn the_engine_on_cuda_gives_the_cpu_logits_and_padding_changes_no_row() {
     use wildlong::engine::llama::{full_logits, Cache};
     let d = tiny_random(&tiny_spec(), 6);
     let load = |device: &str, dtype: &str| {
-        let cfg = wildlong::config::EngineConfig {
+        let cfg = wildlong::engine::config::EngineConfig {
             device: device.into(),
             dtype: dtype.into(),
             ..Default::default()

@@ -2,8 +2,8 @@
 //! EOS, context limits and JSON-schema-constrained decoding.
 
 use crate::common::*;
-use wildlong::config::{EngineConfig, GenerationParams, SamplingParams};
 use wildlong::engine::chat::Message;
+use wildlong::engine::config::{EngineConfig, GenerationParams, SamplingParams};
 use wildlong::engine::generate::{FinishReason, Request};
 
 fn greedy(max_tokens: usize) -> GenerationParams {

@@ -6,7 +6,7 @@ use crate::common::*;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
-use wildlong::config::EngineConfig;
+use wildlong::engine::config::EngineConfig;
 use wildlong::engine::llama::full_logits;
 
 const TARGETS: [(&str, usize, usize); 4] = [

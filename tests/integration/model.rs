@@ -4,7 +4,7 @@
 
 use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use wildlong::config::EngineConfig;
+use wildlong::engine::config::EngineConfig;
 use wildlong::engine::llama::{full_logits, Cache};
 
 #[test]
@@ -48,7 +48,7 @@ fn default_model_answers_paris_greedily() {
         .unwrap();
     let req = wildlong::engine::generate::Request {
         prompt,
-        params: wildlong::config::GenerationParams {
+        params: wildlong::engine::config::GenerationParams {
             max_tokens: 16,
             ..Default::default()
         },

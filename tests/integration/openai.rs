@@ -6,10 +6,11 @@
 use crate::common::*;
 use std::path::PathBuf;
 use std::process::{Child, Command};
-use wildlong::config::{GenerationParams, JsonFormat, OpenAiConfig};
 use wildlong::engine::chat::Message;
+use wildlong::engine::config::GenerationParams;
 use wildlong::engine::generate::FinishReason;
-use wildlong::engine::openai::OpenAiClient;
+use wildlong::generator::openai::OpenAiClient;
+use wildlong::generator::openai::{JsonFormat, OpenAiConfig};
 
 /// The stub server, killed on drop.
 struct Stub {
@@ -462,7 +463,7 @@ fn llama_cpp_server_serves_the_backend_and_stage2() {
     // client gives up after its retries with the transport's message.
     let long = GenerationParams {
         max_tokens: 2000,
-        sampling: wildlong::config::SamplingParams {
+        sampling: wildlong::engine::config::SamplingParams {
             temperature: 1.0,
             ..Default::default()
         },

@@ -5,8 +5,9 @@
 
 use crate::common::*;
 use std::path::{Path, PathBuf};
-use wildlong::config::{PipelineConfig, TrainConfig};
-use wildlong::pipeline::{read_state, step_inputs, Status, STEPS};
+use wildlong::pipeline::config::PipelineConfig;
+use wildlong::pipeline::{read_state, step_inputs, Status, Step};
+use wildlong::train::config::TrainConfig;
 
 fn load(path: &str, sets: &[&str]) -> anyhow::Result<PipelineConfig> {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
@@ -26,7 +27,7 @@ fn pipeline_configs_resolve_over_their_base_files_and_refuse_typos() {
     assert_ne!(demo.train.schedule.steps, recipe.schedule.steps);
     assert_eq!(demo.stage1.input.limit, Some(96));
     // Stage keys the demo leaves alone are the built-in defaults.
-    let s1 = wildlong::config::Stage1Config::builtin();
+    let s1 = wildlong::stage1::config::Stage1Config::builtin();
     assert_eq!(demo.stage1.filter, s1.filter);
     assert_eq!(demo.stage1.sample.per_type, 2);
     assert_eq!(demo.stage1.sample.max_fields, s1.sample.max_fields);
@@ -98,11 +99,11 @@ fn step_hashes_chain_each_step_to_the_steps_it_reads() {
     let base = hashes(&[]);
     let changed = |sets: &[&str]| -> Vec<&str> {
         let h = hashes(sets);
-        STEPS
+        Step::ALL
             .iter()
             .zip(h.iter().zip(&base))
             .filter(|(_, (a, b))| a != b)
-            .map(|(s, _)| *s)
+            .map(|(s, _)| s.name())
             .collect()
     };
     assert_eq!(changed(&["engine.threads=1"]), Vec::<&str>::new());

@@ -5,7 +5,8 @@
 
 use crate::common::*;
 use std::path::Path;
-use wildlong::config::{EngineConfig, RulerConfig, RulerGenerator};
+use wildlong::engine::config::EngineConfig;
+use wildlong::eval::ruler::config::{RulerConfig, RulerGenerator};
 use wildlong::eval::ruler::data::Assets;
 use wildlong::eval::ruler::report::Report;
 use wildlong::eval::ruler::run::{prepare_samples, Prediction};
@@ -495,7 +496,7 @@ fn end_to_end_on_the_default_model_at_1k() {
 
 #[test]
 fn qa_files_in_squad_and_hotpotqa_shape_are_read_like_ruler() {
-    use wildlong::config::QaDataset;
+    use wildlong::eval::ruler::config::QaDataset;
     use wildlong::eval::ruler::data::read_qa;
     let squad = serde_json::json!({"data": [{"title": "t", "paragraphs": [
         {"context": "Para one about Zed.", "qas": [

@@ -6,10 +6,11 @@
 use crate::common::*;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
-use wildlong::config::{
-    EdgeWeight, GraphConfig, MetaSchema, NormalizeConfig, SampleConfig, Shard, Stage1Config,
-};
 use wildlong::records::{read_jsonl_resumable, Blueprint};
+use wildlong::shard::Shard;
+use wildlong::stage1::config::{
+    EdgeWeight, GraphConfig, MetaSchema, NormalizeConfig, SampleConfig, Stage1Config,
+};
 use wildlong::stage1::extract::{prepare_queries, MetaRecord};
 use wildlong::stage1::filter::Query;
 use wildlong::stage1::graph::{npmi, pmi, TypeGraph};
@@ -127,7 +128,7 @@ fn sample_set_is_large_enough_and_every_filter_drops_its_rows() {
     assert_eq!(ids.len(), q.len());
     // `first` keeps the first user turn of multi-turn conversations.
     let mut c = filter_cfg(&["sample"]);
-    c.filter.turns = wildlong::config::TurnPolicy::First;
+    c.filter.turns = wildlong::stage1::config::TurnPolicy::First;
     c.filter.languages.clear();
     let d2 = tempdir();
     prepare_queries(&c, d2.path()).unwrap();

@@ -6,8 +6,9 @@
 
 use crate::common::*;
 use std::collections::HashSet;
-use wildlong::config::{AssembleConfig, DocumentsConfig, MetaSchema, Stage2Config};
+use wildlong::stage1::config::MetaSchema;
 use wildlong::stage2::assemble::{assemble, delimiter};
+use wildlong::stage2::config::{AssembleConfig, DocumentsConfig, Stage2Config};
 use wildlong::stage2::documents::{heuristic_type, Document, DocumentReader};
 
 fn corpus() -> Vec<Document> {
@@ -303,7 +304,7 @@ fn decontamination_finds_ruler_sources_and_spares_the_corpus() {
 
 #[test]
 fn documents_longer_than_the_context_are_cut_or_skipped_by_policy() {
-    use wildlong::config::TooLongPolicy;
+    use wildlong::stage2::config::TooLongPolicy;
     let e = default_engine();
     let schema = MetaSchema::builtin();
     for policy in [TooLongPolicy::Truncate, TooLongPolicy::Skip] {
@@ -333,12 +334,12 @@ fn documents_longer_than_the_context_are_cut_or_skipped_by_policy() {
 
 #[test]
 fn the_llm_types_what_the_heuristic_cannot_place() {
-    use wildlong::config::DocumentClassifier;
-    use wildlong::engine::backend::Llm;
+    use wildlong::generator::Llm;
     use wildlong::records::Store;
+    use wildlong::stage2::config::DocumentClassifier;
     let e = load(
         &default_model_path(),
-        wildlong::config::EngineConfig::default(),
+        wildlong::engine::config::EngineConfig::default(),
     );
     let llm = Llm::Local(Box::new(e));
     let tok = &llm.local().unwrap().tokenizer;
@@ -468,13 +469,14 @@ fn parquet_output_holds_the_pairs() {
 #[test]
 fn synthesis_pairs_fit_their_bucket_and_resume_from_the_store() {
     let _limit = time_limit(5);
-    use wildlong::config::{Shard, Stage2GenerateConfig};
-    use wildlong::engine::backend::Llm;
+    use wildlong::generator::Llm;
     use wildlong::records::{Blueprint, Store};
+    use wildlong::shard::Shard;
+    use wildlong::stage2::config::Stage2GenerateConfig;
     use wildlong::stage2::synth::Synth;
     let llm = Llm::Local(Box::new(load(
         &default_model_path(),
-        wildlong::config::EngineConfig::default(),
+        wildlong::engine::config::EngineConfig::default(),
     )));
     let e = llm.local().unwrap();
     let docs = corpus();
@@ -683,4 +685,81 @@ fn killed_synthesis_resumes_to_the_same_dataset() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("run `wildlong sample` first"));
+}
+
+#[test]
+fn synthesis_types_documents_with_the_schema_stage_one_extracted_with() {
+    // Stage 2 used the built-in schema whatever stage 1 ran with, so a custom taxonomy sent
+    // every document to `other`, where no blueprint waits.
+    let _limit = time_limit(5);
+    use wildlong::generator::Llm;
+    use wildlong::stage1::config::DocumentTypeSpec;
+    use wildlong::stage2::config::Stage2GenerateConfig;
+    use wildlong::stage2::run::{run, SynthJob};
+    let d = tempdir();
+    let stage1 = d.path().join("stage1");
+    std::fs::create_dir_all(&stage1).unwrap();
+    let mut schema = MetaSchema::builtin();
+    schema.document_types = vec![DocumentTypeSpec {
+        name: "recipe".into(),
+        aliases: vec!["cookbook".into()],
+    }];
+    assert_eq!(MetaSchema::builtin().map_document_type("cookbook"), "other");
+    // As extraction records it.
+    schema.save_in(&stage1).unwrap();
+    assert_eq!(MetaSchema::of_stage1(&stage1).unwrap(), schema);
+    let blueprints = stage1.join("blueprints.jsonl");
+    let bp = serde_json::json!({
+        "id": "bp-recipe", "document_type": "recipe",
+        "path": [{"field": "task", "value": "list ingredients"}],
+        "instruction": "List the ingredients this text names.",
+        "provenance": {"model": "m", "prompt_version": "v", "seed": 1,
+            "conversation_ids": ["c1"], "weighting": "count"}
+    });
+    std::fs::write(&blueprints, format!("{bp}\n")).unwrap();
+    let docs = d.path().join("docs.jsonl");
+    let text = &corpus()[0].text;
+    let doc = serde_json::json!({"id": "r1", "text": text, "document_type": "cookbook"});
+    std::fs::write(&docs, format!("{doc}\n")).unwrap();
+    let cfg = Stage2Config {
+        documents: DocumentsConfig {
+            paths: vec![docs.display().to_string()],
+            ..DocumentsConfig::default()
+        },
+        assemble: AssembleConfig {
+            buckets: vec![1024],
+            per_bucket: 1,
+            reserve_tokens: 256,
+            multi_document_share: 0.0,
+            ..AssembleConfig::default()
+        },
+        generate: Stage2GenerateConfig {
+            instructions_per_context: 1,
+            max_answer_tokens: 16,
+            ..Stage2GenerateConfig::default()
+        },
+        ..Stage2Config::default()
+    };
+    let engine = wildlong::engine::config::EngineConfig::default();
+    let llm = Llm::Local(Box::new(load(&default_model_path(), engine.clone())));
+    let out = run(&SynthJob {
+        llm: &llm,
+        model: "default".into(),
+        tokenizer: "default".into(),
+        cfg: &cfg,
+        run: d.path().to_path_buf(),
+        blueprints,
+        shard: wildlong::shard::Shard::whole(),
+        models_dir: root().join("models"),
+        engine,
+    })
+    .unwrap();
+    let stats: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.path().join("stage2/documents_stats.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stats["types"], serde_json::json!({"recipe": 1}), "{stats}");
+    assert_eq!(out.contexts, 1);
+    // The recipe context met the recipe blueprint: its instruction was rewritten.
+    assert!(out.stats.generated >= 1, "{:?}", out.stats);
 }

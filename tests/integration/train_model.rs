@@ -354,7 +354,7 @@ fn engine_with_adapter(
         model.to_str().unwrap(),
         Some(adapter),
         &root().join("models"),
-        &wildlong::config::EngineConfig::default(),
+        &wildlong::engine::config::EngineConfig::default(),
     )
     .unwrap();
     wildlong::engine::llama::full_logits(&e.model, tokens)
@@ -666,7 +666,7 @@ fn the_merged_export_loads_in_the_engine_as_the_trained_model() {
     // engine with the trained logits and the trained RoPE; the adapter brings its RoPE too.
     let spec = lora(&["q_proj", "v_proj", "up_proj"]);
     let d = tiny_random(&TinySpec::default(), 7);
-    let rope = wildlong::config::RopeSettings {
+    let rope = wildlong::train::config::RopeSettings {
         theta: Some(20_000.0),
         scaling: Some(RopeScaling::Linear { factor: 2.0 }),
         max_position_embeddings: Some(256),
@@ -697,7 +697,7 @@ fn the_merged_export_loads_in_the_engine_as_the_trained_model() {
     let e = wildlong::models::load_engine(
         merged.to_str().unwrap(),
         &root().join("models"),
-        &wildlong::config::EngineConfig::default(),
+        &wildlong::engine::config::EngineConfig::default(),
     )
     .unwrap();
     assert_eq!(
@@ -712,7 +712,7 @@ fn the_merged_export_loads_in_the_engine_as_the_trained_model() {
     assert!(max_abs_diff(&engine_with_adapter(d.path(), &adapter, &tokens), &ours) < 1e-4);
 
     // A load that would run other positions is an error, not a fallback.
-    let theta = wildlong::config::EngineConfig {
+    let theta = wildlong::engine::config::EngineConfig {
         rope_theta: Some(10_000.0),
         ..Default::default()
     };

@@ -5,7 +5,7 @@
 use crate::common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use wildlong::config::TrainConfig;
+use wildlong::train::config::TrainConfig;
 use wildlong::train::run::{train, LogLine, RunOptions};
 
 /// A tiny model folder with a plain chat template (`<role>content` lines).
@@ -167,7 +167,7 @@ fn full_fine_tuning_unpacked_exports_a_merged_model_with_its_rope() {
         &data,
         "[rope]\nscaling = { rope_type = \"linear\", factor = 2.0 }\n[memory]\ncheckpoint_layers = true",
     );
-    cfg.method = wildlong::config::TrainMethod::Full;
+    cfg.method = wildlong::train::config::TrainMethod::Full;
     cfg.data.packing = false;
     cfg.schedule.steps = 2;
     let run = dir.path().join("run");

@@ -2,7 +2,7 @@
 //! public-domain prose, word lists, and QA sets (SQuAD / HotpotQA files, or the small
 //! built-in set). Sources and licences: `src/eval/ruler/data/SOURCES.md`.
 
-use crate::config::QaDataset;
+use crate::eval::ruler::config::QaDataset;
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -64,7 +64,7 @@ fn word_list(text: &'static str) -> Vec<&'static str> {
 
 impl Assets {
     /// The material a task table needs: its QA files (paths or `hf://`) resolved and loaded.
-    pub fn for_config(cfg: &crate::config::RulerConfig) -> Result<Self> {
+    pub fn for_config(cfg: &crate::eval::ruler::config::RulerConfig) -> Result<Self> {
         let resolve = |f: &Option<String>| {
             f.as_deref()
                 .map(crate::models::resolve_data_file)

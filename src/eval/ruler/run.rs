@@ -3,8 +3,9 @@
 //! `pred.jsonl` as it finishes (a killed run resumes where it stopped), then scores and
 //! reports.
 
-use crate::config::{RulerConfig, RulerGenerator, SamplingParams};
+use crate::engine::config::SamplingParams;
 use crate::engine::generate::{Engine, Request};
+use crate::eval::ruler::config::{RulerConfig, RulerGenerator};
 use crate::eval::ruler::data::Assets;
 use crate::eval::ruler::report::{self, Report};
 use crate::eval::ruler::synth::{self, PromptFormat, Sample, Synth};
@@ -212,7 +213,7 @@ impl RulerRun {
                     .map(|s| {
                         Ok(Request {
                             prompt: format.tokens(&s.input, &s.answer_prefix)?,
-                            params: crate::config::GenerationParams {
+                            params: crate::engine::config::GenerationParams {
                                 max_tokens,
                                 sampling: SamplingParams {
                                     temperature: 0.0,

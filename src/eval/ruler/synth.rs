@@ -10,9 +10,9 @@
 //! in 0.5% steps from the size fitted on sample 0 (RULER only shrinks, by 500 words or 25
 //! sentences), so inputs fill their length more tightly.
 
-use crate::config::{HaystackKind, NeedleKind, RulerGenerator};
 use crate::engine::chat::{ChatTemplate, Message};
 use crate::engine::tokenizer::Tokenizer;
+use crate::eval::ruler::config::{HaystackKind, NeedleKind, RulerGenerator};
 use crate::eval::ruler::data::{self, Assets};
 use crate::eval::ruler::tasks::{self, format};
 use anyhow::{bail, Context, Result};
@@ -726,7 +726,7 @@ impl<'a> Synth<'a> {
         n: usize,
         index: usize,
         rng: &mut ChaCha8Rng,
-        dataset: crate::config::QaDataset,
+        dataset: crate::eval::ruler::config::QaDataset,
     ) -> Result<Draft> {
         let set = self.assets.qa(dataset);
         let q = &set.qas[index % set.qas.len()];

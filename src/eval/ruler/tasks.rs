@@ -3,7 +3,7 @@
 //! and the metric of each generator. Copied verbatim ("most frequently appeared" included),
 //! because scores depend on the exact wording.
 
-use crate::config::RulerGenerator;
+use crate::eval::ruler::config::RulerGenerator;
 
 /// RULER's task order, used for tables and plots.
 pub const RULER_TASKS: [&str; 13] = [

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Measures wildlong and its peers on the same GGUF, same machine, same run, and prints ratios.
-#   bash scripts/bench_peers.sh [threads=2] [peer venv=peers] [HF venv=same]
-# The venv holds the peers (see ../shared/BENCHMARKS.md):
+#   bash benches/peers.sh [threads=2] [peer venv=peers] [HF venv=same]
+# The venv holds the peers (torch, transformers, peft, gguf, llama-cpp-python: see benches/README.md):
 #   python3 -m venv peers && CMAKE_ARGS="-DGGML_NATIVE=ON" peers/bin/pip install llama-cpp-python==0.3.36 torch transformers gguf accelerate
 # Run it on a quiet machine: candle's and llama.cpp's thread pools both spin.
 set -euo pipefail
@@ -10,7 +10,7 @@ threads="${1:-2}"
 venv="${2:-peers}"
 hf_venv="${3:-$venv}"
 model="models/SmolLM2-135M-Instruct.Q4_1.gguf"
-peers_dir="${WILDLONG_PEERS_DIR:-../shared/peers}"
+peers_dir="${WILDLONG_PEERS_DIR:-benches/peers}"
 out="${WILDLONG_BENCH_OUT:-runs/bench}"
 mkdir -p "$out"
 cargo build --release --quiet

@@ -6,7 +6,7 @@
 #  2. the shared-prefix speed-up: 8 instructions over one document of PREFIX tokens continuing
 #     one prefill, versus 8 independent requests that each prefill the document
 #     (`wildlong bench`, median of 3).
-#   bash scripts/bench_synth.sh [THREADS=2] [BUCKET=4096] [CONTEXTS=4] [PREFIX=3072]
+#   bash benches/synth.sh [THREADS=2] [BUCKET=4096] [CONTEXTS=4] [PREFIX=3072]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${1:-2}

@@ -3,7 +3,7 @@
 # versus larger batches, on the default model. The samples are prepared once into a shared
 # cache (`--prepare-only`), so each timing covers generation and scoring only. Reports the
 # median of RUNS runs per batch size.
-#   bash scripts/bench_ruler.sh [LENGTH=4096] [SAMPLES_PER_TASK=8] [THREADS=2] [RUNS=1] [BATCHES="1 4 8"]
+#   bash benches/ruler.sh [LENGTH=4096] [SAMPLES_PER_TASK=8] [THREADS=2] [RUNS=1] [BATCHES="1 4 8"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LEN=${1:-4096}

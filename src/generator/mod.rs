@@ -2,10 +2,12 @@
 //! one chat-level call. Stages that can use engine-only features (shared prefixes, token
 //! budgets) ask for the local engine with [`Llm::local`].
 
-use crate::config::GenerationParams;
+pub mod openai;
+
 use crate::engine::chat::Message;
+use crate::engine::config::GenerationParams;
 use crate::engine::generate::{Completion, Engine, Request};
-use crate::engine::openai::OpenAiClient;
+use crate::generator::openai::OpenAiClient;
 use anyhow::Result;
 
 pub enum Llm {
@@ -17,13 +19,13 @@ impl Llm {
     /// The server when one is configured (its `model` set to `model`), else `model` loaded
     /// in the local engine.
     pub fn open(
-        server: Option<crate::config::OpenAiConfig>,
+        server: Option<crate::generator::openai::OpenAiConfig>,
         model: &str,
         models_dir: &std::path::Path,
-        engine: &crate::config::EngineConfig,
+        engine: &crate::engine::config::EngineConfig,
     ) -> Result<Self> {
         Ok(match server {
-            Some(s) => Self::Remote(OpenAiClient::new(crate::config::OpenAiConfig {
+            Some(s) => Self::Remote(OpenAiClient::new(crate::generator::openai::OpenAiConfig {
                 model: model.to_string(),
                 ..s
             })?),

@@ -3,7 +3,7 @@
 # default model over the built-in sample queries, batch 1 versus larger batches. The filter
 # runs once up front (`--filter-only`); each timing is the extraction command's own
 # generation time (model load excluded). Reports the median of RUNS runs per batch size.
-#   bash scripts/bench_extract.sh [QUERIES=32] [THREADS=2] [RUNS=1] [BATCHES="1 4 8 16"]
+#   bash benches/extract.sh [QUERIES=32] [THREADS=2] [RUNS=1] [BATCHES="1 4 8 16"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-32}

@@ -3,12 +3,59 @@
 //! time; timeouts, connection errors, 429 and 5xx are retried with exponential backoff;
 //! other errors fail with the server's message. It does not tokenize: prompts are messages.
 
-use crate::config::{GenerationParams, JsonFormat, OpenAiConfig};
 use crate::engine::chat::Message;
+use crate::engine::config::GenerationParams;
 use crate::engine::generate::{Completion, FinishReason};
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::time::Duration;
+
+/// An OpenAI-compatible chat-completions server used instead of the local engine (vLLM,
+/// SGLang, llama.cpp's server, or a hosted API).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenAiConfig {
+    /// Base URL up to and including `/v1`, e.g. `http://127.0.0.1:8000/v1`.
+    pub base_url: String,
+    /// The model name the server expects.
+    pub model: String,
+    /// Environment variable holding the API key (sent as a bearer token when set).
+    pub api_key_env: String,
+    /// Seconds one request may take before it is retried.
+    pub timeout_s: f64,
+    /// Retries after a timeout, a connection error, HTTP 429 or 5xx (other errors fail at once).
+    pub max_retries: usize,
+    /// First wait between retries, doubled each time.
+    pub retry_backoff_s: f64,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// How a JSON schema is sent: `json_schema` (OpenAI, vLLM, SGLang, llama.cpp's
+    /// llama-server) or `json_object` (`{"type": "json_object", "schema": …}`, llama-cpp-python).
+    pub json_format: JsonFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum JsonFormat {
+    JsonSchema,
+    JsonObject,
+}
+
+impl Default for OpenAiConfig {
+    fn default() -> Self {
+        Self {
+            base_url: String::new(),
+            model: String::new(),
+            api_key_env: "OPENAI_API_KEY".into(),
+            timeout_s: 600.0,
+            max_retries: 3,
+            retry_backoff_s: 1.0,
+            concurrency: 8,
+            json_format: JsonFormat::JsonSchema,
+        }
+    }
+}
 
 pub struct OpenAiClient {
     pub config: OpenAiConfig,

@@ -1,0 +1,57 @@
+//! `--shard k/n`: one worker's share of a stage's work.
+
+use serde::{Deserialize, Serialize};
+
+/// One worker's share of the work (`--shard k/n`, k in 1..=n): items whose index mod n is k − 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Self { index: 1, count: 1 }
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (k, n) = s
+            .split_once('/')
+            .ok_or_else(|| format!("expected k/n (e.g. 2/8), got {s:?}"))?;
+        let k: usize = k
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad shard index {k:?}"))?;
+        let n: usize = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad shard count {n:?}"))?;
+        if n == 0 || k == 0 || k > n {
+            return Err(format!("shard {k}/{n}: k must be in 1..={n}"));
+        }
+        Ok(Self { index: k, count: n })
+    }
+}
+
+impl Shard {
+    /// The whole input: 1/1.
+    pub fn whole() -> Self {
+        Self { index: 1, count: 1 }
+    }
+
+    pub fn owns(&self, i: usize) -> bool {
+        i % self.count == self.index - 1
+    }
+
+    /// File-name suffix: empty for 1/1, else `.shard-k-of-n`.
+    pub fn suffix(&self) -> String {
+        if self.count == 1 {
+            String::new()
+        } else {
+            format!(".shard-{}-of-{}", self.index, self.count)
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! The fused LoRA linear `x·Wᵀ + s·(d(x)·Aᵀ)·Bᵀ` with seeded dropout, and its reference.
+
+use super::{f32s, frozen_product};
+#[cfg(feature = "cuda")]
+use crate::kernels::cuda;
+use candle_core::backend::BackendStorage;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// The dropout mask of an adapter input: `n` values, 0 with probability `p`, else `1/(1−p)`,
+/// drawn from `seed` (the same mask whenever the same seed is drawn again).
+pub fn dropout_mask(seed: u64, n: usize, p: f64) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .collect()
+}
+
+/// `y = x·Wᵀ + s·(d(x)·Aᵀ)·Bᵀ` in one op: `W` frozen (held by the op, f32 or bf16), `d` the
+/// seeded dropout. Autograd keeps only `x`, `A`, `B` and `y`; the backward pass recomputes the
+/// rank-`r` product and gives `dx`, `dA` and `dB` (no gradient for `W`).
+struct LoraLinear {
+    w: Tensor,
+    scale: f64,
+    dropout: Option<(u64, f64)>,
+}
+
+impl LoraLinear {
+    fn mask(&self, n: usize) -> Option<Vec<f32>> {
+        self.dropout.map(|(seed, p)| dropout_mask(seed, n, p))
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "wildlong-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = lx.shape().dims2()?;
+        let (r, k2) = la.shape().dims2()?;
+        let (out, r2) = lb.shape().dims2()?;
+        let (wo, wk) = self.w.dims2()?;
+        if k != k2 || r != r2 || wo != out || wk != k {
+            candle_core::bail!(
+                "lora linear: x (.., {k}), A ({r}, {k2}), B ({out}, {r2}), W ({wo}, {wk})"
+            );
+        }
+        let w = self.w.to_dtype(candle_core::DType::F32)?;
+        let (ws, wl) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(wc) = &*ws else {
+            candle_core::bail!("lora linear: CPU tensors only")
+        };
+        let y = sx.matmul(wc, (1, m, out, k), lx, &wl.transpose(0, 1)?)?;
+        let CpuStorage::F32(mut y) = y else {
+            candle_core::bail!("lora linear: f32 tensors only")
+        };
+        let lc = Layout::contiguous((m, k));
+        let xa = match self.mask(m * k) {
+            Some(mask) => {
+                let x = f32s(sx, lx, "lora linear")?;
+                let xd: Vec<f32> = x.iter().zip(&mask).map(|(a, b)| a * b).collect();
+                CpuStorage::F32(xd).matmul(sa, (1, m, r, k), &lc, &la.transpose(0, 1)?)?
+            }
+            None => sx.matmul(sa, (1, m, r, k), lx, &la.transpose(0, 1)?)?,
+        }; // (m, r)
+        let z = xa.matmul(
+            sb,
+            (1, m, out, r),
+            &Layout::contiguous((m, r)),
+            &lb.transpose(0, 1)?,
+        )?;
+        let CpuStorage::F32(z) = z else {
+            candle_core::bail!("lora linear: f32 tensors only")
+        };
+        let s = self.scale as f32;
+        y.par_iter_mut()
+            .zip(z.par_iter())
+            .for_each(|(a, b)| *a += s * b);
+        Ok((CpuStorage::F32(y), (m, out).into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &CudaStorage,
+        lx: &Layout,
+        sa: &CudaStorage,
+        la: &Layout,
+        sb: &CudaStorage,
+        lb: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (x, a, b) = (
+            cuda::tensor_of(sx, lx)?,
+            cuda::tensor_of(sa, la)?,
+            cuda::tensor_of(sb, lb)?,
+        );
+        let xd = match self.mask(x.elem_count()) {
+            Some(m) => (&x * Tensor::from_vec(m, x.shape(), x.device())?)?,
+            None => x.clone(),
+        };
+        let y = (frozen_product(&x, &self.w, true)?
+            + (xd.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale)?)?;
+        let shape = y.shape().clone();
+        Ok((cuda::storage_of(&y)?, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, a, b, dy) = (x.detach(), a.detach(), b.detach(), dy.detach());
+        let mask = match self.mask(x.elem_count()) {
+            Some(m) => Some(Tensor::from_vec(m, x.shape(), x.device())?),
+            None => None,
+        };
+        let xd = match &mask {
+            Some(m) => (&x * m)?,
+            None => x.clone(),
+        };
+        let dyb = dy.matmul(&b)?; // (m, r)
+        let mut dxd = (dyb.matmul(&a)? * self.scale)?; // (m, k)
+        if let Some(m) = &mask {
+            dxd = (dxd * m)?;
+        }
+        let dx = (frozen_product(&dy, &self.w.detach(), false)? + dxd)?;
+        let da = (dyb.t()?.matmul(&xd)? * self.scale)?; // (r, k)
+        let db = (dy.t()?.matmul(&xd.matmul(&a.t()?)?)? * self.scale)?; // (out, r)
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+/// `x·Wᵀ + scale·(dropout(x)·Aᵀ)·Bᵀ` for `x` `(..., k)`, a frozen `w` `(out, k)`, `a`
+/// `(r, k)`, `b` `(out, r)` (PEFT's LoRA forward), gradients for `x`, `a` and `b`;
+/// `dropout` = (mask seed, probability).
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout: Option<(u64, f64)>,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&1);
+    let m = x.elem_count() / k.max(1);
+    let y = x.reshape((m, k))?.contiguous()?.apply_op3(
+        &a.contiguous()?,
+        &b.contiguous()?,
+        LoraLinear {
+            w: w.clone(),
+            scale,
+            dropout,
+        },
+    )?;
+    let mut out = dims;
+    *out.last_mut().expect("x has a last dimension") = w.dim(0)?;
+    y.reshape(out)
+}
+
+/// The composed reference of [`lora_linear`] (candle ops, autograd through every step).
+pub fn lora_linear_reference(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout: Option<(u64, f64)>,
+) -> Result<Tensor> {
+    let w = w.to_dtype(x.dtype())?;
+    let xd = match dropout {
+        Some((seed, p)) => {
+            let m = Tensor::from_vec(dropout_mask(seed, x.elem_count(), p), x.shape(), x.device())?;
+            (x * m.to_dtype(x.dtype())?)?
+        }
+        None => x.clone(),
+    };
+    x.broadcast_matmul(&w.t()?)?
+        + (xd.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * scale)?
+}

@@ -1,0 +1,77 @@
+//! Autograd-safe operations for training. candle's fused `rms_norm`, `softmax_last_dim` and
+//! `rope` record no gradient (silently: a stock model trains only its `lm_head`), and its
+//! matmul materialises a gradient for frozen weights. Each op here is a candle custom op
+//! with a `bwd`, f32 on the CPU, with a plain composed reference it is tested against (and
+//! against finite differences):
+//! - [`rms_norm`]: `y = x / sqrt(mean(x²) + eps) · w`;
+//! - [`softmax_last_dim`];
+//! - [`rope`]: rotary embedding with per-row `(b, t, d/2)` tables, half-split or
+//!   interleaved; its backward is the inverse rotation;
+//! - [`frozen_matmul`]: `x · wᵀ` with a gradient for `x` only (no weight gradient is
+//!   allocated or computed);
+//! - [`chunked_cross_entropy`]: the summed token loss of `h · wᵀ` against targets, computed
+//!   `chunk` rows at a time so the `(tokens, vocabulary)` logits never exist whole; its
+//!   backward recomputes each chunk;
+//! - [`chunked_attention`]: causal grouped-query attention isolated per packed document,
+//!   `block` query rows at a time (memory linear in the sequence), the backward recomputing
+//!   each block's probabilities (FlashAttention-2's formulas).
+//!
+//! With the `cuda` feature each op also runs on a CUDA device through wildlong's kernels
+//! (`crate::kernels::cuda`: fused RMSNorm and RoPE with backward, flash attention forward
+//! and backward, per-row cross-entropy) or cuBLAS products (a bf16 frozen weight multiplies
+//! in bf16 with f32 accumulation); the CPU path is unchanged.
+//!
+//! One file per op; this file holds what they share.
+
+mod attention;
+mod cross_entropy;
+mod lora;
+mod matmul;
+mod rms_norm;
+mod rope;
+mod softmax;
+
+pub use attention::{attention_reference, chunked_attention};
+pub use cross_entropy::{chunked_cross_entropy, cross_entropy_reference, IGNORE};
+pub use lora::{dropout_mask, lora_linear, lora_linear_reference};
+pub use matmul::frozen_matmul;
+pub use rms_norm::{rms_norm, rms_norm_reference};
+pub use rope::rope;
+pub use softmax::softmax_last_dim;
+
+#[cfg(feature = "cuda")]
+use crate::kernels::cuda;
+use candle_core::backend::BackendStorage;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+use candle_core::{CpuStorage, Layout, Result, Tensor};
+
+/// The f32 data a contiguous layout covers.
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(d) = s else {
+        candle_core::bail!("{what}: f32 tensors only, got {:?}", s.dtype())
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&d[a..b]),
+        None => candle_core::bail!("{what}: contiguous tensors only"),
+    }
+}
+
+/// `x · wᵀ` (`transposed`) or `x · w` for f32 `x` and a frozen `w` (f32 or bf16), f32 out:
+/// on a CUDA device a bf16 `w` multiplies in bf16 on tensor cores (f32 accumulation), on the
+/// CPU it is widened to f32 for the product.
+pub fn frozen_product(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
+    let w = if transposed { w.t()? } else { w.clone() };
+    if x.device().is_cuda() && w.dtype() == candle_core::DType::BF16 {
+        x.to_dtype(candle_core::DType::BF16)?
+            .matmul(&w)?
+            .to_dtype(candle_core::DType::F32)
+    } else {
+        x.matmul(&w.to_dtype(candle_core::DType::F32)?)
+    }
+}
+
+/// A contiguous f32 tensor on the CPU from a storage (the op's inputs, copied once: O(s)).
+fn to_tensor(s: &CpuStorage, l: &Layout, what: &str) -> Result<Tensor> {
+    Tensor::from_slice(f32s(s, l, what)?, l.shape(), &candle_core::Device::Cpu)
+}
