@@ -1,19 +1,27 @@
-//! Command-line interface: argument types (clap derive) and one function per command.
+//! The command line: argument types (clap derive), then for each command one validation
+//! step that turns its flags and TOML into the library's validated config (a flag is an
+//! override of its config key, checked as the file's own), then one call into the library,
+//! where the command's body lives with its stage (`stage1::command`, `stage2::command`,
+//! `train::command`, `eval::ruler::command`, `generator::command`, `pipeline::command`).
 
-use crate::engine::chat::Message;
 use crate::engine::config::{EngineConfig, GenerationParams, SamplingParams};
-use crate::engine::generate::{Completion, Engine, Request};
 use crate::engine::weights::WeightFormat;
+use crate::eval::ruler::command::RulerCommand;
 use crate::eval::ruler::config::RulerConfig;
-use crate::eval::ruler::data::Assets;
-use crate::eval::ruler::report::Report;
 use crate::eval::ruler::run::RulerRun;
+use crate::generator::command::GenerateCommand;
+use crate::generator::GeneratorSpec;
+use crate::layout::RunLayout;
 use crate::models;
+use crate::pipeline::config::PipelineConfig;
 use crate::shard::Shard;
+use crate::stage1::command::Stage1Run;
 use crate::stage1::config::{EdgeWeight, MetaSchema, Stage1Config};
-use anyhow::{bail, Context, Result};
+use crate::stage2::command::SynthCommand;
+use crate::stage2::config::Stage2Config;
+use crate::train::config::TrainConfig;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
@@ -189,14 +197,39 @@ pub struct Stage1Args {
 }
 
 impl Stage1Args {
-    fn load(&self) -> Result<(Stage1Config, MetaSchema, PathBuf)> {
-        let cfg = Stage1Config::load(self.run.config.as_deref(), &self.run.set)?;
+    /// The stage-1 config: the file (or built-in defaults), `--set`, then the command's own
+    /// flags as overrides of their keys, validated once.
+    fn load(&self, flags: Vec<String>) -> Result<Stage1Run> {
+        let cfg = Stage1Config::load(self.run.config.as_deref(), &self.run.sets(flags))?;
         let schema = MetaSchema::load(cfg.schema.as_deref())?;
-        Ok((
+        Ok(Stage1Run {
             cfg,
             schema,
-            crate::layout::RunLayout::new(&self.run.run).stage1(),
-        ))
+            dir: RunLayout::new(&self.run.run).stage1(),
+            progress: !self.no_progress,
+        })
+    }
+}
+
+impl RunArgs {
+    /// `--set` overrides, then the flags' (a flag wins over `--set` of the same key).
+    fn sets(&self, flags: Vec<String>) -> Vec<String> {
+        self.set.iter().cloned().chain(flags).collect()
+    }
+}
+
+/// Collects flag values as `KEY=VALUE` overrides of a config, so that a flag is read and
+/// validated exactly as the same key in the file would be.
+#[derive(Default)]
+struct Overrides(Vec<String>);
+
+impl Overrides {
+    fn set<T: serde::Serialize>(mut self, key: &str, value: Option<T>) -> Result<Self> {
+        if let Some(v) = value {
+            let v = toml::Value::try_from(v).with_context(|| format!("the value of {key}"))?;
+            self.0.push(format!("{key}={v}"));
+        }
+        Ok(self)
     }
 }
 
@@ -223,13 +256,14 @@ pub struct ServerArgs {
     pub server_retries: usize,
 }
 
-/// The local engine, or the server when `--server` is given.
-fn load_llm(
+/// The generator a command asked for: the server when `--server` is given, else `--model`
+/// in the local engine.
+fn generator(
     engine: &EngineArgs,
     server: &ServerArgs,
     threads: usize,
     models_dir: &Path,
-) -> Result<crate::generator::Llm> {
+) -> Result<GeneratorSpec> {
     let server = server
         .server
         .as_ref()
@@ -241,12 +275,12 @@ fn load_llm(
             max_retries: server.server_retries,
             ..Default::default()
         });
-    crate::generator::Llm::open(
+    Ok(GeneratorSpec {
+        model: engine.model.clone(),
         server,
-        &engine.model,
-        models_dir,
-        &engine.engine_config(threads)?,
-    )
+        engine: engine.engine_config(threads)?,
+        models_dir: models_dir.to_path_buf(),
+    })
 }
 
 #[derive(Args, Debug)]
@@ -410,34 +444,19 @@ pub struct EngineArgs {
 }
 
 impl EngineArgs {
-    /// The engine configuration: defaults, then `--engine-config`, then flags.
+    /// The engine configuration: defaults, then `--engine-config`, then the flags as
+    /// overrides of their keys, validated once (a flag's mistake reads as the file's would).
     pub fn engine_config(&self, threads: usize) -> Result<EngineConfig> {
-        let mut c = match &self.engine_config {
-            Some(p) => EngineConfig::from_toml_file(p)?,
-            None => EngineConfig::default(),
-        };
-        if let Some(v) = self.weights {
-            c.weight_format = v;
-        }
-        if let Some(v) = &self.dtype {
-            c.dtype = v.clone();
-        }
-        if let Some(v) = self.batch_size {
-            c.max_batch = v;
-        }
-        if let Some(v) = self.prefill_chunk {
-            c.prefill_chunk = v;
-        }
-        c.rope_theta = self.rope_theta.or(c.rope_theta);
-        c.max_context = self.max_context.or(c.max_context);
-        if let Some(v) = &self.device {
-            c.device = v.clone();
-        }
-        if threads > 0 {
-            c.threads = threads;
-        }
-        c.validate().context("engine settings")?;
-        Ok(c)
+        let sets = Overrides::default()
+            .set("weight_format", self.weights)?
+            .set("dtype", self.dtype.as_ref())?
+            .set("max_batch", self.batch_size)?
+            .set("prefill_chunk", self.prefill_chunk)?
+            .set("rope_theta", self.rope_theta)?
+            .set("max_context", self.max_context)?
+            .set("device", self.device.as_ref())?
+            .set("threads", (threads > 0).then_some(threads))?;
+        EngineConfig::load(self.engine_config.as_deref(), &sets.0)
     }
 }
 
@@ -577,29 +596,114 @@ pub fn run(mut cli: Cli) -> Result<()> {
     pool.install(|| run_command(cli))
 }
 
+/// Each command: its arguments validated into the library's types, then one call.
 fn run_command(cli: Cli) -> Result<()> {
+    let (threads, models_dir) = (cli.threads, cli.models_dir.as_path());
     match cli.command {
-        Command::Models(ModelsCommand::Fetch { model }) => fetch(&model, &cli.models_dir),
+        Command::Models(ModelsCommand::Fetch { model }) => {
+            models::fetch_command(&model, models_dir)
+        }
         Command::Models(ModelsCommand::Info { model }) => {
-            let files = models::resolve(&model, &cli.models_dir)?;
+            let files = models::resolve(&model, models_dir)?;
             let located = models::locate(files, &EngineConfig::default())?;
             print!("{}", located.describe());
             Ok(())
         }
-        Command::Generate(args) => generate(args, cli.threads, &cli.models_dir),
-        Command::Bench(args) => crate::bench::run(&args, cli.threads, &cli.models_dir),
-        Command::Extract(args) => extract(*args, cli.threads, &cli.models_dir),
-        Command::Graph(args) => graph(args),
-        Command::Synth(args) => synth(*args, cli.threads, &cli.models_dir),
-        Command::Train(args) => train(*args, &cli.models_dir),
-        Command::Sample(args) => sample(*args, cli.threads, &cli.models_dir),
-        Command::Eval(EvalCommand::Ruler(args)) => eval_ruler(*args, cli.threads, &cli.models_dir),
-        Command::Run(args) => pipeline(args, cli.threads, &cli.models_dir),
+        Command::Generate(a) => {
+            crate::generator::command::generate(&a.command(threads, models_dir)?)
+        }
+        Command::Bench(a) => crate::bench::run(&a, threads, models_dir),
+        Command::Extract(a) => {
+            let flags = Overrides::default()
+                .set("input.paths", (!a.input.is_empty()).then_some(&a.input))?
+                .set("input.strict", a.strict.then_some(true))?;
+            let run = a.stage1.load(flags.0)?;
+            let generator = generator(&a.engine, &a.server, threads, models_dir)?;
+            // Not an override of input.limit: that key is part of the queries' fingerprint,
+            // and a rerun with another --limit extracts more of the same queries.
+            let limit = a.limit.or(run.cfg.input.limit);
+            crate::stage1::command::extract(&run, &generator, a.shard, limit, a.filter_only)
+        }
+        Command::Graph(a) => {
+            let flags = Overrides::default()
+                .set("graph.weight", a.weight)?
+                .set("graph.min_weight", a.min_weight)?;
+            crate::stage1::command::graph(&a.stage1.load(flags.0)?)
+        }
+        Command::Sample(a) => {
+            let flags = Overrides::default()
+                .set("sample.per_type", a.per_type)?
+                .set("sample.seed", a.seed)?;
+            let run = a.stage1.load(flags.0)?;
+            let generator = match a.paths_only {
+                true => None,
+                false => Some(generator(&a.engine, &a.server, threads, models_dir)?),
+            };
+            crate::stage1::command::sample(&run, generator.as_ref())
+        }
+        Command::Synth(a) => {
+            let flags = Overrides::default().set(
+                "documents.paths",
+                (!a.documents.is_empty()).then_some(&a.documents),
+            )?;
+            let cfg = Stage2Config::load(a.run.config.as_deref(), &a.run.sets(flags.0))?;
+            crate::stage2::command::synth(&SynthCommand {
+                cfg,
+                run: a.run.run.clone(),
+                generator: generator(&a.engine, &a.server, threads, models_dir)?,
+                tokenizer: a.tokenizer.clone(),
+                blueprints: a.blueprints.clone(),
+                shard: a.shard,
+                merge: a.merge,
+            })
+        }
+        Command::Train(a) => {
+            let cfg = TrainConfig::load(a.run.config.as_deref(), &a.run.set)?;
+            if a.plan {
+                return crate::train::command::plan(&cfg, models_dir, a.memory_gib);
+            }
+            crate::train::command::train(
+                &cfg,
+                &a.run.run,
+                &crate::train::run::RunOptions {
+                    models_dir: models_dir.to_path_buf(),
+                    progress: !a.no_progress,
+                    stop_after: a.stop_after,
+                    device: a.device.clone(),
+                },
+            )
+        }
+        Command::Eval(EvalCommand::Ruler(a)) => crate::eval::ruler::command::ruler(RulerCommand {
+            run: RulerRun {
+                config: a.ruler_config()?,
+                out: a.out.clone(),
+                cache_dir: a.cache_dir.clone(),
+                model: a.engine.model.clone(),
+                adapter: a.adapter.as_ref().map(|p| p.display().to_string()),
+                chat: !a.no_chat_template,
+                progress: !a.no_progress,
+                prepare_only: a.prepare_only,
+            },
+            engine: a.engine.engine_config(threads)?,
+            models_dir: models_dir.to_path_buf(),
+            baseline: a.baseline.clone(),
+        }),
         Command::Eval(EvalCommand::Compare { report, baseline }) => {
-            let new = Report::load(&report)?;
-            let base = Report::load(&baseline)?;
-            print!("{}", new.delta(&base));
-            Ok(())
+            crate::eval::ruler::command::compare(&report, &baseline)
+        }
+        Command::Run(a) => {
+            let mut cfg = PipelineConfig::load(&a.config, &a.set)?;
+            if threads > 0 {
+                cfg.engine.threads = threads;
+            }
+            crate::pipeline::command(
+                &cfg,
+                &crate::pipeline::Options {
+                    models_dir: models_dir.to_path_buf(),
+                    progress: !a.no_progress,
+                    config_path: a.config.clone(),
+                },
+            )
         }
     }
 }
@@ -623,501 +727,44 @@ impl RulerArgs {
     }
 }
 
-fn eval_ruler(args: RulerArgs, threads: usize, models_dir: &Path) -> Result<()> {
-    let cfg = args.ruler_config()?;
-    let assets = Assets::for_config(&cfg)?;
-    let baseline = args.baseline.as_deref().map(Report::load).transpose()?;
-    let ecfg = args.engine.engine_config(threads)?;
-    let engine = models::load_engine_with_adapter(
-        &args.engine.model,
-        args.adapter.as_deref(),
-        models_dir,
-        &ecfg,
-    )?;
-    let run = RulerRun {
-        config: cfg,
-        out: args.out.clone(),
-        cache_dir: args.cache_dir.clone(),
-        model: args.engine.model.clone(),
-        adapter: args.adapter.as_ref().map(|p| p.display().to_string()),
-        chat: !args.no_chat_template,
-        progress: !args.no_progress,
-        prepare_only: args.prepare_only,
-    };
-    let Some(report) = run.run(&engine, &assets)? else {
-        println!("samples written under {}", args.out.display());
-        return Ok(());
-    };
-    print!("{}", report.markdown());
-    println!(
-        "\nreports: {}/report.{{json,md,csv,svg}}",
-        args.out.display()
-    );
-    if let Some(base) = baseline {
-        let d = report.delta(&base);
-        crate::records::write_atomic(&args.out.join("delta.md"), d.as_bytes())?;
-        print!("\n{d}");
-    }
-    Ok(())
-}
-
-fn extract(args: ExtractArgs, threads: usize, models_dir: &Path) -> Result<()> {
-    use crate::stage1::extract::{prepare_queries, Extraction};
-    let (mut cfg, schema, dir) = args.stage1.load()?;
-    if !args.input.is_empty() {
-        cfg.input.paths = args.input.clone();
-    }
-    cfg.input.strict |= args.strict;
-    if args.filter_only {
-        prepare_queries(&cfg, &dir)?;
-        print!(
-            "{}",
-            std::fs::read_to_string(dir.join(crate::layout::stage1::FILTER_STATS))?
-        );
-        return Ok(());
-    }
-    let llm = load_llm(&args.engine, &args.server, threads, models_dir)?;
-    let run = Extraction {
-        cfg: &cfg,
-        schema: &schema,
-        dir: dir.clone(),
-        model: args.engine.model.clone(),
-        shard: args.shard,
-        limit: args.limit.or(cfg.input.limit),
-        progress: !args.stage1.no_progress,
-    };
-    let stats = run.run(&llm)?;
-    let filter: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-        dir.join(crate::layout::stage1::FILTER_STATS),
-    )?)?;
-    println!(
-        "filter: {} queries kept; dropped by reason: {}",
-        filter["kept"], filter["dropped"]
-    );
-    println!(
-        "extract: {} records, {} rejected -> {}",
-        stats.records,
-        stats.rejects,
-        run.meta_path().display()
-    );
-    if stats.queries_this_run > 0 {
-        println!(
-            "  {} queries in {:.1} s: {:.1} queries/min",
-            stats.queries_this_run,
-            stats.seconds,
-            stats.queries_this_run as f64 * 60.0 / stats.seconds.max(1e-9)
-        );
-    }
-    println!("document types:");
-    let mut types: Vec<_> = stats.document_types.iter().collect();
-    types.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-    for (t, n) in types {
-        println!("  {n:>6}  {t}");
-    }
-    Ok(())
-}
-
-fn graph(args: GraphArgs) -> Result<()> {
-    let (mut cfg, schema, dir) = args.stage1.load()?;
-    if let Some(w) = args.weight {
-        cfg.graph.weight = w;
-    }
-    if let Some(w) = args.min_weight {
-        cfg.graph.min_weight = w;
-    }
-    let summaries = crate::stage1::graph::run(&cfg, &schema, &dir)?;
-    println!(
-        "{:<24} {:>8} {:>7} {:>7}",
-        "document type", "queries", "nodes", "edges"
-    );
-    for s in &summaries {
-        println!(
-            "{:<24} {:>8} {:>7} {:>7}",
-            s.document_type, s.queries, s.nodes, s.edges
-        );
-    }
-    println!("graphs and summary in {}", dir.display());
-    Ok(())
-}
-
-fn sample(args: SampleArgs, threads: usize, models_dir: &Path) -> Result<()> {
-    let (mut cfg, _schema, dir) = args.stage1.load()?;
-    if let Some(n) = args.per_type {
-        cfg.sample.per_type = n;
-    }
-    if let Some(s) = args.seed {
-        cfg.sample.seed = s;
-    }
-    cfg.validate()?;
-    let llm = match args.paths_only {
-        true => None,
-        false => Some(load_llm(&args.engine, &args.server, threads, models_dir)?),
-    };
-    let (paths, n) = crate::stage1::sample::run(
-        llm.as_ref(),
-        &args.engine.model,
-        &cfg.sample,
-        &dir,
-        !args.stage1.no_progress,
-    )?;
-    println!("{paths} paths -> {}", dir.join("paths.jsonl").display());
-    if llm.is_some() {
-        println!(
-            "{n} new blueprints -> {}",
-            dir.join("blueprints.jsonl").display()
-        );
-    }
-    Ok(())
-}
-
-fn synth(args: SynthArgs, threads: usize, models_dir: &Path) -> Result<()> {
-    use crate::stage2::{output, run::SynthJob};
-    let mut cfg =
-        crate::stage2::config::Stage2Config::load(args.run.config.as_deref(), &args.run.set)?;
-    if !args.documents.is_empty() {
-        cfg.documents.paths = args.documents.clone();
-    }
-    if args.merge {
-        let dir = crate::layout::RunLayout::new(&args.run.run).stage2();
-        let (pairs, stats) =
-            output::merge(&dir, cfg.gates.near_duplicate_threshold, cfg.generate.seed)?;
-        // The card names the model that made the pairs.
-        let model = pairs
-            .first()
-            .map_or(args.engine.model.clone(), |p| p.metadata.model.clone());
-        let path = output::finish(&dir, "", &pairs, &stats, &cfg, &model)?;
-        println!("merged {} pairs -> {}", pairs.len(), path.display());
-        return Ok(());
-    }
-    let blueprints = args
-        .blueprints
-        .clone()
-        .unwrap_or_else(|| crate::stage2::run::default_blueprints(&args.run.run));
-    if !blueprints.is_file() {
-        // Before a model is loaded.
-        bail!(
-            "{}: no blueprints (run `wildlong sample` first, or pass --blueprints)",
-            blueprints.display()
-        );
-    }
-    let llm = load_llm(&args.engine, &args.server, threads, models_dir)?;
-    let out = crate::stage2::run::run(&SynthJob {
-        llm: &llm,
-        model: args.engine.model.clone(),
-        tokenizer: args.tokenizer.clone(),
-        cfg: &cfg,
-        run: args.run.run.clone(),
-        blueprints,
-        shard: args.shard,
-        models_dir: models_dir.to_path_buf(),
-        engine: args.engine.engine_config(threads)?,
-    })?;
-    println!(
-        "{} documents, {} contexts; {} pairs -> {} ({} generated, {} from the store); rejected: {:?}",
-        out.documents,
-        out.contexts,
-        out.pairs,
-        out.data.display(),
-        out.stats.generated,
-        out.stats.reused,
-        out.stats.rejected
-    );
-    if out.stats.generated > 0 {
-        println!(
-            "  {} contexts in {:.1} s: {:.2} pairs/min",
-            out.stats.contexts,
-            out.seconds,
-            out.pairs as f64 * 60.0 / out.seconds
-        );
-    }
-    Ok(())
-}
-
-fn pipeline(args: PipelineArgs, threads: usize, models_dir: &Path) -> Result<()> {
-    let mut cfg = crate::pipeline::config::PipelineConfig::load(&args.config, &args.set)?;
-    if threads > 0 {
-        cfg.engine.threads = threads;
-    }
-    let t0 = std::time::Instant::now();
-    let out = crate::pipeline::run(
-        &cfg,
-        &crate::pipeline::Options {
+impl GenerateArgs {
+    /// The prompts' parameters and the engine, validated.
+    fn command(&self, threads: usize, models_dir: &Path) -> Result<GenerateCommand> {
+        let json_schema = match &self.json_schema {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                Some(
+                    serde_json::from_str::<serde_json::Value>(&text)
+                        .with_context(|| format!("{}: invalid JSON", p.display()))?,
+                )
+            }
+            None => None,
+        };
+        Ok(GenerateCommand {
+            model: self.engine.model.clone(),
+            adapter: self.adapter.clone(),
+            engine: self.engine.engine_config(threads)?,
             models_dir: models_dir.to_path_buf(),
-            progress: !args.no_progress,
-            config_path: args.config.clone(),
-        },
-    )?;
-    let ran = out.actions.iter().filter(|a| a.1 != "skipped").count();
-    println!(
-        "{ran} of {} steps run in {:.0} s; report: {} (+ report.svg)",
-        out.actions.len(),
-        t0.elapsed().as_secs_f64(),
-        out.report.display()
-    );
-    Ok(())
-}
-
-fn fetch(model: &str, models_dir: &Path) -> Result<()> {
-    if model == "default" {
-        let m = models::default_manifest()?;
-        let p = models::fetch_manifest(&m, models_dir)?;
-        println!("{} ready at {} (sha256 verified)", m.name, p.display());
-        return Ok(());
-    }
-    let files = models::resolve_hub(model)?;
-    println!("{model} ready: {files:?}");
-    Ok(())
-}
-
-/// One prompt of a batch file.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BatchLine {
-    id: Option<serde_json::Value>,
-    prompt: Option<String>,
-    messages: Option<Vec<Message>>,
-    max_tokens: Option<usize>,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    top_k: Option<usize>,
-    seed: Option<u64>,
-}
-
-struct Job {
-    id: String,
-    prompt_text: String,
-    request: Request,
-}
-
-fn id_string(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-fn generate(args: GenerateArgs, threads: usize, models_dir: &Path) -> Result<()> {
-    let schema = match &args.json_schema {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            Some(
-                serde_json::from_str::<serde_json::Value>(&text)
-                    .with_context(|| format!("{}: invalid JSON", p.display()))?,
-            )
-        }
-        None => None,
-    };
-    let base = GenerationParams {
-        max_tokens: args.max_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            seed: args.seed,
-            repetition_penalty: args.repetition_penalty,
-        },
-        stop: args.stop.clone(),
-        eos_token_ids: vec![],
-        json_schema: schema,
-        ignore_eos: false,
-    };
-    let lines: Vec<(String, BatchLine)> = match &args.batch_file {
-        Some(path) => read_batch_file(path)?,
-        None => vec![(
-            "0".into(),
-            BatchLine {
-                id: None,
-                prompt: args.prompt.clone(),
-                messages: None,
-                max_tokens: None,
-                temperature: None,
-                top_p: None,
-                top_k: None,
-                seed: None,
+            params: GenerationParams {
+                max_tokens: self.max_tokens,
+                sampling: SamplingParams {
+                    temperature: self.temperature,
+                    top_k: self.top_k,
+                    top_p: self.top_p,
+                    seed: self.seed,
+                    repetition_penalty: self.repetition_penalty,
+                },
+                stop: self.stop.clone(),
+                eos_token_ids: vec![],
+                json_schema,
+                ignore_eos: false,
             },
-        )],
-    };
-    let done_ids = match &args.output {
-        Some(out) if out.exists() => completed_ids(out)?,
-        _ => Default::default(),
-    };
-    let engine_config = args.engine.engine_config(threads)?;
-    let engine = models::load_engine_with_adapter(
-        &args.engine.model,
-        args.adapter.as_deref(),
-        models_dir,
-        &engine_config,
-    )?;
-    let mut jobs = Vec::new();
-    for (id, line) in lines {
-        if done_ids.contains(&id) {
-            continue;
-        }
-        let mut params = base.clone();
-        params.max_tokens = line.max_tokens.unwrap_or(params.max_tokens);
-        params.sampling.temperature = line.temperature.unwrap_or(params.sampling.temperature);
-        params.sampling.top_p = line.top_p.or(params.sampling.top_p);
-        params.sampling.top_k = line.top_k.or(params.sampling.top_k);
-        params.sampling.seed = line.seed.unwrap_or(params.sampling.seed);
-        let (prompt_text, prompt) = build_prompt(&engine, &args, line.prompt, line.messages)
-            .with_context(|| format!("prompt `{id}`"))?;
-        jobs.push(Job {
-            id,
-            prompt_text,
-            request: Request { prompt, params },
-        });
+            prompt: self.prompt.clone(),
+            batch_file: self.batch_file.clone(),
+            output: self.output.clone(),
+            chat: self.chat,
+            system: self.system.clone(),
+        })
     }
-    if jobs.is_empty() {
-        eprintln!("nothing to do: every prompt already has a result in the output file");
-        return Ok(());
-    }
-    let bar =
-        (jobs.len() > 1).then(|| crate::records::progress_bar(true, jobs.len() as u64, "prompts"));
-    let mut out: Box<dyn Write> = match &args.output {
-        Some(p) => Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("opening {}", p.display()))?,
-        ),
-        None => Box::new(std::io::stdout()),
-    };
-    let requests: Vec<Request> = jobs.iter().map(|j| j.request.clone()).collect();
-    let single = jobs.len() == 1 && args.output.is_none() && args.batch_file.is_none();
-    let mut write_err = None;
-    engine.generate(&requests, |i, c: &Completion| {
-        if let Some(b) = &bar {
-            b.inc(1);
-        }
-        let r = if single {
-            writeln!(out, "{}", c.text)
-        } else {
-            let rec = serde_json::json!({
-                "id": jobs[i].id, "prompt": jobs[i].prompt_text, "completion": c.text,
-                "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens, "completion_tokens": c.tokens.len(),
-            });
-            writeln!(out, "{rec}").and_then(|_| out.flush())
-        };
-        if let Err(e) = r {
-            write_err.get_or_insert(e);
-        }
-    })?;
-    if let Some(b) = bar {
-        b.finish();
-    }
-    if let Some(e) = write_err {
-        return Err(e).context("writing results");
-    }
-    Ok(())
-}
-
-fn build_prompt(
-    engine: &Engine,
-    args: &GenerateArgs,
-    prompt: Option<String>,
-    messages: Option<Vec<Message>>,
-) -> Result<(String, Vec<u32>)> {
-    let messages = match (messages, prompt) {
-        (Some(m), None) => Some(m),
-        (None, Some(p)) if args.chat => {
-            let mut m = Vec::new();
-            if let Some(s) = &args.system {
-                m.push(Message::new("system", s.clone()));
-            }
-            m.push(Message::new("user", p));
-            Some(m)
-        }
-        (None, Some(p)) => return Ok((p.clone(), engine.tokenizer.encode(&p, true)?)),
-        (Some(_), Some(_)) => bail!("give either `prompt` or `messages`, not both"),
-        (None, None) => bail!("needs `prompt` or `messages`"),
-    };
-    let messages = messages.unwrap_or_default();
-    let text = messages
-        .last()
-        .map(|m| m.content.clone())
-        .unwrap_or_default();
-    Ok((text, engine.chat_prompt(&messages)?))
-}
-
-fn read_batch_file(path: &Path) -> Result<Vec<(String, BatchLine)>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut out = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for (n, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let l: BatchLine = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: invalid batch line", path.display(), n + 1))?;
-        if l.prompt.is_none() && l.messages.is_none() {
-            bail!("{}:{}: needs `prompt` or `messages`", path.display(), n + 1);
-        }
-        let id =
-            l.id.as_ref()
-                .map(id_string)
-                .unwrap_or_else(|| (n + 1).to_string());
-        if !seen.insert(id.clone()) {
-            bail!("{}:{}: duplicate id `{id}`", path.display(), n + 1);
-        }
-        out.push((id, l));
-    }
-    if out.is_empty() {
-        bail!("{}: no prompts", path.display());
-    }
-    Ok(out)
-}
-
-/// Ids already present in an append-only output file; a torn last line (killed run) is cut off.
-fn completed_ids(path: &Path) -> Result<std::collections::HashSet<String>> {
-    let lines: Vec<serde_json::Value> = crate::records::read_jsonl_resumable(path)?;
-    Ok(lines
-        .iter()
-        .filter_map(|v| v.get("id").map(id_string))
-        .collect())
-}
-
-fn train(args: TrainArgs, models_dir: &Path) -> Result<()> {
-    use crate::train::plan::{available_cpu_memory_gib, fitting_settings, Plan};
-    let cfg = crate::train::config::TrainConfig::load(args.run.config.as_deref(), &args.run.set)?;
-    if args.plan {
-        let shape = models::model_config(&cfg.model, models_dir)?;
-        let plan = Plan::estimate(&shape, &cfg);
-        let memory = match args.memory_gib {
-            Some(m) => m,
-            None => available_cpu_memory_gib()?,
-        };
-        print!("{}", plan.render(Some(memory)));
-        println!("{}", serde_json::to_string(&plan)?);
-        if plan.peak_gib() > memory {
-            let fix = fitting_settings(&shape, &cfg, memory);
-            if fix.is_empty() {
-                bail!(
-                    "the plan needs {:.2} GiB, more than the {memory:.2} GiB available, and no setting tried fits",
-                    plan.peak_gib()
-                );
-            }
-            bail!(
-                "the plan needs {:.2} GiB, more than the {memory:.2} GiB available; these settings fit: {}",
-                plan.peak_gib(),
-                fix.iter().map(|s| format!("--set {s}")).collect::<Vec<_>>().join(" ")
-            );
-        }
-        println!("fits: {:.2} of {memory:.2} GiB", plan.peak_gib());
-        return Ok(());
-    }
-    let summary = crate::train::run::train(
-        &cfg,
-        &args.run.run,
-        &crate::train::run::RunOptions {
-            models_dir: models_dir.to_path_buf(),
-            progress: !args.no_progress,
-            stop_after: args.stop_after,
-            device: args.device.clone(),
-        },
-    )?;
-    println!("{}", serde_json::to_string_pretty(&summary)?);
-    Ok(())
 }

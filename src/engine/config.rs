@@ -1,7 +1,7 @@
 //! The local engine's settings ([`EngineConfig`], `configs/engine-cpu.toml`) and what one
 //! request asks of it ([`GenerationParams`], [`SamplingParams`]).
 
-use crate::config::from_toml_file;
+use crate::config::load_validated;
 use crate::engine::weights::WeightFormat;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -115,9 +115,12 @@ pub struct EngineConfig {
 
 impl EngineConfig {
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let c: Self = from_toml_file(path)?;
-        c.validate().with_context(|| path.display().to_string())?;
-        Ok(c)
+        Self::load(Some(path), &[])
+    }
+
+    /// A file (or the defaults) with `KEY=VALUE` overrides (the CLI's flags), validated.
+    pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Self> {
+        load_validated(path, "", sets, Self::validate)
     }
 
     pub fn validate(&self) -> Result<()> {

@@ -2,6 +2,7 @@
 //! one chat-level call. Stages that can use engine-only features (shared prefixes, token
 //! budgets) ask for the local engine with [`Llm::local`].
 
+pub mod command;
 pub mod openai;
 
 use crate::engine::chat::Message;
@@ -9,6 +10,28 @@ use crate::engine::config::GenerationParams;
 use crate::engine::generate::{Completion, Engine, Request};
 use crate::generator::openai::OpenAiClient;
 use anyhow::Result;
+
+/// Which generator a command asked for: a models spec on the local engine, or the model of
+/// an OpenAI-compatible server.
+#[derive(Debug, Clone)]
+pub struct GeneratorSpec {
+    /// A models spec (`default`, a GGUF, a folder, a Hub id), or the server's model name.
+    pub model: String,
+    pub server: Option<crate::generator::openai::OpenAiConfig>,
+    pub engine: crate::engine::config::EngineConfig,
+    pub models_dir: std::path::PathBuf,
+}
+
+impl GeneratorSpec {
+    pub fn open(&self) -> Result<Llm> {
+        Llm::open(
+            self.server.clone(),
+            &self.model,
+            &self.models_dir,
+            &self.engine,
+        )
+    }
+}
 
 pub enum Llm {
     Local(Box<Engine>),

@@ -235,6 +235,20 @@ fn supersede(dir: &Path, step: Step, old: &StepState) -> Result<PathBuf> {
     Ok(to)
 }
 
+/// `wildlong run`: [`run`], then one line on what it did.
+pub fn command(cfg: &PipelineConfig, opts: &Options) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let out = run(cfg, opts)?;
+    let ran = out.actions.iter().filter(|a| a.1 != "skipped").count();
+    println!(
+        "{ran} of {} steps run in {:.0} s; report: {} (+ report.svg)",
+        out.actions.len(),
+        t0.elapsed().as_secs_f64(),
+        out.report.display()
+    );
+    Ok(())
+}
+
 pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
     let dir = &cfg.run.dir;
     let layout = RunLayout::new(dir);

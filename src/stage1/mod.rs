@@ -3,6 +3,7 @@
 //! `<run>/stage1/`: `queries.jsonl` → `meta*.jsonl` → `graphs/` → `paths.jsonl` →
 //! `blueprints.jsonl` (read by stage 2).
 
+pub mod command;
 pub mod config;
 pub mod extract;
 pub mod filter;

@@ -5,6 +5,7 @@
 
 pub mod assemble;
 pub mod card;
+pub mod command;
 pub mod config;
 pub mod documents;
 pub mod gates;

@@ -6,6 +6,7 @@
 //! AdamW ([`optim`], [`step`]), checkpoints and resumes exactly, and exports PEFT adapters and
 //! merged HF models; [`plan`] predicts a recipe's memory before launch. CPU kernels only.
 
+pub mod command;
 pub mod config;
 pub mod data;
 pub mod model;

@@ -4,6 +4,7 @@
 //! Layout of an evaluation folder: `<out>/<length>/<task>/{data,pred}.jsonl`,
 //! `<out>/run.json` (what produced the predictions) and `<out>/report.{json,md,csv,svg}`.
 
+pub mod command;
 pub mod config;
 pub mod data;
 pub mod report;

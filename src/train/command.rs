@@ -1,0 +1,45 @@
+//! `wildlong train`: the CLI hands it a validated recipe; it either prints the memory plan
+//! (refusing, with settings that fit, a recipe that will not) or makes the library call the
+//! pipeline makes too ([`crate::train::run::train`]).
+
+use crate::train::config::TrainConfig;
+use crate::train::plan::{available_cpu_memory_gib, fitting_settings, Plan};
+use crate::train::run::RunOptions;
+use anyhow::{bail, Result};
+use std::path::Path;
+
+/// `wildlong train --plan`: the predicted peak memory against `memory_gib` (this machine's
+/// available memory when `None`).
+pub fn plan(cfg: &TrainConfig, models_dir: &Path, memory_gib: Option<f64>) -> Result<()> {
+    let shape = crate::models::model_config(&cfg.model, models_dir)?;
+    let plan = Plan::estimate(&shape, cfg);
+    let memory = match memory_gib {
+        Some(m) => m,
+        None => available_cpu_memory_gib()?,
+    };
+    print!("{}", plan.render(Some(memory)));
+    println!("{}", serde_json::to_string(&plan)?);
+    if plan.peak_gib() > memory {
+        let fix = fitting_settings(&shape, cfg, memory);
+        if fix.is_empty() {
+            bail!(
+                "the plan needs {:.2} GiB, more than the {memory:.2} GiB available, and no setting tried fits",
+                plan.peak_gib()
+            );
+        }
+        bail!(
+            "the plan needs {:.2} GiB, more than the {memory:.2} GiB available; these settings fit: {}",
+            plan.peak_gib(),
+            fix.iter().map(|s| format!("--set {s}")).collect::<Vec<_>>().join(" ")
+        );
+    }
+    println!("fits: {:.2} of {memory:.2} GiB", plan.peak_gib());
+    Ok(())
+}
+
+/// `wildlong train`: trains (or resumes) into `<run>/train` and prints the summary.
+pub fn train(cfg: &TrainConfig, run: &Path, opts: &RunOptions) -> Result<()> {
+    let summary = crate::train::run::train(cfg, run, opts)?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
