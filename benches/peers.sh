@@ -9,12 +9,7 @@ cd "$(dirname "$0")/.."
 threads="${1:-2}"
 venv="${2:-peers}"
 hf_venv="${3:-$venv}"
-model="models/SmolLM2-135M-Instruct.Q4_1.gguf"
-peers_dir="${WILDLONG_PEERS_DIR:-benches/peers}"
-out="${WILDLONG_BENCH_OUT:-runs/bench}"
-mkdir -p "$out"
-cargo build --release --quiet
-./target/release/wildlong models fetch >/dev/null
+source benches/common.sh
 ./target/release/wildlong bench --threads "$threads" --runs 3 --json "$out/wildlong.json" >/dev/null
 # llama.cpp three times; the run with the median decode speed is kept.
 for i in 1 2 3; do "$venv/bin/python" "$peers_dir/llamacpp_bench.py" "$model" "$threads" 512 128 | tail -1; done > "$out/llamacpp.runs"

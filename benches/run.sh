@@ -5,11 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 name="${1:-}"
-if [ -z "$name" ] || [ ! -f "benches/$name.sh" ] || [ "$name" = run ]; then
+if [ -z "$name" ] || [ ! -f "benches/$name.sh" ] || [ "$name" = run ] || [ "$name" = common ]; then
   echo "usage: bash benches/run.sh NAME [ARGS…], NAME one of:" >&2
   for f in benches/*.sh; do
     n=$(basename "$f" .sh)
-    [ "$n" = run ] || printf '  %-8s %s\n' "$n" "$(sed -n 2p "$f" | sed 's/^# //')" >&2
+    [ "$n" = run ] || [ "$n" = common ] || printf '  %-8s %s\n' "$n" "$(sed -n 2p "$f" | sed 's/^# //')" >&2
   done
   [ -z "$name" ] && exit 0 || exit 2
 fi

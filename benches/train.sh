@@ -2,7 +2,7 @@
 # LoRA training on the default model, wildlong beside PyTorch + PEFT, same machine, same run:
 # r = 16 on all seven projections, one row of SEQ tokens, every token counted, AdamW, f32.
 #   bash benches/train.sh [threads=2] [seq=1024] [HF venv=peers] [rounds=3]
-# The venv holds torch, transformers, peft and gguf (torch, transformers, peft, gguf, llama-cpp-python: see benches/README.md). Rounds
+# The venv holds torch, transformers, peft and gguf (see benches/README.md). Rounds
 # alternate the engines; each prints JSON lines; medians and ratios come last. Quiet machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,12 +10,7 @@ threads="${1:-2}"
 seq="${2:-1024}"
 venv="${3:-peers}"
 rounds="${4:-3}"
-model="models/SmolLM2-135M-Instruct.Q4_1.gguf"
-peers_dir="${WILDLONG_PEERS_DIR:-benches/peers}"
-out="${WILDLONG_BENCH_OUT:-runs/bench}"
-mkdir -p "$out"
-cargo build --release --quiet
-./target/release/wildlong models fetch >/dev/null
+source benches/common.sh
 : > "$out/train.jsonl"
 for i in $(seq "$rounds"); do
   ./target/release/wildlong --threads "$threads" bench --model default --train-seq "$seq" | tee -a "$out/train.jsonl"

@@ -2,7 +2,7 @@
 //!
 //! Tensors are always requested by their Hugging Face name (`model.layers.3.self_attn.q_proj.weight`);
 //! for GGUF files the one mapping to llama.cpp names lives in [`gguf_name`]. This file does not
-//! know the model's structure; `llama.rs` does (its GGUF config gives the head size that
+//! know the model's structure; `llama/` does (its GGUF config gives the head size that
 //! LoRA deltas on permuted q/k rows are permuted with).
 
 use crate::engine::lora::LoraAdapter;

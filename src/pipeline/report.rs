@@ -6,13 +6,20 @@ use crate::layout::{stage1 as s1, stage2 as s2, train as tr, RunLayout};
 use crate::pipeline::config::PipelineConfig;
 use crate::pipeline::{read_state, Step};
 use crate::records::write_atomic;
-use crate::train::run::LogLine;
+use crate::stage1::extract::{ExtractStats, FilterReport};
+use crate::stage1::graph::TypeSummary;
+use crate::stage2::documents::DocumentStats;
+use crate::stage2::synth::SynthStats;
+use crate::train::run::{DataStats, LogLine, Summary};
 use anyhow::Result;
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-fn json(path: &Path) -> Option<Value> {
+/// A statistics file a stage wrote, as the stage's own type (absent or unreadable: `None`,
+/// and the report leaves its line out).
+fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
     serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
 }
 
@@ -22,16 +29,9 @@ fn lines(path: &Path) -> usize {
         .unwrap_or(0)
 }
 
-/// `{"a": 1, "b": 2}` → "a 1, b 2" (largest first); "none" when empty.
-fn counts(v: &Value) -> String {
-    let mut items: Vec<(String, u64)> = v
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
-                .collect()
-        })
-        .unwrap_or_default();
+/// `{a: 1, b: 2}` → "a 1, b 2" (largest first); "none" when empty.
+fn counts(m: &BTreeMap<String, usize>) -> String {
+    let mut items: Vec<(&String, usize)> = m.iter().map(|(k, &n)| (k, n)).collect();
     items.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     if items.is_empty() {
         return "none".into();
@@ -119,29 +119,29 @@ pub fn markdown(cfg: &PipelineConfig, dir: &Path, config_path: &Path) -> Result<
         s,
         "\n## Stage 1: queries → meta-information → graphs → blueprints\n"
     )?;
-    if let Some(f) = json(&d1.join(s1::FILTER_STATS)) {
+    if let Some(f) = read::<FilterReport>(&d1.join(s1::FILTER_STATS)) {
         let (mut rows, mut malformed) = (0, 0);
-        for src in f["sources"].as_array().into_iter().flatten() {
-            rows += src[1]["input"]["rows"].as_u64().unwrap_or(0);
-            malformed += src[1]["input"]["malformed"].as_u64().unwrap_or(0);
+        for (_, src) in &f.sources {
+            rows += src.input.rows;
+            malformed += src.input.malformed;
         }
         writeln!(
             s,
             "- Conversations read: {rows} ({malformed} malformed lines skipped). Queries kept: {}; dropped: {}.",
-            f["kept"],
-            counts(&f["dropped"])
+            f.kept,
+            counts(&f.dropped)
         )?;
     }
-    if let Some(e) = json(&d1.join(s1::EXTRACT_STATS)) {
+    if let Some(e) = read::<ExtractStats>(&d1.join(s1::EXTRACT_STATS)) {
         writeln!(
             s,
             "- Meta-information records: {} ({} rejected). Document types: {}.",
-            e["records"],
-            e["rejects"],
-            counts(&e["document_types"])
+            e.records,
+            e.rejects,
+            counts(&e.document_types)
         )?;
     }
-    if let Some(Value::Array(g)) = json(&d1.join(s1::GRAPH_SUMMARY)) {
+    if let Some(g) = read::<Vec<TypeSummary>>(&d1.join(s1::GRAPH_SUMMARY)) {
         writeln!(
             s,
             "- Graphs (`stage1/graph_summary.md`):\n\n| document type | queries | nodes | edges |\n|---|---:|---:|---:|"
@@ -150,10 +150,7 @@ pub fn markdown(cfg: &PipelineConfig, dir: &Path, config_path: &Path) -> Result<
             writeln!(
                 s,
                 "| {} | {} | {} | {} |",
-                t["document_type"].as_str().unwrap_or("?"),
-                t["queries"],
-                t["nodes"],
-                t["edges"]
+                t.document_type, t.queries, t.nodes, t.edges
             )?;
         }
         writeln!(s)?;
@@ -169,60 +166,57 @@ pub fn markdown(cfg: &PipelineConfig, dir: &Path, config_path: &Path) -> Result<
 
     let d2 = run.stage2();
     writeln!(s, "\n## Stage 2: documents → long-context pairs\n")?;
-    if let Some(d) = json(&d2.join(s2::DOCUMENTS_STATS)) {
+    if let Some(d) = read::<DocumentStats>(&d2.join(s2::DOCUMENTS_STATS)) {
         writeln!(
             s,
             "- Documents read: {}; skipped: {}; types: {}.",
-            d["read"],
-            counts(&d["skipped"]),
-            counts(&d["types"])
+            d.read,
+            counts(&d.skipped),
+            counts(&d.types)
         )?;
     }
-    if let Some(y) = json(&d2.join(s2::SYNTH_STATS)) {
+    if let Some(y) = read::<SynthStats>(&d2.join(s2::SYNTH_STATS)) {
         writeln!(
             s,
             "- Contexts: {}; pairs kept: {}; rejected: {}. Dataset card: `stage2/README.md`.",
-            y["contexts"],
-            y["pairs"],
-            counts(&y["rejected"])
+            y.contexts,
+            y.pairs,
+            counts(&y.rejected)
         )?;
     }
 
     let dt = run.train();
     writeln!(s, "\n## Fine-tuning\n")?;
-    if let Some(d) = json(&dt.join(tr::DATA_STATS)) {
+    if let Some(d) = read::<DataStats>(&dt.join(tr::DATA_STATS)) {
         writeln!(
             s,
             "- Data: {} conversations ({} train, {} held out) in {} rows, {} tokens ({} with loss); skipped: {}.",
-            d["conversations"],
-            d["train_conversations"],
-            d["eval_conversations"],
-            d["train_rows"],
-            d["train_tokens"],
-            d["train_loss_tokens"],
-            counts(&d["skipped"])
+            d.conversations,
+            d.train_conversations,
+            d.eval_conversations,
+            d.train_rows,
+            d.train_tokens,
+            d.train_loss_tokens,
+            counts(&d.skipped)
         )?;
     }
-    if let Some(m) = json(&dt.join(tr::SUMMARY)) {
-        let f = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.4}"));
-        let evals: Vec<String> = m["eval_losses"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|p| format!("step {}: {}", p[0], f(&p[1])))
-                    .collect()
-            })
-            .unwrap_or_default();
+    if let Some(m) = read::<Summary>(&dt.join(tr::SUMMARY)) {
+        let f = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.4}"));
+        let evals: Vec<String> = m
+            .eval_losses
+            .iter()
+            .map(|&(step, loss)| format!("step {step}: {}", f(Some(loss))))
+            .collect();
         writeln!(
             s,
             "- {} steps ({} skipped), loss {} → {}; held-out loss {}; {:.1} tokens/s; peak RSS {} MiB.",
-            m["steps"],
-            m["skipped_steps"],
-            f(&m["first_loss"]),
-            f(&m["last_loss"]),
+            m.steps,
+            m.skipped_steps,
+            f(m.first_loss),
+            f(m.last_loss),
             if evals.is_empty() { "-".into() } else { evals.join(", ") },
-            m["tokens_per_second"].as_f64().unwrap_or(0.0),
-            m["peak_rss_mib"]
+            m.tokens_per_second,
+            m.peak_rss_mib.map_or("null".into(), |n| n.to_string())
         )?;
         writeln!(s, "- Training curve: `report.svg` (left).")?;
     }

@@ -147,6 +147,16 @@ pub fn schema_hash(schema: &MetaSchema, cfg: &Stage1Config) -> String {
     sha(&[output_schema(schema, cfg).to_string().as_bytes()])[..16].to_string()
 }
 
+/// `filter_stats.json`: what the filter kept and dropped, per input and in all, and the
+/// fingerprint of the inputs and settings that made `queries.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FilterReport {
+    pub fingerprint: String,
+    pub sources: Vec<(String, FilterStats)>,
+    pub kept: usize,
+    pub dropped: BTreeMap<String, usize>,
+}
+
 /// Runs the filter over every input into `<dir>/queries.jsonl` (streamed through a temp
 /// file, then renamed), unless a previous run with the same inputs and filter made it.
 /// Returns the fingerprint of the query list and the number of queries in it.
@@ -158,16 +168,9 @@ pub fn prepare_queries(cfg: &Stage1Config, dir: &Path) -> Result<(String, usize)
         .to_string();
     let queries = dir.join(crate::layout::stage1::QUERIES);
     let stats_path = dir.join(crate::layout::stage1::FILTER_STATS);
-    #[derive(Serialize, Deserialize)]
-    struct Saved {
-        fingerprint: String,
-        sources: Vec<(String, FilterStats)>,
-        kept: usize,
-        dropped: BTreeMap<String, usize>,
-    }
     if queries.is_file() {
         if let Ok(text) = std::fs::read_to_string(&stats_path) {
-            if let Ok(s) = serde_json::from_str::<Saved>(&text) {
+            if let Ok(s) = serde_json::from_str::<FilterReport>(&text) {
                 if s.fingerprint == fingerprint {
                     return Ok((fingerprint, s.kept));
                 }
@@ -219,7 +222,7 @@ pub fn prepare_queries(cfg: &Stage1Config, dir: &Path) -> Result<(String, usize)
     }
     std::fs::rename(&tmp, &queries)
         .with_context(|| format!("renaming to {}", queries.display()))?;
-    let saved = Saved {
+    let saved = FilterReport {
         fingerprint: fingerprint.clone(),
         sources,
         kept: total_kept,

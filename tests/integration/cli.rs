@@ -451,58 +451,39 @@ fn wildlong_threads(args: &[&str]) -> Output {
         .unwrap()
 }
 
-#[test]
-fn a_thread_count_the_machine_cannot_start_is_refused_from_the_flag_and_the_file() {
-    // It used to panic (thread stacks cannot be allocated) from the flag, and the file's
-    // `threads` was never read.
+/// `wildlong [global] generate --model default --prompt x [args]`, without `--threads 1`.
+fn generate_default(global: &[&str], args: &[&str]) -> Output {
     let model = default_model_path();
-    let out = wildlong_threads(&[
-        "--threads",
-        "100000",
+    let cmd = [
         "generate",
         "--model",
         model.to_str().unwrap(),
         "--prompt",
         "x",
-    ]);
+    ];
+    wildlong_threads(&[global, &cmd[..], args].concat())
+}
+
+#[test]
+fn a_thread_count_the_machine_cannot_start_is_refused_from_the_flag_and_the_file() {
+    // It used to panic (thread stacks cannot be allocated) from the flag, and the file's
+    // `threads` was never read.
+    let out = generate_default(&["--threads", "100000"], &[]);
     fails_with(
         &out,
         "--threads: 100000 threads is more than 4 per logical CPU",
     );
     let d = tempdir();
     let cfg = d.path().join("engine.toml");
+    let with_file = ["--engine-config", cfg.to_str().unwrap()];
     std::fs::write(&cfg, "threads = 100000\n").unwrap();
-    let out = wildlong_threads(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--engine-config",
-        cfg.to_str().unwrap(),
-        "--prompt",
-        "x",
-    ]);
+    let out = generate_default(&[], &with_file);
     fails_with(&out, "engine.toml: threads: 100000 threads is more than");
     // A zero batch is one error whichever way it comes.
     std::fs::write(&cfg, "max_batch = 0\n").unwrap();
-    let file = wildlong_threads(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--engine-config",
-        cfg.to_str().unwrap(),
-        "--prompt",
-        "x",
-    ]);
+    let file = generate_default(&[], &with_file);
     fails_with(&file, "max_batch (--batch-size) must be at least 1");
-    let flag = wildlong_threads(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--batch-size",
-        "0",
-        "--prompt",
-        "x",
-    ]);
+    let flag = generate_default(&[], &["--batch-size", "0"]);
     fails_with(&flag, "max_batch (--batch-size) must be at least 1");
 }
 

@@ -1,4 +1,4 @@
-//! wildlong's CUDA kernels (`kernels/*.cu` through `src/engine/cuda.rs`) against their plain
+//! wildlong's CUDA kernels (`kernels/*.cu` through `src/kernels/cuda.rs`) against their plain
 //! candle references, and the trainer and engine on CUDA against the CPU. Built only with the
 //! `cuda` feature and run on a GPU machine (`scripts/gpu_check.sh`):
 //!   cargo test --release --features cuda --test integration cuda::

@@ -1,6 +1,6 @@
 //! The chunked cross-entropy: `h · wᵀ` against targets `chunk` rows at a time.
 
-use super::f32s;
+use super::{f32s, product_dims};
 #[cfg(feature = "cuda")]
 use crate::kernels::cuda;
 use candle_core::backend::BackendStorage;
@@ -61,11 +61,7 @@ impl CustomOp2 for ChunkedCrossEntropy {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, d) = l1.shape().dims2()?;
-        let (v, d2) = l2.shape().dims2()?;
-        if d != d2 {
-            candle_core::bail!("cross entropy: hidden (.., {d}) with weight ({v}, {d2})");
-        }
+        let (n, d, v) = product_dims(l1, l2, "cross entropy: hidden", "weight")?;
         self.check(n, v)?;
         let h = f32s(s1, l1, "cross entropy")?;
         let rows: Vec<usize> = (0..n).filter(|&i| self.targets[i] != IGNORE).collect();
@@ -147,11 +143,7 @@ impl CustomOp2 for ChunkedCrossEntropy {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (n, d) = l1.shape().dims2()?;
-        let (v, d2) = l2.shape().dims2()?;
-        if d != d2 {
-            candle_core::bail!("cross entropy: hidden (.., {d}) with weight ({v}, {d2})");
-        }
+        let (n, d, v) = product_dims(l1, l2, "cross entropy: hidden", "weight")?;
         self.check(n, v)?;
         let (h, w) = (cuda::tensor_of(s1, l1)?, cuda::tensor_of(s2, l2)?);
         let dev = h.device().clone();

@@ -1,6 +1,6 @@
 //! `x · wᵀ` against a frozen weight: a gradient for `x` only.
 
-use super::frozen_product;
+use super::{frozen_product, product_dims};
 #[cfg(feature = "cuda")]
 use crate::kernels::cuda;
 use candle_core::backend::BackendStorage;
@@ -22,11 +22,7 @@ impl CustomOp2 for FrozenMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("frozen matmul: x (.., {k}) with w ({n}, {k2})");
-        }
+        let (m, k, n) = product_dims(l1, l2, "frozen matmul: x", "w")?;
         // bf16 base weights are widened here, one projection at a time (the copy is freed
         // when the product is done; the graph keeps the bf16 weight only).
         let out = match s2 {

@@ -71,6 +71,22 @@ pub fn frozen_product(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor
     }
 }
 
+/// `(rows, k, n)` of an `x · wᵀ`-shaped op's inputs `x` `(rows, k)` and `w` `(n, k)`; another
+/// inner size is refused naming the op and its two inputs.
+fn product_dims(
+    x: &Layout,
+    w: &Layout,
+    x_name: &str,
+    w_name: &str,
+) -> Result<(usize, usize, usize)> {
+    let (m, k) = x.shape().dims2()?;
+    let (n, k2) = w.shape().dims2()?;
+    if k != k2 {
+        candle_core::bail!("{x_name} (.., {k}) with {w_name} ({n}, {k2})");
+    }
+    Ok((m, k, n))
+}
+
 /// A contiguous f32 tensor on the CPU from a storage (the op's inputs, copied once: O(s)).
 fn to_tensor(s: &CpuStorage, l: &Layout, what: &str) -> Result<Tensor> {
     Tensor::from_slice(f32s(s, l, what)?, l.shape(), &candle_core::Device::Cpu)
