@@ -18,21 +18,25 @@ use std::path::{Path, PathBuf};
 /// File names inside `<run>/stage1/`.
 pub mod stage1 {
     pub const DIR: &str = "stage1";
+    /// The filtered queries (extract's input), and what the filter dropped.
     pub const QUERIES: &str = "queries.jsonl";
     pub const FILTER_STATS: &str = "filter_stats.json";
+    /// What made the meta records (a folder made otherwise is not resumed), and their counts.
     pub const EXTRACT_IDENTITY: &str = "extract.json";
     pub const EXTRACT_STATS: &str = "extract_stats.json";
+    /// The meta-information schema extraction used (stage 2 types documents with it).
+    pub const META_SCHEMA: &str = "meta_schema.toml";
+    /// graph: normalised values, the merges made, one graph per type and their summary.
     pub const NORMALIZED: &str = "normalized.jsonl";
     pub const MERGES: &str = "merges.json";
     pub const GRAPHS: &str = "graphs";
     pub const GRAPH_SUMMARY: &str = "graph_summary.json";
     pub const GRAPH_SUMMARY_MD: &str = "graph_summary.md";
+    /// sample: the paths, their counts and identity, and the blueprints (stage 2's input).
     pub const PATHS: &str = "paths.jsonl";
     pub const SAMPLE_STATS: &str = "sample_stats.json";
     pub const SAMPLE_IDENTITY: &str = "sample.json";
     pub const BLUEPRINTS: &str = "blueprints.jsonl";
-    /// The meta-information schema extraction used (stage 2 types documents with it).
-    pub const META_SCHEMA: &str = "meta_schema.toml";
 
     /// `meta.jsonl`, or `meta.shard-k-of-n.jsonl` for one worker's share.
     pub fn meta(shard_suffix: &str) -> String {
@@ -48,10 +52,13 @@ pub mod stage1 {
 /// File names inside `<run>/stage2/`.
 pub mod stage2 {
     pub const DIR: &str = "stage2";
+    /// Every generation request's result, by content hash (reruns read them back).
     pub const STORE: &str = "store";
+    /// Documents read and skipped; the contexts assembled and their histogram.
     pub const DOCUMENTS_STATS: &str = "documents_stats.json";
     pub const CONTEXTS: &str = "contexts.jsonl";
     pub const ASSEMBLY_STATS: &str = "assembly_stats.json";
+    /// The pairs kept (training's input), their counts and the dataset card.
     pub const SYNTH_STATS: &str = "synth_stats.json";
     pub const DATA: &str = "data.jsonl";
     pub const CARD: &str = "README.md";
@@ -60,9 +67,11 @@ pub mod stage2 {
 /// File names inside `<run>/train/`.
 pub mod train {
     pub const DIR: &str = "train";
+    /// How the data became rows; a line per step and evaluation; the run's summary.
     pub const DATA_STATS: &str = "data_stats.json";
     pub const LOG: &str = "log.jsonl";
     pub const SUMMARY: &str = "summary.json";
+    /// The PEFT adapter and the merged HF model.
     pub const ADAPTER: &str = "adapter";
     pub const MERGED: &str = "merged";
 }
@@ -87,69 +96,61 @@ impl RunLayout {
         self.root.join(rel)
     }
 
+    /// `<run>/stage1`, `<run>/stage2` or `<run>/train` (the `DIR` of [`stage1`], [`stage2`],
+    /// [`train`]), and a file in it: `run.stage(stage2::DIR, stage2::DATA)`.
+    pub fn stage(&self, dir: &str, file: &str) -> PathBuf {
+        self.root.join(dir).join(file)
+    }
+
     pub fn stage1(&self) -> PathBuf {
         self.root.join(stage1::DIR)
-    }
-
-    pub fn stage1_file(&self, name: &str) -> PathBuf {
-        self.stage1().join(name)
-    }
-
-    pub fn blueprints(&self) -> PathBuf {
-        self.stage1_file(stage1::BLUEPRINTS)
     }
 
     pub fn stage2(&self) -> PathBuf {
         self.root.join(stage2::DIR)
     }
 
-    pub fn stage2_file(&self, name: &str) -> PathBuf {
-        self.stage2().join(name)
-    }
-
-    /// Stage 2's dataset, training's default input.
-    pub fn data(&self) -> PathBuf {
-        self.stage2_file(stage2::DATA)
-    }
-
     pub fn train(&self) -> PathBuf {
         self.root.join(train::DIR)
     }
 
-    pub fn train_file(&self, name: &str) -> PathBuf {
-        self.train().join(name)
+    /// Stage 1's blueprints, stage 2's default input.
+    pub fn blueprints(&self) -> PathBuf {
+        self.stage(stage1::DIR, stage1::BLUEPRINTS)
+    }
+
+    /// Stage 2's dataset, training's default input.
+    pub fn data(&self) -> PathBuf {
+        self.stage(stage2::DIR, stage2::DATA)
     }
 
     /// RULER before (`eval/before`) or after (`eval/after`) fine-tuning.
     pub fn eval(&self, after: bool) -> PathBuf {
-        self.root
-            .join("eval")
-            .join(if after { "after" } else { "before" })
+        let when = if after { "after" } else { "before" };
+        self.root.join("eval").join(when)
     }
 
+    /// `pipeline/<step>.json`: the step's hash and status; `pipeline/config.toml` (the
+    /// resolved config of the last invocation) is `step_state("config")`'s sibling.
     pub fn pipeline(&self) -> PathBuf {
         self.root.join("pipeline")
     }
 
-    /// `pipeline/<step>.json`: the step's hash and status.
     pub fn step_state(&self, step: &str) -> PathBuf {
         self.pipeline().join(format!("{step}.json"))
     }
 
-    /// `pipeline/config.toml`: the resolved config of the last invocation.
     pub fn resolved_config(&self) -> PathBuf {
         self.pipeline().join("config.toml")
     }
 
+    /// Where the pipeline moves the outputs of a step whose inputs changed.
     pub fn superseded(&self) -> PathBuf {
         self.root.join("superseded")
     }
 
+    /// `report.md`; `report.svg` beside it.
     pub fn report_md(&self) -> PathBuf {
         self.root.join("report.md")
-    }
-
-    pub fn report_svg(&self) -> PathBuf {
-        self.root.join("report.svg")
     }
 }

@@ -10,12 +10,15 @@ use std::path::{Path, PathBuf};
 
 /// What one `wildlong generate` invocation asks for, validated by the CLI.
 pub struct GenerateCommand {
+    /// The models spec to load in the local engine, with this PEFT adapter merged at load.
     pub model: String,
     pub adapter: Option<PathBuf>,
+    /// How the engine runs, and where fetched models are.
     pub engine: EngineConfig,
     pub models_dir: PathBuf,
     /// Every prompt's parameters; a batch line may override max_tokens and sampling.
     pub params: GenerationParams,
+    /// One prompt, or a JSONL batch file of them (see `wildlong generate --help`).
     pub prompt: Option<String>,
     pub batch_file: Option<PathBuf>,
     /// Append results here as JSONL (resumable) instead of printing.

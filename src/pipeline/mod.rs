@@ -372,7 +372,9 @@ pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
                     anyhow::bail!(
                         "synthesis kept no pairs (rejections: {:?}); see {}",
                         out.stats.rejected,
-                        layout.stage2_file(crate::layout::stage2::CARD).display()
+                        layout
+                            .stage(crate::layout::stage2::DIR, crate::layout::stage2::CARD)
+                            .display()
                     );
                 }
                 format!(
@@ -448,11 +450,11 @@ pub fn evaluated_model(cfg: &PipelineConfig, after: bool) -> Result<(String, Opt
     }
     let layout = RunLayout::new(&cfg.run.dir);
     let train = layout.train();
-    let adapter = layout.train_file(crate::layout::train::ADAPTER);
+    let adapter = layout.stage(crate::layout::train::DIR, crate::layout::train::ADAPTER);
     if adapter.join("adapter_config.json").is_file() {
         return Ok((cfg.train.model.clone(), Some(adapter)));
     }
-    let merged = layout.train_file(crate::layout::train::MERGED);
+    let merged = layout.stage(crate::layout::train::DIR, crate::layout::train::MERGED);
     if merged.join("config.json").is_file() {
         return Ok((merged.display().to_string(), None));
     }

@@ -62,7 +62,8 @@ type Points = Vec<(f64, f64)>;
 /// The training log's step losses and evaluation losses.
 fn curve(dir: &Path) -> (Points, Points) {
     let (mut train, mut eval) = (Vec::new(), Vec::new());
-    let text = std::fs::read_to_string(RunLayout::new(dir).train_file(tr::LOG)).unwrap_or_default();
+    let text =
+        std::fs::read_to_string(RunLayout::new(dir).stage(tr::DIR, tr::LOG)).unwrap_or_default();
     for l in text.lines() {
         match serde_json::from_str::<LogLine>(l) {
             Ok(LogLine::Train { step, .. }) if !step.skipped => {

@@ -1,12 +1,10 @@
 //! Segment-causal grouped-query attention `block` query rows at a time, with the
 //! FlashAttention-2 backward, and its composed reference.
 
-use super::to_tensor;
+use super::{to_tensor, CpuInputs, CpuOutput, Grads};
 #[cfg(feature = "cuda")]
 use crate::kernels::cuda;
-#[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, Result, Tensor, D};
 use rayon::prelude::*;
 
 /// Causal attention inside segments: query `i` of a row sees key `j` when `j ≤ i` and both
@@ -95,24 +93,12 @@ impl ChunkedAttention {
     }
 }
 
-impl CustomOp3 for ChunkedAttention {
-    fn name(&self) -> &'static str {
-        "wildlong-chunked-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+impl ChunkedAttention {
+    fn cpu(&self, [(s1, l1), (s2, l2), (s3, l3)]: CpuInputs<3>) -> CpuOutput {
         let (q, k, v) = (
-            to_tensor(s1, l1, self.name())?,
-            to_tensor(s2, l2, self.name())?,
-            to_tensor(s3, l3, self.name())?,
+            to_tensor(s1, l1, "wildlong-chunked-attention")?,
+            to_tensor(s2, l2, "wildlong-chunked-attention")?,
+            to_tensor(s3, l3, "wildlong-chunked-attention")?,
         );
         let o = self.forward(&q, &k, &v)?.flatten_all()?.to_vec1::<f32>()?;
         Ok((CpuStorage::F32(o), l1.shape().clone()))
@@ -122,21 +108,8 @@ impl CustomOp3 for ChunkedAttention {
     /// sizes it is built for, keeping the log-sum-exp for the backward kernel; other head
     /// sizes take the blockwise path above on the device.
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (q, k, v) = (
-            cuda::tensor_of(s1, l1)?,
-            cuda::tensor_of(s2, l2)?,
-            cuda::tensor_of(s3, l3)?,
-        );
-        let o = if cuda::flash_supports(q.dim(3)?) {
+    fn cuda(&self, [q, k, v]: [Tensor; 3]) -> Result<Tensor> {
+        Ok(if cuda::flash_supports(q.dim(3)?) {
             let bf = |x: &Tensor| x.to_dtype(candle_core::DType::BF16);
             let m = cuda::Masking::packed(&self.segments, q.device())?;
             let (o, lse) =
@@ -145,18 +118,10 @@ impl CustomOp3 for ChunkedAttention {
             o.to_dtype(candle_core::DType::F32)?
         } else {
             self.forward(&q, &k, &v)?
-        };
-        Ok((cuda::storage_of(&o)?, l1.shape().clone()))
+        })
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        o: &Tensor,
-        d_o: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, [q, k, v]: [&Tensor; 3], o: &Tensor, d_o: &Tensor) -> Grads<3> {
         let (q, k, v, o, d_o) = (q.detach(), k.detach(), v.detach(), o.detach(), d_o.detach());
         #[cfg(feature = "cuda")]
         if q.device().is_cuda() && cuda::flash_supports(q.dim(3)?) {
@@ -171,11 +136,11 @@ impl CustomOp3 for ChunkedAttention {
             };
             let (dq, dk, dv) =
                 cuda::flash_attention_backward(&qb, &kb, &vb, &ob, &bf(&d_o)?, &lse, &m, scale)?;
-            return Ok((
+            return Ok([
                 Some(dq.contiguous()?),
                 Some(dk.contiguous()?),
                 Some(dv.contiguous()?),
-            ));
+            ]);
         }
         let (b, h, t, _) = q.dims4()?;
         let kvh = k.dim(1)?;
@@ -223,9 +188,11 @@ impl CustomOp3 for ChunkedAttention {
             dq.push(ChunkedAttention::heads(&dq_b, h)?);
             t0 += n;
         }
-        Ok((Some(Tensor::cat(&dq, 2)?), Some(dk), Some(dv)))
+        Ok([Some(Tensor::cat(&dq, 2)?), Some(dk), Some(dv)])
     }
 }
+
+custom_op!(ChunkedAttention, "wildlong-chunked-attention", CustomOp3);
 
 /// Causal attention of `q` `(b, h, t, d)` over `k`, `v` `(b, kv_heads, t, d)` (grouped-query
 /// heads share a KV head), isolated per segment id (`segments[b][t]`: packed documents never

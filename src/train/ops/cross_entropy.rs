@@ -1,12 +1,10 @@
 //! The chunked cross-entropy: `h · wᵀ` against targets `chunk` rows at a time.
 
-use super::{f32s, product_dims};
+use super::{f32s, product_dims, CpuInputs, CpuOutput, Grads};
 #[cfg(feature = "cuda")]
 use crate::kernels::cuda;
 use candle_core::backend::BackendStorage;
-#[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Targets of [`chunked_cross_entropy`] at this value are not counted (HF's `-100`).
@@ -44,24 +42,14 @@ impl ChunkedCrossEntropy {
     }
 }
 
-impl CustomOp2 for ChunkedCrossEntropy {
-    fn name(&self) -> &'static str {
-        "wildlong-chunked-cross-entropy"
-    }
-
+impl ChunkedCrossEntropy {
     /// Only counted rows are projected: their hidden states are gathered `chunk` at a time,
     /// multiplied by `wᵀ`, and reduced to log-sum-exp minus the target logit. With `grad`, the
     /// same logits become `softmax − one-hot` in place and give `dh` (and `dw`) at once —
     /// two vocabulary-sized products per chunk instead of the three a recomputing backward
     /// needs (the fused cross-entropy of Liger-Kernel and Unsloth).
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (n, d, v) = product_dims(l1, l2, "cross entropy: hidden", "weight")?;
+    fn cpu(&self, [(s1, l1), (s2, l2)]: CpuInputs<2>) -> CpuOutput {
+        let (n, d, v) = product_dims(l1.shape(), l2.shape(), "cross entropy: hidden", "weight")?;
         self.check(n, v)?;
         let h = f32s(s1, l1, "cross entropy")?;
         let rows: Vec<usize> = (0..n).filter(|&i| self.targets[i] != IGNORE).collect();
@@ -136,16 +124,9 @@ impl CustomOp2 for ChunkedCrossEntropy {
     /// for a bf16 head), the losses and `softmax − one-hot` from one kernel
     /// ([`cuda::cross_entropy_rows`]), then `dh` and `dw` from two products.
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (n, d, v) = product_dims(l1, l2, "cross entropy: hidden", "weight")?;
+    fn cuda(&self, [h, w]: [Tensor; 2]) -> Result<Tensor> {
+        let (n, d, v) = product_dims(h.shape(), w.shape(), "cross entropy: hidden", "weight")?;
         self.check(n, v)?;
-        let (h, w) = (cuda::tensor_of(s1, l1)?, cuda::tensor_of(s2, l2)?);
         let dev = h.device().clone();
         let rows: Vec<u32> = (0..n as u32)
             .filter(|&i| self.targets[i as usize] != IGNORE)
@@ -180,16 +161,10 @@ impl CustomOp2 for ChunkedCrossEntropy {
             }
             *self.saved.lock().expect("not poisoned") = Some((dh, dw));
         }
-        Ok((cuda::storage_of(&total)?, Shape::from(())))
+        Ok(total)
     }
 
-    fn bwd(
-        &self,
-        h: &Tensor,
-        w: &Tensor,
-        _loss: &Tensor,
-        dloss: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, [h, w]: [&Tensor; 2], _loss: &Tensor, dloss: &Tensor) -> Grads<2> {
         let Some((dh, dw)) = self.saved.lock().expect("not poisoned").take() else {
             candle_core::bail!(
                 "cross entropy: backward without the gradients of its forward pass (it runs once)"
@@ -202,9 +177,15 @@ impl CustomOp2 for ChunkedCrossEntropy {
             (true, None) => Some(w.zeros_like()?),
             (false, _) => None,
         };
-        Ok((Some(dh), dw))
+        Ok([Some(dh), dw])
     }
 }
+
+custom_op!(
+    ChunkedCrossEntropy,
+    "wildlong-chunked-cross-entropy",
+    CustomOp2
+);
 
 /// The summed cross-entropy of the logits `h · wᵀ` (`h` `(n, d)`, `w` `(vocab, d)`) against
 /// `targets` (`IGNORE` rows not counted), `chunk` counted rows at a time; a scalar. The

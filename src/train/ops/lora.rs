@@ -1,12 +1,10 @@
 //! The fused LoRA linear `x·Wᵀ + s·(d(x)·Aᵀ)·Bᵀ` with seeded dropout, and its reference.
 
-use super::{f32s, frozen_product};
+use super::{f32s, frozen_product, CpuInputs, CpuOutput, Grads};
 #[cfg(feature = "cuda")]
 use crate::kernels::cuda;
 use candle_core::backend::BackendStorage;
-#[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Tensor};
 use rayon::prelude::*;
 
 /// The dropout mask of an adapter input: `n` values, 0 with probability `p`, else `1/(1−p)`,
@@ -35,20 +33,8 @@ impl LoraLinear {
     }
 }
 
-impl CustomOp3 for LoraLinear {
-    fn name(&self) -> &'static str {
-        "wildlong-lora-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        sx: &CpuStorage,
-        lx: &Layout,
-        sa: &CpuStorage,
-        la: &Layout,
-        sb: &CpuStorage,
-        lb: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+impl LoraLinear {
+    fn cpu(&self, [(sx, lx), (sa, la), (sb, lb)]: CpuInputs<3>) -> CpuOutput {
         let (m, k) = lx.shape().dims2()?;
         let (r, k2) = la.shape().dims2()?;
         let (out, r2) = lb.shape().dims2()?;
@@ -93,38 +79,15 @@ impl CustomOp3 for LoraLinear {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        sx: &CudaStorage,
-        lx: &Layout,
-        sa: &CudaStorage,
-        la: &Layout,
-        sb: &CudaStorage,
-        lb: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (x, a, b) = (
-            cuda::tensor_of(sx, lx)?,
-            cuda::tensor_of(sa, la)?,
-            cuda::tensor_of(sb, lb)?,
-        );
+    fn cuda(&self, [x, a, b]: [Tensor; 3]) -> Result<Tensor> {
         let xd = match self.mask(x.elem_count()) {
             Some(m) => (&x * Tensor::from_vec(m, x.shape(), x.device())?)?,
             None => x.clone(),
         };
-        let y = (frozen_product(&x, &self.w, true)?
-            + (xd.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale)?)?;
-        let shape = y.shape().clone();
-        Ok((cuda::storage_of(&y)?, shape))
+        frozen_product(&x, &self.w, true)? + (xd.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale)?
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, [x, a, b]: [&Tensor; 3], _y: &Tensor, dy: &Tensor) -> Grads<3> {
         let (x, a, b, dy) = (x.detach(), a.detach(), b.detach(), dy.detach());
         let mask = match self.mask(x.elem_count()) {
             Some(m) => Some(Tensor::from_vec(m, x.shape(), x.device())?),
@@ -142,9 +105,11 @@ impl CustomOp3 for LoraLinear {
         let dx = (frozen_product(&dy, &self.w.detach(), false)? + dxd)?;
         let da = (dyb.t()?.matmul(&xd)? * self.scale)?; // (r, k)
         let db = (dy.t()?.matmul(&xd.matmul(&a.t()?)?)? * self.scale)?; // (out, r)
-        Ok((Some(dx), Some(da), Some(db)))
+        Ok([Some(dx), Some(da), Some(db)])
     }
 }
+
+custom_op!(LoraLinear, "wildlong-lora-linear", CustomOp3);
 
 /// `x·Wᵀ + scale·(dropout(x)·Aᵀ)·Bᵀ` for `x` `(..., k)`, a frozen `w` `(out, k)`, `a`
 /// `(r, k)`, `b` `(out, r)` (PEFT's LoRA forward), gradients for `x`, `a` and `b`;

@@ -1,28 +1,16 @@
 //! `x · wᵀ` against a frozen weight: a gradient for `x` only.
 
-use super::{frozen_product, product_dims};
+use super::{frozen_product, product_dims, CpuInputs, CpuOutput, Grads};
 #[cfg(feature = "cuda")]
 use crate::kernels::cuda;
 use candle_core::backend::BackendStorage;
-#[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Tensor};
 
 struct FrozenMatmul;
 
-impl CustomOp2 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "wildlong-frozen-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (m, k, n) = product_dims(l1, l2, "frozen matmul: x", "w")?;
+impl FrozenMatmul {
+    fn cpu(&self, [(s1, l1), (s2, l2)]: CpuInputs<2>) -> CpuOutput {
+        let (m, k, n) = product_dims(l1.shape(), l2.shape(), "frozen matmul: x", "w")?;
         // bf16 base weights are widened here, one projection at a time (the copy is freed
         // when the product is done; the graph keeps the bf16 weight only).
         let out = match s2 {
@@ -37,32 +25,19 @@ impl CustomOp2 for FrozenMatmul {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (x, w) = (cuda::tensor_of(s1, l1)?, cuda::tensor_of(s2, l2)?);
-        let y = frozen_product(&x, &w, true)?;
-        let shape = y.shape().clone();
-        Ok((cuda::storage_of(&y)?, shape))
+    fn cuda(&self, [x, w]: [Tensor; 2]) -> Result<Tensor> {
+        frozen_product(&x, &w, true)
     }
 
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((
+    fn backward(&self, [_x, w]: [&Tensor; 2], _y: &Tensor, dy: &Tensor) -> Grads<2> {
+        Ok([
             Some(frozen_product(&dy.detach(), &w.detach(), false)?),
             None,
-        ))
+        ])
     }
 }
+
+custom_op!(FrozenMatmul, "wildlong-frozen-matmul", CustomOp2);
 
 /// `x · wᵀ` for `x` `(..., k)` f32 and a frozen `w` `(n, k)` (f32, or bf16 widened per call):
 /// a gradient flows to `x` only.

@@ -23,6 +23,61 @@
 //!
 //! One file per op; this file holds what they share.
 
+/// Implements candle's `CustomOp2`/`CustomOp3` for an op type through its inherent passes,
+/// each taking the op's inputs as one array (candle's per-argument signatures are written
+/// once, here):
+/// - `cpu(&self, [(storage, layout); N]) -> CpuOutput`;
+/// - `cuda(&self, [tensor; N]) -> Result<Tensor>` (the `cuda` feature; the storages come as
+///   tensors and the result goes back as storage with its own shape);
+/// - `backward(&self, [input; N], output, output_grad) -> Grads<N>`.
+macro_rules! custom_op {
+    ($op:ty, $name:literal, CustomOp2) => {
+        custom_op!(@impl $op, $name, CustomOp2, (s1, l1, a1, d1), (s2, l2, a2, d2));
+    };
+    ($op:ty, $name:literal, CustomOp3) => {
+        custom_op!(@impl $op, $name, CustomOp3, (s1, l1, a1, d1), (s2, l2, a2, d2), (s3, l3, a3, d3));
+    };
+    (@impl $op:ty, $name:literal, $trait:ident, $(($s:ident, $l:ident, $a:ident, $d:ident)),+) => {
+        impl candle_core::$trait for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(
+                &self,
+                $($s: &candle_core::CpuStorage, $l: &candle_core::Layout),+
+            ) -> $crate::train::ops::CpuOutput {
+                self.cpu([$(($s, $l)),+])
+            }
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                $($s: &candle_core::CudaStorage, $l: &candle_core::Layout),+
+            ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+                use $crate::kernels::cuda::{storage_of, tensor_of};
+                let y = self.cuda([$(tensor_of($s, $l)?),+])?;
+                Ok((storage_of(&y)?, y.shape().clone()))
+            }
+            fn bwd(
+                &self,
+                $($a: &candle_core::Tensor,)+
+                y: &candle_core::Tensor,
+                dy: &candle_core::Tensor,
+            ) -> candle_core::Result<($(custom_op!(@grad $a)),+)> {
+                let [$($d),+] = self.backward([$($a),+], y, dy)?;
+                Ok(($($d),+))
+            }
+        }
+    };
+    (@grad $a:ident) => { Option<candle_core::Tensor> };
+}
+
+/// An op's inputs on the CPU: (storage, layout) each.
+type CpuInputs<'a, const N: usize> = [(&'a CpuStorage, &'a Layout); N];
+/// An op's output on the CPU.
+type CpuOutput = Result<(CpuStorage, candle_core::Shape)>;
+/// The gradients of an op's inputs (`None`: no gradient flows to that input).
+type Grads<const N: usize> = Result<[Option<Tensor>; N]>;
+
 mod attention;
 mod cross_entropy;
 mod lora;
@@ -39,11 +94,7 @@ pub use rms_norm::{rms_norm, rms_norm_reference};
 pub use rope::rope;
 pub use softmax::softmax_last_dim;
 
-#[cfg(feature = "cuda")]
-use crate::kernels::cuda;
 use candle_core::backend::BackendStorage;
-#[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 
 /// The f32 data a contiguous layout covers.
@@ -74,13 +125,13 @@ pub fn frozen_product(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor
 /// `(rows, k, n)` of an `x · wᵀ`-shaped op's inputs `x` `(rows, k)` and `w` `(n, k)`; another
 /// inner size is refused naming the op and its two inputs.
 fn product_dims(
-    x: &Layout,
-    w: &Layout,
+    x: &candle_core::Shape,
+    w: &candle_core::Shape,
     x_name: &str,
     w_name: &str,
 ) -> Result<(usize, usize, usize)> {
-    let (m, k) = x.shape().dims2()?;
-    let (n, k2) = w.shape().dims2()?;
+    let (m, k) = x.dims2()?;
+    let (n, k2) = w.dims2()?;
     if k != k2 {
         candle_core::bail!("{x_name} (.., {k}) with {w_name} ({n}, {k2})");
     }

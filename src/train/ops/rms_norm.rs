@@ -1,31 +1,19 @@
 //! RMSNorm with a gradient for `x` and `w`, and its composed reference.
 
-use super::f32s;
+use super::{f32s, CpuInputs, CpuOutput, Grads};
 #[cfg(feature = "cuda")]
 use crate::kernels::cuda;
-#[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, Result, Tensor, D};
 use rayon::prelude::*;
 
 struct RmsNorm {
     eps: f32,
 }
 
-impl CustomOp2 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "wildlong-rms-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(s1, l1, self.name())?;
-        let w = f32s(s2, l2, self.name())?;
+impl RmsNorm {
+    fn cpu(&self, [(s1, l1), (s2, l2)]: CpuInputs<2>) -> CpuOutput {
+        let x = f32s(s1, l1, "wildlong-rms-norm")?;
+        let w = f32s(s2, l2, "wildlong-rms-norm")?;
         let d = l1.dims().last().copied().unwrap_or(1);
         if w.len() != d {
             candle_core::bail!("rms_norm: weight of {} for rows of {d}", w.len());
@@ -44,33 +32,16 @@ impl CustomOp2 for RmsNorm {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let y = cuda::rms_norm(
-            &cuda::tensor_of(s1, l1)?,
-            &cuda::tensor_of(s2, l2)?,
-            self.eps,
-        )?;
-        Ok((cuda::storage_of(&y)?, l1.shape().clone()))
+    fn cuda(&self, [x, w]: [Tensor; 2]) -> Result<Tensor> {
+        cuda::rms_norm(&x, &w, self.eps)
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, [x, w]: [&Tensor; 2], _y: &Tensor, dy: &Tensor) -> Grads<2> {
         let (x, w, dy) = (x.detach(), w.detach(), dy.detach());
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() && w.elem_count() <= cuda::RMS_BWD_MAX {
             let (dx, dw) = cuda::rms_norm_backward(&x, &w, &dy, self.eps)?;
-            return Ok((Some(dx), Some(dw)));
+            return Ok([Some(dx), Some(dw)]);
         }
         let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?
             .sqrt()?
@@ -81,9 +52,11 @@ impl CustomOp2 for RmsNorm {
         let dxhat = dy.broadcast_mul(&w)?;
         let proj = (&dxhat * &xhat)?.mean_keepdim(D::Minus1)?;
         let dx = (dxhat - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&inv)?;
-        Ok((Some(dx), Some(dw)))
+        Ok([Some(dx), Some(dw)])
     }
 }
+
+custom_op!(RmsNorm, "wildlong-rms-norm", CustomOp2);
 
 /// RMSNorm over the last dimension with a gradient for `x` and `w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {

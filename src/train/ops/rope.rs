@@ -1,12 +1,10 @@
 //! Rotary embedding with a gradient for `x` (the backward is the inverse rotation).
 
-use super::f32s;
+use super::{f32s, CpuInputs, CpuOutput, Grads};
 use crate::engine::rope::RopeLayout;
 #[cfg(feature = "cuda")]
 use crate::kernels::cuda;
-#[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Result, Tensor};
 use rayon::prelude::*;
 
 struct Rope {
@@ -15,23 +13,11 @@ struct Rope {
     inverse: bool,
 }
 
-impl CustomOp3 for Rope {
-    fn name(&self) -> &'static str {
-        "wildlong-rope"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(s1, l1, self.name())?;
-        let cos = f32s(s2, l2, self.name())?;
-        let sin = f32s(s3, l3, self.name())?;
+impl Rope {
+    fn cpu(&self, [(s1, l1), (s2, l2), (s3, l3)]: CpuInputs<3>) -> CpuOutput {
+        let x = f32s(s1, l1, "wildlong-rope")?;
+        let cos = f32s(s2, l2, "wildlong-rope")?;
+        let sin = f32s(s3, l3, "wildlong-rope")?;
         let (b, h, t, d) = l1.shape().dims4()?;
         let half = d / 2;
         if d % 2 != 0 || cos.len() != b * t * half || sin.len() != cos.len() {
@@ -64,33 +50,12 @@ impl CustomOp3 for Rope {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let y = cuda::rope(
-            &cuda::tensor_of(s1, l1)?,
-            &cuda::tensor_of(s2, l2)?,
-            &cuda::tensor_of(s3, l3)?,
-            matches!(self.layout, RopeLayout::Interleaved),
-            self.inverse,
-        )?;
-        Ok((cuda::storage_of(&y)?, l1.shape().clone()))
+    fn cuda(&self, [x, cos, sin]: [Tensor; 3]) -> Result<Tensor> {
+        let interleaved = matches!(self.layout, RopeLayout::Interleaved);
+        cuda::rope(&x, &cos, &sin, interleaved, self.inverse)
     }
 
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, [_x, cos, sin]: [&Tensor; 3], _y: &Tensor, dy: &Tensor) -> Grads<3> {
         // The rotation is orthogonal: its transpose is the rotation by −θ.
         let dx = dy.detach().contiguous()?.apply_op3_no_bwd(
             cos,
@@ -100,9 +65,11 @@ impl CustomOp3 for Rope {
                 inverse: !self.inverse,
             },
         )?;
-        Ok((Some(dx), None, None))
+        Ok([Some(dx), None, None])
     }
 }
+
+custom_op!(Rope, "wildlong-rope", CustomOp3);
 
 /// Rotates `x` `(b, h, t, d)` by the tables `cos`, `sin` `(b, t, d/2)` (as
 /// [`crate::engine::rope::RopeConfig::cos_sin`] makes them), with a gradient for `x`.

@@ -3,8 +3,6 @@
 use super::f32s;
 #[cfg(feature = "cuda")]
 use crate::kernels::cuda;
-#[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
