@@ -32,7 +32,7 @@ fn lines(path: &Path) -> usize {
 /// `{a: 1, b: 2}` → "a 1, b 2" (largest first); "none" when empty.
 fn counts(m: &BTreeMap<String, usize>) -> String {
     let mut items: Vec<(&String, usize)> = m.iter().map(|(k, &n)| (k, n)).collect();
-    items.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    items.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
     if items.is_empty() {
         return "none".into();
     }
