@@ -10,7 +10,7 @@ use crate::eval::ruler::command::RulerCommand;
 use crate::eval::ruler::config::RulerConfig;
 use crate::eval::ruler::run::RulerRun;
 use crate::generator::command::GenerateCommand;
-use crate::generator::GeneratorSpec;
+use crate::generator::{GeneratorSpec, LocalModel};
 use crate::layout::RunLayout;
 use crate::models;
 use crate::pipeline::config::PipelineConfig;
@@ -742,10 +742,12 @@ impl GenerateArgs {
             None => None,
         };
         Ok(GenerateCommand {
-            model: self.engine.model.clone(),
-            adapter: self.adapter.clone(),
-            engine: self.engine.engine_config(threads)?,
-            models_dir: models_dir.to_path_buf(),
+            model: LocalModel {
+                spec: self.engine.model.clone(),
+                adapter: self.adapter.clone(),
+                engine: self.engine.engine_config(threads)?,
+                models_dir: models_dir.to_path_buf(),
+            },
             params: GenerationParams {
                 max_tokens: self.max_tokens,
                 sampling: SamplingParams {
@@ -760,11 +762,13 @@ impl GenerateArgs {
                 json_schema,
                 ignore_eos: false,
             },
-            prompt: self.prompt.clone(),
-            batch_file: self.batch_file.clone(),
+            prompts: match (&self.batch_file, &self.prompt) {
+                (Some(file), _) => Err(file.clone()),
+                (None, Some(p)) => Ok(p.clone()),
+                (None, None) => anyhow::bail!("give --prompt or --batch-file"),
+            },
             output: self.output.clone(),
-            chat: self.chat,
-            system: self.system.clone(),
+            chat: self.chat.then(|| self.system.clone()),
         })
     }
 }

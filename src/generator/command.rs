@@ -2,30 +2,24 @@
 //! the local engine, with a LoRA adapter merged at load when one is named.
 
 use crate::engine::chat::Message;
-use crate::engine::config::{EngineConfig, GenerationParams};
+use crate::engine::config::GenerationParams;
 use crate::engine::generate::{Completion, Engine, Request};
+use crate::generator::LocalModel;
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// What one `wildlong generate` invocation asks for, validated by the CLI.
 pub struct GenerateCommand {
-    /// The models spec to load in the local engine, with this PEFT adapter merged at load.
-    pub model: String,
-    pub adapter: Option<PathBuf>,
-    /// How the engine runs, and where fetched models are.
-    pub engine: EngineConfig,
-    pub models_dir: PathBuf,
+    pub model: LocalModel,
     /// Every prompt's parameters; a batch line may override max_tokens and sampling.
     pub params: GenerationParams,
-    /// One prompt, or a JSONL batch file of them (see `wildlong generate --help`).
-    pub prompt: Option<String>,
-    pub batch_file: Option<PathBuf>,
+    /// `Err(path)`: a JSONL batch file of prompts (see `wildlong generate --help`).
+    pub prompts: std::result::Result<String, PathBuf>,
     /// Append results here as JSONL (resumable) instead of printing.
     pub output: Option<PathBuf>,
-    /// Wrap a plain prompt in the chat template (with `system` first).
-    pub chat: bool,
-    pub system: Option<String>,
+    /// Plain prompts go through the chat template (after this system message, if any).
+    pub chat: Option<Option<String>>,
 }
 
 /// One prompt of a batch file.
@@ -58,13 +52,13 @@ fn id_string(v: &serde_json::Value) -> String {
 /// `wildlong generate`: one prompt, or a batch file resumed against its output file.
 pub fn generate(c: &GenerateCommand) -> Result<()> {
     let base = c.params.clone();
-    let lines: Vec<(String, BatchLine)> = match &c.batch_file {
-        Some(path) => read_batch_file(path)?,
-        None => vec![(
+    let lines: Vec<(String, BatchLine)> = match &c.prompts {
+        Err(path) => read_batch_file(path)?,
+        Ok(prompt) => vec![(
             "0".into(),
             BatchLine {
                 id: None,
-                prompt: c.prompt.clone(),
+                prompt: Some(prompt.clone()),
                 messages: None,
                 max_tokens: None,
                 temperature: None,
@@ -78,12 +72,7 @@ pub fn generate(c: &GenerateCommand) -> Result<()> {
         Some(out) if out.exists() => completed_ids(out)?,
         _ => Default::default(),
     };
-    let engine = crate::models::load_engine_with_adapter(
-        &c.model,
-        c.adapter.as_deref(),
-        &c.models_dir,
-        &c.engine,
-    )?;
+    let engine = c.model.load()?;
     let mut jobs = Vec::new();
     for (id, line) in lines {
         if done_ids.contains(&id) {
@@ -120,7 +109,7 @@ pub fn generate(c: &GenerateCommand) -> Result<()> {
         None => Box::new(std::io::stdout()),
     };
     let requests: Vec<Request> = jobs.iter().map(|j| j.request.clone()).collect();
-    let single = jobs.len() == 1 && c.output.is_none() && c.batch_file.is_none();
+    let single = jobs.len() == 1 && c.output.is_none() && c.prompts.is_ok();
     let mut write_err = None;
     engine.generate(&requests, |i, c: &Completion| {
         if let Some(b) = &bar {
@@ -156,9 +145,9 @@ fn build_prompt(
 ) -> Result<(String, Vec<u32>)> {
     let messages = match (messages, prompt) {
         (Some(m), None) => Some(m),
-        (None, Some(p)) if c.chat => {
+        (None, Some(p)) if c.chat.is_some() => {
             let mut m = Vec::new();
-            if let Some(s) = &c.system {
+            if let Some(Some(s)) = &c.chat {
                 m.push(Message::new("system", s.clone()));
             }
             m.push(Message::new("user", p));

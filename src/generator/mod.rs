@@ -33,6 +33,23 @@ impl GeneratorSpec {
     }
 }
 
+/// A model for the local engine: a models spec with an optional PEFT adapter merged as the
+/// weights load, the engine settings and the folder of fetched models.
+#[derive(Debug, Clone)]
+pub struct LocalModel {
+    pub spec: String,
+    pub adapter: Option<std::path::PathBuf>,
+    pub engine: crate::engine::config::EngineConfig,
+    pub models_dir: std::path::PathBuf,
+}
+
+impl LocalModel {
+    pub fn load(&self) -> Result<Engine> {
+        let adapter = self.adapter.as_deref();
+        crate::models::load_engine_with_adapter(&self.spec, adapter, &self.models_dir, &self.engine)
+    }
+}
+
 pub enum Llm {
     Local(Box<Engine>),
     Remote(OpenAiClient),

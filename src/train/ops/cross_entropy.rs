@@ -1,5 +1,7 @@
 //! The chunked cross-entropy: `h · wᵀ` against targets `chunk` rows at a time.
 
+#[cfg(feature = "cuda")]
+use super::frozen_product;
 use super::{f32s, product_dims, CpuInputs, CpuOutput, Grads};
 #[cfg(feature = "cuda")]
 use crate::kernels::cuda;

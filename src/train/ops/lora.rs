@@ -1,8 +1,6 @@
 //! The fused LoRA linear `x·Wᵀ + s·(d(x)·Aᵀ)·Bᵀ` with seeded dropout, and its reference.
 
 use super::{f32s, frozen_product, CpuInputs, CpuOutput, Grads};
-#[cfg(feature = "cuda")]
-use crate::kernels::cuda;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 use rayon::prelude::*;

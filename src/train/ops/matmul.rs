@@ -1,8 +1,6 @@
 //! `x · wᵀ` against a frozen weight: a gradient for `x` only.
 
 use super::{frozen_product, product_dims, CpuInputs, CpuOutput, Grads};
-#[cfg(feature = "cuda")]
-use crate::kernels::cuda;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 

@@ -1,8 +1,6 @@
 //! Softmax over the last dimension with a gradient.
 
 use super::f32s;
-#[cfg(feature = "cuda")]
-use crate::kernels::cuda;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
