@@ -168,21 +168,19 @@ pub fn markdown(cfg: &PipelineConfig, dir: &Path, config_path: &Path) -> Result<
     let d2 = run.stage2();
     writeln!(s, "\n## Stage 2: documents → long-context pairs\n")?;
     if let Some(d) = read::<DocumentStats>(&d2.join(s2::DOCUMENTS_STATS)) {
+        let (read, skipped, types) = (d.read, counts(&d.skipped), counts(&d.types));
         writeln!(
             s,
-            "- Documents read: {}; skipped: {}; types: {}.",
-            d.read,
-            counts(&d.skipped),
-            counts(&d.types)
+            "- Documents read: {read}; skipped: {skipped}; types: {types}."
         )?;
     }
     if let Some(y) = read::<SynthStats>(&d2.join(s2::SYNTH_STATS)) {
+        let rejected = counts(&y.rejected);
+        let card = "Dataset card: `stage2/README.md`";
+        let (contexts, pairs) = (y.contexts, y.pairs);
         writeln!(
             s,
-            "- Contexts: {}; pairs kept: {}; rejected: {}. Dataset card: `stage2/README.md`.",
-            y.contexts,
-            y.pairs,
-            counts(&y.rejected)
+            "- Contexts: {contexts}; pairs kept: {pairs}; rejected: {rejected}. {card}."
         )?;
     }
 
@@ -296,11 +294,7 @@ pub fn svg(dir: &Path) -> Result<String> {
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
         c.draw_series(eval.iter().map(|&p| Circle::new(p, 4, RED.filled())))
             .map_err(|e| err(&e))?;
-        c.configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| err(&e))?;
+        legend(&mut c)?;
 
         let lengths: Vec<usize> = before
             .iter()
@@ -348,14 +342,24 @@ pub fn svg(dir: &Path) -> Result<String> {
             c.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
                 .map_err(|e| err(&e))?;
         }
-        c.configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| err(&e))?;
+        legend(&mut c)?;
         root.present().map_err(|e| err(&e))?;
     }
     Ok(buf)
+}
+
+/// A chart's series legend on a translucent white box.
+fn legend<'a, DB, CT>(c: &mut plotters::prelude::ChartContext<'a, DB, CT>) -> Result<()>
+where
+    DB: plotters::prelude::DrawingBackend + 'a,
+    CT: plotters::coord::CoordTranslate,
+{
+    use plotters::prelude::*;
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("drawing the plot: {e:?}"))
 }
 
 /// Writes `report.md` and `report.svg` (only when they changed); returns the markdown's path.

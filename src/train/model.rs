@@ -96,7 +96,16 @@ impl TrainLinear {
             .filter(|_| self.dropout > 0.0)
             .map(|s| (s, self.dropout));
         Ok(match (&self.weight, &self.lora) {
-            (Param::Frozen(w), Some((a, b))) => ops::lora_linear(x, w, a, b, self.scale, dropout)?,
+            (Param::Frozen(w), Some((a, b))) => ops::lora_linear(
+                x,
+                w,
+                &ops::Adapter {
+                    a,
+                    b,
+                    scale: self.scale,
+                    dropout,
+                },
+            )?,
             (Param::Frozen(w), None) => ops::frozen_matmul(x, w)?,
             (Param::Trained(w), None) => x.matmul(&w.t()?)?,
             (Param::Trained(_), Some(_)) => bail!("{}: adapters on a trained weight", self.name),
@@ -397,18 +406,11 @@ impl TrainModel {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) // (b, n, t, hd)
         };
         let h1 = ops::rms_norm(x, blk.input_layernorm.tensor(), c.rms_norm_eps)?;
-        let q = ops::rope(
-            &heads(blk.q.forward(&h1, seed(0))?, nh)?,
-            &p.cos,
-            &p.sin,
-            c.rope.layout,
-        )?;
-        let k = ops::rope(
-            &heads(blk.k.forward(&h1, seed(1))?, kvh)?,
-            &p.cos,
-            &p.sin,
-            c.rope.layout,
-        )?;
+        let rotated = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(ops::rope(&heads(y, n)?, &p.cos, &p.sin, c.rope.layout)?)
+        };
+        let q = rotated(blk.q.forward(&h1, seed(0))?, nh)?;
+        let k = rotated(blk.k.forward(&h1, seed(1))?, kvh)?;
         let v = heads(blk.v.forward(&h1, seed(2))?, kvh)?;
         let att = ops::chunked_attention(&q, &k, &v, p.segments, self.attention_block)?;
         let att = att.transpose(1, 2)?.reshape((b * t, nh * hd))?;

@@ -196,10 +196,11 @@ fn the_fused_lora_linear_matches_the_composed_one_with_dropout_and_bf16() {
         check(
             &[x.clone(), a.clone(), b.clone()],
             &[true, true, true],
-            |t| ops::lora_linear(&t[0], &wf, &t[1], &t[2], 1.5, dropout).unwrap(),
+            |t| ops::lora_linear(&t[0], &wf, &adapter(&t[1], &t[2], 1.5, dropout)).unwrap(),
             |t| {
                 let wd = w.clone();
-                ops::lora_linear_reference(&t[0], &wd, &t[1], &t[2], 1.5, dropout).unwrap()
+                ops::lora_linear_reference(&t[0], &wd, &adapter(&t[1], &t[2], 1.5, dropout))
+                    .unwrap()
             },
             1e-4,
         );
@@ -211,8 +212,9 @@ fn the_fused_lora_linear_matches_the_composed_one_with_dropout_and_bf16() {
         a.to_dtype(DType::F32).unwrap(),
         b.to_dtype(DType::F32).unwrap(),
     );
-    let ours = ops::lora_linear(&xf, &wb, &af, &bf, 2.0, Some((4, 0.1))).unwrap();
-    let want = ops::lora_linear_reference(&xf, &wb, &af, &bf, 2.0, Some((4, 0.1))).unwrap();
+    let ours = ops::lora_linear(&xf, &wb, &adapter(&af, &bf, 2.0, Some((4, 0.1)))).unwrap();
+    let want =
+        ops::lora_linear_reference(&xf, &wb, &adapter(&af, &bf, 2.0, Some((4, 0.1)))).unwrap();
     assert!(max_abs_diff(&ours, &want) < 1e-5);
 }
 
@@ -359,4 +361,18 @@ fn adamw_schedule_and_clipping_match_pytorch() {
     // A non-finite gradient is reported, not applied.
     let mut bad = vec![Tensor::new(&[1f32, f32::NAN], &Device::Cpu).unwrap()];
     assert!(clip_global_norm(&mut bad, 1.0).unwrap().is_nan());
+}
+
+fn adapter<'a>(
+    a: &'a Tensor,
+    b: &'a Tensor,
+    scale: f64,
+    dropout: Option<(u64, f64)>,
+) -> ops::Adapter<'a> {
+    ops::Adapter {
+        a,
+        b,
+        scale,
+        dropout,
+    }
 }

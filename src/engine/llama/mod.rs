@@ -94,14 +94,8 @@ impl Attention {
     }
 
     /// x `(b, t, hidden)` → `(b, t, hidden)`.
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Rot,
-        mask: &Mask,
-        cache: &mut Cache,
-        layer: usize,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pass: &Pass, cache: &mut Cache, layer: usize) -> Result<Tensor> {
+        let (rope, mask) = (&pass.rope, &pass.mask);
         let (b, t, _) = x.dims3()?;
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let g = h / kvh;
@@ -288,21 +282,9 @@ impl Block {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Rot,
-        mask: &Mask,
-        cache: &mut Cache,
-        layer: usize,
-    ) -> Result<Tensor> {
-        let h = (x + self.self_attn.forward(
-            &self.input_layernorm.forward(x)?,
-            rope,
-            mask,
-            cache,
-            layer,
-        )?)?;
+    fn forward(&self, x: &Tensor, pass: &Pass, cache: &mut Cache, layer: usize) -> Result<Tensor> {
+        let attn = self.input_layernorm.forward(x)?;
+        let h = (x + self.self_attn.forward(&attn, pass, cache, layer)?)?;
         let out = (&h
             + self
                 .mlp
@@ -326,6 +308,12 @@ struct Rot<'a> {
     cfg: &'a RopeConfig,
     cos: Tensor,
     sin: Tensor,
+}
+
+/// What every layer of one forward pass shares: the rotary tables and the mask.
+struct Pass<'a> {
+    rope: Rot<'a>,
+    mask: Mask,
 }
 
 /// The decoder with its LM head.
@@ -478,8 +466,9 @@ impl Llama {
             .embed_tokens
             .index_select(&tokens.flatten_all()?, 0)?
             .reshape((b, t, self.cfg.hidden_size))?;
+        let pass = Pass { rope: rot, mask };
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &rot, &mask, cache, i)?;
+            x = layer.forward(&x, &pass, cache, i)?;
         }
         cache.len += t;
         self.norm.forward(&x)

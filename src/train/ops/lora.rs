@@ -109,17 +109,26 @@ impl LoraLinear {
 
 custom_op!(LoraLinear, "wildlong-lora-linear", CustomOp3);
 
+/// A LoRA adapter on one projection: `a` `(r, k)`, `b` `(out, r)`, the scale `alpha / r`
+/// and the dropout of its input (mask seed, probability).
+#[derive(Debug, Clone, Copy)]
+pub struct Adapter<'a> {
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scale: f64,
+    pub dropout: Option<(u64, f64)>,
+}
+
 /// `x·Wᵀ + scale·(dropout(x)·Aᵀ)·Bᵀ` for `x` `(..., k)`, a frozen `w` `(out, k)`, `a`
 /// `(r, k)`, `b` `(out, r)` (PEFT's LoRA forward), gradients for `x`, `a` and `b`;
 /// `dropout` = (mask seed, probability).
-pub fn lora_linear(
-    x: &Tensor,
-    w: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
-    scale: f64,
-    dropout: Option<(u64, f64)>,
-) -> Result<Tensor> {
+pub fn lora_linear(x: &Tensor, w: &Tensor, lora: &Adapter) -> Result<Tensor> {
+    let Adapter {
+        a,
+        b,
+        scale,
+        dropout,
+    } = *lora;
     let dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&1);
     let m = x.elem_count() / k.max(1);
@@ -138,16 +147,10 @@ pub fn lora_linear(
 }
 
 /// The composed reference of [`lora_linear`] (candle ops, autograd through every step).
-pub fn lora_linear_reference(
-    x: &Tensor,
-    w: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
-    scale: f64,
-    dropout: Option<(u64, f64)>,
-) -> Result<Tensor> {
+pub fn lora_linear_reference(x: &Tensor, w: &Tensor, lora: &Adapter) -> Result<Tensor> {
+    let (a, b, scale) = (lora.a, lora.b, lora.scale);
     let w = w.to_dtype(x.dtype())?;
-    let xd = match dropout {
+    let xd = match lora.dropout {
         Some((seed, p)) => {
             let m = Tensor::from_vec(dropout_mask(seed, x.elem_count(), p), x.shape(), x.device())?;
             (x * m.to_dtype(x.dtype())?)?
