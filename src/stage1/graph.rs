@@ -195,7 +195,7 @@ impl TypeGraph {
     }
 
     pub fn to_graphml(&self) -> String {
-        petgraph_graphml::GraphMl::new(&self.graph)
+        let xml = petgraph_graphml::GraphMl::new(&self.graph)
             .pretty_print(true)
             .export_node_weights(Box::new(|n: &Node| {
                 vec![
@@ -210,8 +210,25 @@ impl TypeGraph {
                     ("weight".into(), e.weight.to_string().into()),
                 ]
             }))
-            .to_string()
+            .to_string();
+        sorted_keys(&xml)
     }
+}
+
+/// petgraph-graphml declares the `<key>`s from a hash set, in another order every run; they
+/// are sorted here so that the same graph always writes the same bytes.
+fn sorted_keys(xml: &str) -> String {
+    let mut lines: Vec<&str> = xml.lines().collect();
+    let is_key = |l: &str| l.trim_start().starts_with("<key ");
+    if let Some(start) = lines.iter().position(|l| is_key(l)) {
+        let len = lines[start..].iter().take_while(|l| is_key(l)).count();
+        lines[start..start + len].sort_unstable();
+    }
+    let mut out = lines.join("\n");
+    if xml.ends_with('\n') {
+        out.push('\n');
+    }
+    out
 }
 
 /// File-name form of a document type.

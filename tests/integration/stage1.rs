@@ -452,6 +452,12 @@ fn graphs_save_reload_and_export() {
     assert!(gml.contains("<graphml"));
     assert_eq!(gml.matches("<node ").count(), 5);
     assert_eq!(gml.matches("<edge ").count(), 7);
+    // The same graph writes the same bytes: petgraph-graphml declares its keys in hash-set
+    // order (another order each time), so they are written sorted.
+    let keys: Vec<&str> = gml.lines().filter(|l| l.contains("<key ")).collect();
+    assert_eq!(keys.len(), 5, "{gml}");
+    assert!(keys.windows(2).all(|w| w[0] <= w[1]), "{keys:?}");
+    assert!((0..20).all(|_| g.to_graphml() == gml));
     // A damaged file is an error naming it.
     std::fs::write(&p, "{\"nodes\": 3}").unwrap();
     let e = format!("{:#}", TypeGraph::load_json(&p).unwrap_err());
@@ -717,6 +723,10 @@ fn killed_extraction_resumes_and_shards_give_the_same_records() {
     ok(&run(&whole, &[]).output().unwrap());
     let reference = meta_lines(&whole.join("stage1"));
     assert_eq!(reference.len(), 4);
+    // The schema it extracted with is recorded for stage 2.
+    let schema = wildlong::stage1::config::MetaSchema::of_stage1(&whole.join("stage1")).unwrap();
+    assert!(whole.join("stage1/meta_schema.toml").is_file());
+    assert_eq!(schema, wildlong::stage1::config::MetaSchema::builtin());
 
     let killed = d.path().join("killed");
     let meta = killed.join("stage1/meta.jsonl");
