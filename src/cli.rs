@@ -554,9 +554,9 @@ pub struct BenchArgs {
 
 impl Cli {
     /// The CPU threads this invocation runs with, validated: `--threads`, else the `threads`
-    /// of the engine config the command reads (`--engine-config FILE`, a pipeline's
-    /// `[engine]`), else 0 (all physical cores).
-    pub fn threads(&self) -> Result<usize> {
+    /// of the engine config the command reads (`--engine-config FILE`, or `pipeline`'s
+    /// `[engine]` for `wildlong run`), else 0 (all physical cores).
+    pub fn threads(&self, pipeline: Option<&PipelineConfig>) -> Result<usize> {
         if self.threads > 0 {
             crate::engine::config::check_threads(self.threads).context("--threads")?;
             return Ok(self.threads);
@@ -568,21 +568,23 @@ impl Cli {
             Command::Sample(a) => Some(&a.engine),
             Command::Synth(a) => Some(&a.engine),
             Command::Eval(EvalCommand::Ruler(a)) => Some(&a.engine),
-            Command::Run(a) => {
-                let cfg = crate::pipeline::config::PipelineConfig::load(&a.config, &a.set)?;
-                return Ok(cfg.engine.threads);
-            }
             _ => None,
         };
-        Ok(match engine {
-            Some(e) => e.engine_config(0)?.threads,
-            None => 0,
+        Ok(match (engine, pipeline) {
+            (Some(e), _) => e.engine_config(0)?.threads,
+            (None, Some(p)) => p.engine.threads,
+            (None, None) => 0,
         })
     }
 }
 
 pub fn run(mut cli: Cli) -> Result<()> {
-    cli.threads = cli.threads()?;
+    // A pipeline's config is read once: its `[engine]` sizes the pool, then it runs.
+    let pipeline = match &cli.command {
+        Command::Run(a) => Some(PipelineConfig::load(&a.config, &a.set)?),
+        _ => None,
+    };
+    cli.threads = cli.threads(pipeline.as_ref())?;
     if cli.threads > 0 {
         // Candle sizes its parallel loops by RAYON_NUM_THREADS; nothing has started a pool yet.
         std::env::set_var("RAYON_NUM_THREADS", cli.threads.to_string());
@@ -593,11 +595,11 @@ pub fn run(mut cli: Cli) -> Result<()> {
         .num_threads(cli.threads)
         .build()
         .context("building the thread pool")?;
-    pool.install(|| run_command(cli))
+    pool.install(|| run_command(cli, pipeline))
 }
 
 /// Each command: its arguments validated into the library's types, then one call.
-fn run_command(cli: Cli) -> Result<()> {
+fn run_command(cli: Cli, pipeline: Option<PipelineConfig>) -> Result<()> {
     let (threads, models_dir) = (cli.threads, cli.models_dir.as_path());
     match cli.command {
         Command::Models(ModelsCommand::Fetch { model }) => {
@@ -692,7 +694,7 @@ fn run_command(cli: Cli) -> Result<()> {
             crate::eval::ruler::command::compare(&report, &baseline)
         }
         Command::Run(a) => {
-            let mut cfg = PipelineConfig::load(&a.config, &a.set)?;
+            let mut cfg = pipeline.context("the pipeline config is read before the pool")?;
             if threads > 0 {
                 cfg.engine.threads = threads;
             }

@@ -75,13 +75,13 @@ impl Step {
         }
     }
 
-    /// What the step owns under the run folder, relative to it (moved aside when its
-    /// inputs change).
-    pub fn outputs(self) -> Vec<PathBuf> {
-        use crate::layout::{stage1 as s1, stage2, train};
-        let in1 = |names: &[&str]| names.iter().map(|n| Path::new(s1::DIR).join(n)).collect();
-        match self {
-            Self::Extract => vec![s1::DIR.into()],
+    /// What the step owns in the run folder (moved aside when its inputs change), its
+    /// record `pipeline/<step>.json` last.
+    pub fn outputs(self, run: &RunLayout) -> Vec<PathBuf> {
+        use crate::layout::stage1 as s1;
+        let in1 = |names: &[&str]| names.iter().map(|n| run.stage1().join(n)).collect();
+        let mut owned: Vec<PathBuf> = match self {
+            Self::Extract => vec![run.stage1()],
             Self::Graph => in1(&[
                 s1::NORMALIZED,
                 s1::MERGES,
@@ -95,11 +95,13 @@ impl Step {
                 s1::SAMPLE_IDENTITY,
                 s1::BLUEPRINTS,
             ]),
-            Self::Synth => vec![stage2::DIR.into()],
-            Self::Train => vec![train::DIR.into()],
-            Self::EvalBefore => vec![Path::new("eval").join("before")],
-            Self::EvalAfter => vec![Path::new("eval").join("after")],
-        }
+            Self::Synth => vec![run.stage2()],
+            Self::Train => vec![run.train()],
+            Self::EvalBefore => vec![run.eval(false)],
+            Self::EvalAfter => vec![run.eval(true)],
+        };
+        owned.push(run.step_state(self.name()));
+        owned
     }
 
     /// Whether the step generates text with the run's generator (loaded once, kept until
@@ -220,13 +222,14 @@ fn supersede(dir: &Path, step: Step, old: &StepState) -> Result<PathBuf> {
     let to = layout
         .superseded()
         .join(format!("{secs}-{}-{}", old.step, &old.hash[..12]));
-    let record = Path::new("pipeline").join(format!("{}.json", step.name()));
-    for rel in step.outputs().into_iter().chain([record]) {
-        let from = dir.join(&rel);
+    for from in step.outputs(&layout) {
         if !from.exists() {
             continue;
         }
-        let dest = to.join(&rel);
+        let rel = from
+            .strip_prefix(dir)
+            .expect("the layout's paths are under the run folder");
+        let dest = to.join(rel);
         std::fs::create_dir_all(dest.parent().expect("joined path has a parent"))
             .with_context(|| format!("creating {}", to.display()))?;
         std::fs::rename(&from, &dest)
