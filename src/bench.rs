@@ -1,10 +1,10 @@
-//! `wildlong bench`: prefill, decode, batched-decode and shared-prefix throughput of the
+//! `wildlong bench`: prefill, decode, batched-decode and prefix-cache throughput of the
 //! engine on one model, medians over repeated runs, printed as one JSON object. Peers are
 //! measured beside it by `benches/peers.sh` (same machine, same run).
 
 use crate::cli::BenchArgs;
 use crate::engine::config::{GenerationParams, SamplingParams};
-use crate::engine::generate::{Engine, Request};
+use crate::engine::generate::{Completion, Engine, Request};
 use crate::models;
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -41,6 +41,16 @@ fn timed(f: impl FnOnce() -> Result<()>) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// A run with no cached prefix (every prompt token computed).
+fn cold(
+    engine: &Engine,
+    reqs: &[Request],
+    f: impl FnMut(usize, &Completion),
+) -> Result<Vec<Completion>> {
+    engine.reset_cache();
+    engine.generate(reqs, f)
+}
+
 pub fn run(args: &BenchArgs, threads: usize, models_dir: &Path) -> Result<()> {
     if let Some(shape) = &args.synthetic {
         return synthetic::run(args, shape, threads);
@@ -72,8 +82,8 @@ pub fn run(args: &BenchArgs, threads: usize, models_dir: &Path) -> Result<()> {
 
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        let tp = timed(|| engine.generate(&one, |_, _| {}).map(drop))?;
-        let tf = timed(|| engine.generate(&full, |_, _| {}).map(drop))?;
+        let tp = timed(|| cold(&engine, &one, |_, _| {}).map(drop))?;
+        let tf = timed(|| cold(&engine, &full, |_, _| {}).map(drop))?;
         prefill.push(p as f64 / tp);
         decode.push((n - 1) as f64 / (tf - tp).max(1e-9));
     }
@@ -93,8 +103,8 @@ pub fn run(args: &BenchArgs, threads: usize, models_dir: &Path) -> Result<()> {
         };
         let (b1, bn) = (mk(1)?, mk(n)?);
         for _ in 0..runs {
-            let tp = timed(|| engine.generate(&b1, |_, _| {}).map(drop))?;
-            let tf = timed(|| engine.generate(&bn, |_, _| {}).map(drop))?;
+            let tp = timed(|| cold(&engine, &b1, |_, _| {}).map(drop))?;
+            let tf = timed(|| cold(&engine, &bn, |_, _| {}).map(drop))?;
             batch_decode.push((args.batch * (n - 1)) as f64 / (tf - tp).max(1e-9));
         }
     }
@@ -115,22 +125,23 @@ pub fn run(args: &BenchArgs, threads: usize, models_dir: &Path) -> Result<()> {
             prompt: indep,
             params: params(m),
         }];
-        let t_one = timed(|| engine.generate(&indep_req, |_, _| {}).map(drop))?;
+        let t_one = timed(|| cold(&engine, &indep_req, |_, _| {}).map(drop))?;
         let t_indep = t_one * args.continuations as f64;
         let mut t_shared = Vec::new();
         for _ in 0..runs.min(2) {
+            // All continuations at once, the cache cold: the first computes the document,
+            // the others take it from the prefix cache.
             let reqs: Vec<Request> = (0..args.continuations)
                 .map(|i| {
+                    let mut prompt = doc.clone();
+                    prompt.extend(q(i)?);
                     Ok(Request {
-                        prompt: q(i)?,
+                        prompt,
                         params: params(m),
                     })
                 })
                 .collect::<Result<_>>()?;
-            t_shared.push(timed(|| {
-                let prefix = engine.prefill_prefix(&doc)?;
-                engine.generate_with_prefix(&prefix, &reqs).map(drop)
-            })?);
+            t_shared.push(timed(|| cold(&engine, &reqs, |_, _| {}).map(drop))?);
         }
         let ts = median(t_shared);
         shared = serde_json::json!({
@@ -268,7 +279,7 @@ fn train(args: &BenchArgs, seq: usize, models_dir: &Path) -> Result<()> {
 /// HF transformers + PEFT. One JSON line per measurement. `tiny` runs the same code on a
 /// 2-layer model (the CPU test of this command).
 mod synthetic {
-    use super::{median, params, timed, train_steps};
+    use super::{cold, median, params, timed, train_steps};
     use crate::cli::BenchArgs;
     use crate::engine::generate::{Engine, Request};
     use crate::engine::llama::{Config, Llama, LlamaConfig};
@@ -460,7 +471,7 @@ mod synthetic {
             }];
             let mut runs = Vec::new();
             for _ in 0..args.runs.clamp(1, 2) {
-                runs.push(timed(|| engine.generate(&req, |_, _| {}).map(drop))?);
+                runs.push(timed(|| cold(&engine, &req, |_, _| {}).map(drop))?);
             }
             let dt = median(runs);
             emit(serde_json::json!({
@@ -481,8 +492,8 @@ mod synthetic {
             };
             let (one, full) = (mk(1, &mut ids), mk(new, &mut ids));
             engine.generate(&full, |_, _| {})?; // warm-up at this batch size
-            let tp = timed(|| engine.generate(&one, |_, _| {}).map(drop))?;
-            let tf = timed(|| engine.generate(&full, |_, _| {}).map(drop))?;
+            let tp = timed(|| cold(&engine, &one, |_, _| {}).map(drop))?;
+            let tf = timed(|| cold(&engine, &full, |_, _| {}).map(drop))?;
             emit(serde_json::json!({
                 "engine": "wildlong", "step": "generate", "batch": bs, "prompt": p, "new": new,
                 "s": round(tf, 2),

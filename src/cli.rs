@@ -58,7 +58,7 @@ pub enum Command {
         after_help = "Examples:\n  wildlong generate --model default --chat --prompt \"Name three primary colors.\"\n  wildlong generate --model default --chat --prompt \"Give a city and its country.\" --json-schema city.json\n  wildlong generate --model default --chat --batch-file prompts.jsonl --output out.jsonl\n\nA batch file has one JSON object per line: {\"id\": \"q1\", \"prompt\": \"...\"} or {\"id\": \"q2\", \"messages\": [{\"role\": \"user\", \"content\": \"...\"}]};\noptional per-line keys: max_tokens, temperature, top_p, top_k, seed. With --output, finished lines are appended\nand a rerun skips the ids already there."
     )]
     Generate(GenerateArgs),
-    /// Measure prefill, decode, batched and shared-prefix throughput.
+    /// Measure prefill, decode, batched and prefix-cache throughput.
     Bench(BenchArgs),
     /// Stage 1: filter conversations and extract the meta-information of each user query.
     #[command(
@@ -515,7 +515,7 @@ pub struct BenchArgs {
     /// Rows of the batched-decode measurement.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
-    /// Document length of the shared-prefix measurement (0 = skip).
+    /// Document length of the prefix-cache measurement (0 = skip).
     #[arg(long, default_value_t = 4096)]
     pub prefix_tokens: usize,
     #[arg(long, default_value_t = 8)]

@@ -34,6 +34,40 @@ pub fn derived_rng(seed: u64, labels: &[&[u8]]) -> rand_chacha::ChaCha8Rng {
     rand::SeedableRng::from_seed(derived_seed(seed, labels))
 }
 
+/// Hands on items that arrive in any order (the engine's completion order) in index order,
+/// so that an append-only file is written in input order and a resumed run continues it
+/// exactly.
+pub struct InOrder<T> {
+    next: usize,
+    ready: std::collections::BTreeMap<usize, T>,
+}
+
+impl<T> Default for InOrder<T> {
+    fn default() -> Self {
+        Self {
+            next: 0,
+            ready: Default::default(),
+        }
+    }
+}
+
+impl<T> InOrder<T> {
+    /// Takes item `i`; calls `f` on every item whose predecessors have all arrived.
+    pub fn push(
+        &mut self,
+        i: usize,
+        item: T,
+        mut f: impl FnMut(usize, T) -> Result<()>,
+    ) -> Result<()> {
+        self.ready.insert(i, item);
+        while let Some(item) = self.ready.remove(&self.next) {
+            f(self.next, item)?;
+            self.next += 1;
+        }
+        Ok(())
+    }
+}
+
 /// Appends JSON lines, flushing each so a kill loses at most the line being written.
 pub fn append_line<T: Serialize>(path: &Path, v: &T) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()

@@ -51,34 +51,20 @@ pub fn attention(
         && k.dtype() == DType::F32
         && v.dtype() == DType::F32;
     if cpu_f32 && !fused {
-        // One batch row and PREFILL_ROWS query rows at a time: the scores stay a few MB
-        // instead of (b, kvh, g*t, kv) at once.
-        let (b, _, gt, _) = q.dims4()?;
+        let (b, _, _, _) = q.dims4()?;
         let t = mask.dim(2)?;
-        let kv = k.dim(2)?;
-        let mut rows = Vec::with_capacity(b);
-        for bi in 0..b {
-            let (qb, kb, vb) = (
-                q.narrow(0, bi, 1)?,
-                k.narrow(0, bi, 1)?,
-                v.narrow(0, bi, 1)?,
-            );
-            let kt = kb.t()?;
-            let mut blocks = Vec::new();
-            for start in (0..gt).step_by(PREFILL_ROWS) {
-                let n = PREFILL_ROWS.min(gt - start);
-                let scores = qb.narrow(2, start, n)?.contiguous()?.matmul(&kt)?; // (1, kvh, n, kv)
-                scores.inplace_op1(&MaskedSoftmax {
-                    mask: mask_host.clone(),
+        let rows = (0..b)
+            .map(|bi| {
+                gemm_softmax(
+                    &q.narrow(0, bi, 1)?,
+                    &k.narrow(0, bi, 1)?,
+                    &v.narrow(0, bi, 1)?,
+                    mask_host,
                     t,
-                    kv,
-                    batch_row: bi,
-                    first_row: start,
-                })?;
-                blocks.push(scores.matmul(&vb)?); // (1, kvh, n, d)
-            }
-            rows.push(Tensor::cat(&blocks, 2)?);
-        }
+                    bi,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
         return Ok(Tensor::cat(&rows, 0)?);
     }
     if !fused {
@@ -96,6 +82,37 @@ pub fn attention(
     Ok(q.contiguous()?.apply_op3_no_bwd(k, v, &op)?)
 }
 
+/// One batch row's attention by GEMMs, PREFILL_ROWS query rows at a time (the scores stay a
+/// few MB instead of `(kvh, g*t, kv)` at once): q `(1, kvh, g*t, d)` scaled, k/v
+/// `(1, kvh, kv, d)` f32, `mask` the host mask `(.., t, kv)` whose row block `batch_row` is
+/// this row's; returns `(1, kvh, g*t, d)`.
+pub(crate) fn gemm_softmax(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Arc<Vec<f32>>,
+    t: usize,
+    batch_row: usize,
+) -> Result<Tensor> {
+    let gt = q.dim(2)?;
+    let kv = k.dim(2)?;
+    let kt = k.t()?;
+    let mut blocks = Vec::new();
+    for start in (0..gt).step_by(PREFILL_ROWS) {
+        let n = PREFILL_ROWS.min(gt - start);
+        let scores = q.narrow(2, start, n)?.contiguous()?.matmul(&kt)?; // (1, kvh, n, kv)
+        scores.inplace_op1(&MaskedSoftmax {
+            mask: mask.clone(),
+            t,
+            kv,
+            batch_row,
+            first_row: start,
+        })?;
+        blocks.push(scores.matmul(v)?); // (1, kvh, n, d)
+    }
+    Ok(Tensor::cat(&blocks, 2)?)
+}
+
 struct FusedAttention {
     mask: Arc<Vec<f32>>, // (b, t, kv)
     b: usize,
@@ -103,10 +120,11 @@ struct FusedAttention {
     kv: usize,
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, what: &str) -> candle_core::Result<&'a [f32]> {
+/// The f32 values of a CPU storage (`what` names it in the error).
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, what: &str) -> candle_core::Result<&'a [f32]> {
     match s {
         CpuStorage::F32(v) => Ok(v),
-        _ => candle_core::bail!("fused attention: {what} must be f32"),
+        _ => candle_core::bail!("attention: {what} must be f32"),
     }
 }
 

@@ -91,10 +91,16 @@ impl Default for GenerationParams {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
-    /// Prompt tokens per prefill step (long prompts are prefilled in chunks of this size).
+    /// Tokens one forward pass carries at most: the decoding rows' next tokens and, in the
+    /// rest, chunks of new prompts (long prompts are prefilled in chunks of this size).
     pub prefill_chunk: usize,
-    /// Rows decoded together.
+    /// Requests decoded together (continuous batching: a finished row is refilled at once).
     pub max_batch: usize,
+    /// Memory for the paged KV cache, GiB; default: what `max_batch` rows of the full context
+    /// need, at most half the host's available memory (90% of free device memory on CUDA).
+    pub kv_cache_gib: Option<f64>,
+    /// Tokens per KV-cache block (the unit of allocation and of prefix caching).
+    pub block_size: usize,
     /// In-memory format of GGUF weights.
     pub weight_format: WeightFormat,
     /// Compute dtype for safetensors checkpoints: f32, f16 or bf16.
@@ -130,6 +136,17 @@ impl EngineConfig {
         if self.max_batch == 0 {
             anyhow::bail!("max_batch (--batch-size) must be at least 1");
         }
+        if !(1..=1024).contains(&self.block_size) {
+            anyhow::bail!(
+                "block_size must be between 1 and 1024 tokens, got {}",
+                self.block_size
+            );
+        }
+        if let Some(g) = self.kv_cache_gib {
+            if !(g.is_finite() && g > 0.0) {
+                anyhow::bail!("kv_cache_gib must be a positive number of GiB, got {g}");
+            }
+        }
         check_threads(self.threads).context("threads")?;
         Ok(())
     }
@@ -157,6 +174,8 @@ impl Default for EngineConfig {
         Self {
             prefill_chunk: 512,
             max_batch: 16,
+            kv_cache_gib: None,
+            block_size: 16,
             weight_format: WeightFormat::default(),
             dtype: "f32".into(),
             rope_theta: None,

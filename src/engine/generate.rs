@@ -1,19 +1,21 @@
-//! The generation engine every stage uses: batches of ragged prompts (left-padded, masked,
-//! per-row positions), chunked prefill, a KV cache written in place, per-row sampling, stop
-//! strings, EOS sets, token limits, JSON-schema constraints, and shared-prefix decoding
-//! (prefill a long document once, decode many continuations after it).
+//! The generation engine every stage uses: requests in, completions out as each finishes,
+//! scheduled by continuous batching over a paged KV cache with automatic prefix caching
+//! (`engine::scheduler`); per-request sampling, stop strings, EOS sets, token limits and
+//! JSON-schema constraints (this file). A request's output does not depend on what else is
+//! in the batch.
 
+use crate::engine::blocks::BlockStats;
 use crate::engine::chat::{ChatTemplate, Message};
 use crate::engine::config::{EngineConfig, GenerationParams};
 use crate::engine::constrained::{Constraint, ConstraintFactory};
-use crate::engine::llama::{Cache, Llama, SharedPrefix};
+use crate::engine::llama::Llama;
 use crate::engine::rope::RopeScaling;
 use crate::engine::sampling::Sampler;
+use crate::engine::scheduler::PagedState;
 use crate::engine::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Mutex, OnceLock};
 
 /// One prompt (token ids) and how to continue it.
 #[derive(Debug, Clone)]
@@ -49,22 +51,26 @@ pub struct Engine {
     pub chat_template: Option<ChatTemplate>,
     pub config: EngineConfig,
     constraints: OnceLock<std::result::Result<ConstraintFactory, String>>,
+    /// The paged KV cache and its blocks, made at the first request and kept (with the
+    /// cached prefixes) across calls.
+    pub(crate) paged: Mutex<Option<PagedState>>,
 }
 
-/// Decoding state of one row.
-struct Row {
-    idx: usize,
+/// Decoding state of one request.
+pub(crate) struct Row {
     sampler: Sampler,
     constraint: Option<Constraint>,
-    tokens: Vec<u32>,
+    /// Generated tokens (EOS excluded).
+    pub(crate) tokens: Vec<u32>,
     eos: Vec<u32>,
     max_new: usize,
     stop: Vec<String>,
     max_stop_chars: usize,
-    done: Option<FinishReason>,
+    pub(crate) done: Option<FinishReason>,
+    /// Position the next generated token takes (prompt length + generated).
     next_pos: i64,
-    /// Tokens to feed on the next forward pass: the sampled one plus any the grammar forces.
-    pending: Vec<u32>,
+    /// Tokens to feed next: the sampled one plus any the grammar forces.
+    pub(crate) pending: Vec<u32>,
 }
 
 impl Engine {
@@ -80,6 +86,28 @@ impl Engine {
             chat_template,
             config,
             constraints: OnceLock::new(),
+            paged: Mutex::new(None),
+        }
+    }
+
+    /// Prefix-cache and preemption counters since the engine was made.
+    pub fn cache_stats(&self) -> BlockStats {
+        self.paged
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().map(|p| p.blocks.stats))
+            .unwrap_or_default()
+    }
+
+    /// Forgets every cached prefix (benchmarks measure cold runs); the cache's memory is kept.
+    pub fn reset_cache(&self) {
+        if let Ok(mut g) = self.paged.lock() {
+            if let Some(p) = g.as_mut() {
+                p.blocks = crate::engine::blocks::BlockManager::new(
+                    p.blocks.num_blocks(),
+                    p.blocks.block_size(),
+                );
+            }
         }
     }
 
@@ -132,267 +160,143 @@ impl Engine {
     }
 
     /// Checks every request before any work is done (bad input fails fast).
-    fn validate(&self, reqs: &[Request], prefix_len: usize) -> Result<()> {
-        let max = self.max_context();
+    fn validate(&self, reqs: &[Request]) -> Result<()> {
         // Batches usually share one schema: compile each distinct schema once here.
         let mut checked_schemas: Vec<&serde_json::Value> = Vec::new();
         for (i, r) in reqs.iter().enumerate() {
-            if r.prompt.is_empty() {
-                bail!("request {i}: empty prompt");
-            }
-            r.params
-                .sampling
-                .validate()
-                .with_context(|| format!("request {i}"))?;
-            let n = r.prompt.len() + prefix_len;
-            if n >= max {
-                bail!("request {i}: prompt has {n} tokens but the model's context holds {max} (prompt + generated tokens)");
-            }
-            if let Some(&bad) = r
-                .prompt
-                .iter()
-                .find(|&&t| t as usize >= self.model.config().vocab_size)
-            {
-                bail!(
-                    "request {i}: token id {bad} is outside the vocabulary ({})",
-                    self.model.config().vocab_size
-                );
-            }
+            let fresh =
+                (r.params.json_schema.as_ref()).is_some_and(|s| !checked_schemas.contains(&s));
+            self.validate_one(r, fresh)
+                .map_err(|e| anyhow::anyhow!("request {i}: {e:#}"))?;
             if let Some(s) = &r.params.json_schema {
-                if !checked_schemas.contains(&s) {
-                    self.constraint(s).with_context(|| format!("request {i}"))?;
-                    checked_schemas.push(s);
-                }
+                checked_schemas.push(s);
             }
         }
         Ok(())
     }
 
-    /// Generates a completion for every request, `max_batch` rows at a time, in input order.
+    /// Checks one request (its schema compiled when `schema` is set).
+    pub(crate) fn validate_one(&self, r: &Request, schema: bool) -> Result<()> {
+        let max = self.max_context();
+        if r.prompt.is_empty() {
+            bail!("empty prompt");
+        }
+        r.params.sampling.validate()?;
+        let n = r.prompt.len();
+        if n >= max {
+            bail!("prompt has {n} tokens but the model's context holds {max} (prompt + generated tokens)");
+        }
+        let vocab = self.model.config().vocab_size;
+        if let Some(&bad) = r.prompt.iter().find(|&&t| t as usize >= vocab) {
+            bail!("token id {bad} is outside the vocabulary ({vocab})");
+        }
+        if let (Some(s), true) = (&r.params.json_schema, schema) {
+            self.constraint(s)?;
+        }
+        Ok(())
+    }
+
+    /// Generates a completion for every request; `on_done(index, completion)` is called as
+    /// each finishes (completion order), and the result is in input order.
     pub fn generate(
         &self,
         reqs: &[Request],
         mut on_done: impl FnMut(usize, &Completion),
     ) -> Result<Vec<Completion>> {
-        self.validate(reqs, 0)?;
-        let mut out = Vec::with_capacity(reqs.len());
-        for (bi, chunk) in reqs.chunks(self.config.max_batch.max(1)).enumerate() {
-            let done = self.run_batch(None, chunk)?;
-            for (j, c) in done.iter().enumerate() {
-                on_done(bi * self.config.max_batch.max(1) + j, c);
-            }
-            out.extend(done);
+        self.validate(reqs)?;
+        let plan = self.kv_plan()?;
+        for (i, r) in reqs.iter().enumerate() {
+            self.check_fits(r, &plan)
+                .map_err(|e| anyhow::anyhow!("request {i}: {e:#}"))?;
         }
-        Ok(out)
-    }
-
-    /// Prefills `tokens` once so that many requests can continue after them.
-    pub fn prefill_prefix(&self, tokens: &[u32]) -> Result<Arc<SharedPrefix>> {
-        if tokens.is_empty() {
-            bail!("empty shared prefix");
-        }
-        if tokens.len() >= self.max_context() {
-            bail!(
-                "shared prefix has {} tokens but the model's context holds {}",
-                tokens.len(),
-                self.max_context()
-            );
-        }
-        let mut cache = Cache::new(self.model.config(), 1);
-        let pos: Vec<i64> = (0..tokens.len() as i64).collect();
-        self.prefill(&mut cache, &[tokens.to_vec()], &[pos])?;
-        Ok(Arc::new(cache.into_prefix()?))
-    }
-
-    /// Continues every request's prompt after `prefix` (prompts hold only the suffix).
-    pub fn generate_with_prefix(
-        &self,
-        prefix: &Arc<SharedPrefix>,
-        reqs: &[Request],
-    ) -> Result<Vec<Completion>> {
-        self.validate(reqs, prefix.len())?;
-        let mut out = Vec::with_capacity(reqs.len());
-        for chunk in reqs.chunks(self.config.max_batch.max(1)) {
-            out.extend(self.run_batch(Some(prefix.clone()), chunk)?);
-        }
-        Ok(out)
-    }
-
-    /// Runs left-padded prompts through the model in chunks; returns the last position's logits `(b, vocab)`.
-    fn prefill(
-        &self,
-        cache: &mut Cache,
-        tokens: &[Vec<u32>],
-        positions: &[Vec<i64>],
-    ) -> Result<Tensor> {
-        let len = tokens[0].len();
-        let chunk = self.config.prefill_chunk.max(1);
-        let mut last = None;
-        let mut start = 0;
-        while start < len {
-            let end = (start + chunk).min(len);
-            let ids: Vec<u32> = tokens
-                .iter()
-                .flat_map(|r| r[start..end].iter().copied())
-                .collect();
-            let ids = Tensor::from_vec(ids, (tokens.len(), end - start), self.model.device())?;
-            let pos: Vec<Vec<i64>> = positions.iter().map(|p| p[start..end].to_vec()).collect();
-            let hidden = self.model.forward(&ids, &pos, cache)?;
-            if end == len {
-                last = Some(self.model.last_logits(&hidden)?);
-            }
-            start = end;
-        }
-        last.context("prefill of an empty batch")
-    }
-
-    fn run_batch(
-        &self,
-        prefix: Option<Arc<SharedPrefix>>,
-        reqs: &[Request],
-    ) -> Result<Vec<Completion>> {
-        let cfg = self.model.config();
-        let b = reqs.len();
-        let max_len = reqs.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
-        let start_pos = prefix.as_ref().map_or(0, |p| p.next_position());
-        let mut cache = match &prefix {
-            Some(p) => Cache::with_prefix(cfg, b, p.clone()),
-            None => Cache::new(cfg, b),
-        };
-        let mut tokens = Vec::with_capacity(b);
-        let mut positions = Vec::with_capacity(b);
-        for r in reqs {
-            let pad = max_len - r.prompt.len();
-            let mut t = vec![0u32; pad];
-            t.extend_from_slice(&r.prompt);
-            let mut p = vec![-1i64; pad];
-            p.extend((0..r.prompt.len() as i64).map(|i| start_pos + i));
-            tokens.push(t);
-            positions.push(p);
-        }
-        let max_ctx = self.max_context() as i64;
-        let mut rows: Vec<Row> = reqs
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let mut eos = Vec::new();
-                if !r.params.ignore_eos {
-                    eos.extend(self.tokenizer.eos_ids());
-                    eos.extend(&cfg.eos_token_ids);
-                }
-                eos.extend(&r.params.eos_token_ids);
-                Ok(Row {
-                    idx: i,
-                    sampler: Sampler::new(&r.params.sampling),
-                    constraint: r
-                        .params
-                        .json_schema
-                        .as_ref()
-                        .map(|s| self.constraint(s))
-                        .transpose()?,
-                    tokens: Vec::new(),
-                    eos,
-                    max_new: r.params.max_tokens,
-                    stop: r
-                        .params
-                        .stop
-                        .iter()
-                        .filter(|s| !s.is_empty())
-                        .cloned()
-                        .collect(),
-                    max_stop_chars: r
-                        .params
-                        .stop
-                        .iter()
-                        .map(|s| s.chars().count())
-                        .max()
-                        .unwrap_or(0),
-                    done: None,
-                    next_pos: start_pos + r.prompt.len() as i64,
-                    pending: Vec::new(),
-                })
-            })
-            .collect::<Result<_>>()?;
-        let mut finished: Vec<Option<Row>> = (0..b).map(|_| None).collect();
-        let mut logits = self.prefill(&mut cache, &tokens, &positions)?;
-        loop {
-            // Sample one token for every active row.
-            let rows_logits: Vec<Vec<f32>> = logits.to_vec2()?;
-            for (row, l) in rows.iter_mut().zip(rows_logits) {
-                row.pending.clear();
-                if row.max_new == 0 {
-                    row.done = Some(FinishReason::Length);
-                    continue;
-                }
-                let tok = match &mut row.constraint {
-                    Some(c) => {
-                        let mask = c.mask()?;
-                        let n = mask.len();
-                        row.sampler.sample(
-                            l,
-                            Some(&|i: usize| i < n && mask.is_allowed(i as u32)),
-                            &row.tokens,
-                        )?
-                    }
-                    None => row.sampler.sample(l, None, &row.tokens)?,
-                };
-                self.advance(row, tok, max_ctx)?;
-                row.pending.push(tok);
-                self.fast_forward(row, max_ctx)?;
-            }
-            // Rows that finished leave the batch.
-            let keep: Vec<usize> = (0..rows.len())
-                .filter(|&i| rows[i].done.is_none())
-                .collect();
-            let mut still = Vec::with_capacity(keep.len());
-            for (i, row) in rows.into_iter().enumerate() {
-                if keep.contains(&i) {
-                    still.push(row);
-                } else {
-                    let idx = row.idx;
-                    finished[idx] = Some(row);
-                }
-            }
-            rows = still;
-            if rows.is_empty() {
-                break;
-            }
-            cache.retain_rows(&keep)?;
-            // Rows feed 1 + forced tokens; shorter rows are left-padded (position -1).
-            let t = rows.iter().map(|r| r.pending.len()).max().unwrap_or(1);
-            let mut ids = Vec::with_capacity(rows.len() * t);
-            let mut pos = Vec::with_capacity(rows.len());
-            for r in &rows {
-                let pad = t - r.pending.len();
-                ids.extend(std::iter::repeat_n(0u32, pad));
-                ids.extend(&r.pending);
-                let first = r.next_pos - r.pending.len() as i64;
-                let mut p = vec![-1i64; pad];
-                p.extend(first..r.next_pos);
-                pos.push(p);
-            }
-            let ids = Tensor::from_vec(ids, (rows.len(), t), self.model.device())?; // (b, t)
-            if self.config.fast_forward || t == 1 {
-                let hidden = self.model.forward(&ids, &pos, &mut cache)?;
-                logits = self.model.last_logits(&hidden)?;
-            } else {
-                // Reference: the same padded columns, one forward pass each.
-                for j in 0..t {
-                    let col = ids.narrow(1, j, 1)?.contiguous()?; // (b, 1)
-                    let p: Vec<Vec<i64>> = pos.iter().map(|p| vec![p[j]]).collect();
-                    let hidden = self.model.forward(&col, &p, &mut cache)?;
-                    logits = self.model.last_logits(&hidden)?;
-                }
-            }
-        }
-        finished
-            .into_iter()
-            .zip(reqs)
-            .map(|(row, req)| {
-                let row = row.context("row lost")?;
-                self.finish(row, req.prompt.len())
-            })
+        let mut out: Vec<Option<Completion>> = (0..reqs.len()).map(|_| None).collect();
+        self.generate_stream(reqs.iter().cloned().map(Ok), |i, c| {
+            on_done(i, &c);
+            out[i] = Some(c);
+            Ok(())
+        })?;
+        out.into_iter()
+            .map(|c| c.context("a request got no completion"))
             .collect()
+    }
+
+    /// Generates for every request `reqs` yields (read as the batch has room, so a workload
+    /// need not be held in memory); `on_done(index in the stream, completion)` is called as
+    /// each finishes. An error from the stream or from `on_done` stops the run.
+    pub fn generate_stream(
+        &self,
+        reqs: impl Iterator<Item = Result<Request>>,
+        mut on_done: impl FnMut(usize, Completion) -> Result<()>,
+    ) -> Result<()> {
+        self.run_scheduler(reqs, &mut on_done)
+    }
+
+    /// The decoding state of a new request.
+    pub(crate) fn new_row(&self, r: &Request) -> Result<Row> {
+        let cfg = self.model.config();
+        let mut eos = Vec::new();
+        if !r.params.ignore_eos {
+            eos.extend(self.tokenizer.eos_ids());
+            eos.extend(&cfg.eos_token_ids);
+        }
+        eos.extend(&r.params.eos_token_ids);
+        Ok(Row {
+            sampler: Sampler::new(&r.params.sampling),
+            constraint: r
+                .params
+                .json_schema
+                .as_ref()
+                .map(|s| self.constraint(s))
+                .transpose()?,
+            tokens: Vec::new(),
+            eos,
+            max_new: r.params.max_tokens,
+            stop: r
+                .params
+                .stop
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .collect(),
+            max_stop_chars: r
+                .params
+                .stop
+                .iter()
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0),
+            done: if r.params.max_tokens == 0 {
+                Some(FinishReason::Length)
+            } else {
+                None
+            },
+            next_pos: r.prompt.len() as i64,
+            pending: Vec::new(),
+        })
+    }
+
+    /// Samples the next token of `row` from its logits and the tokens its grammar forces
+    /// after it; they are left in `row.pending` (empty when the row ended on EOS).
+    pub(crate) fn sample_next(&self, row: &mut Row, logits: Vec<f32>) -> Result<()> {
+        let max_ctx = self.max_context() as i64;
+        row.pending.clear();
+        let tok = match &mut row.constraint {
+            Some(c) => {
+                let mask = c.mask()?;
+                let n = mask.len();
+                row.sampler.sample(
+                    logits,
+                    Some(&|i: usize| i < n && mask.is_allowed(i as u32)),
+                    &row.tokens,
+                )?
+            }
+            None => row.sampler.sample(logits, None, &row.tokens)?,
+        };
+        self.advance(row, tok, max_ctx)?;
+        if row.done != Some(FinishReason::Eos) {
+            row.pending.push(tok);
+        }
+        self.fast_forward(row, max_ctx)
     }
 
     /// Records `tok` for `row` and decides whether the row is done.
@@ -444,7 +348,7 @@ impl Engine {
         Ok(row.stop.iter().filter_map(|s| tail.find(s.as_str())).min())
     }
 
-    fn finish(&self, row: Row, prompt_tokens: usize) -> Result<Completion> {
+    pub(crate) fn finish(&self, row: Row, prompt_tokens: usize) -> Result<Completion> {
         let mut text = self.tokenizer.decode(&row.tokens, true)?;
         let reason = row.done.unwrap_or(FinishReason::Length);
         if reason == FinishReason::Stop {

@@ -3,6 +3,7 @@
 //! above this layer runs a model directly.
 
 pub mod attention;
+pub mod blocks;
 pub mod chat;
 pub mod config;
 pub mod constrained;
@@ -10,7 +11,9 @@ pub mod generate;
 pub mod llama;
 pub mod lora;
 pub mod packed;
+pub mod paged_attention;
 pub mod rope;
 pub mod sampling;
+pub mod scheduler;
 pub mod tokenizer;
 pub mod weights;

@@ -376,6 +376,7 @@ impl OutPtr {
 }
 
 /// A dot product in eight lanes, so that the compiler vectorizes it.
+#[inline]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -536,48 +537,56 @@ mod avx512 {
     use super::{BlockKind, PackedWeight, MAX_TILE, PAIR_TILE, QK};
     use std::arch::x86_64::*;
 
-    /// Block `b` of weight row `row`: its 32 quantized values as two f32 vectors.
-    #[inline]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn quant_block(w: &PackedWeight, row: usize, b: usize) -> (__m512, __m512) {
-        let qb = w.kind.qbytes();
-        let p = w.qs.as_ptr().add((row * w.nb + b) * qb);
-        match w.kind {
-            BlockKind::Q8_0 => (
-                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))),
-                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                    p.add(16) as *const __m128i
-                ))),
-            ),
-            BlockKind::Q4_0 | BlockKind::Q4_1 => {
-                let mask = _mm_set1_epi8(0x0F);
-                let raw = _mm_loadu_si128(p as *const __m128i);
-                (
-                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask))),
-                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
-                        _mm_srli_epi16(raw, 4),
-                        mask,
+    // The block helpers are macros, not functions: a `#[target_feature]` function cannot be
+    // `#[inline(always)]`, and without optimisation level 3 the helpers stayed calls that
+    // pass vectors through memory (most of decode's time in test builds).
+
+    /// Block `$b` of weight row `$row`: its 32 quantized values as two f32 vectors.
+    macro_rules! quant_block {
+        ($w:expr, $row:expr, $b:expr) => {{
+            let w: &PackedWeight = $w;
+            let qb = w.kind.qbytes();
+            let p = w.qs.as_ptr().add(($row * w.nb + $b) * qb);
+            match w.kind {
+                BlockKind::Q8_0 => (
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))),
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        p.add(16) as *const __m128i
                     ))),
-                )
+                ),
+                BlockKind::Q4_0 | BlockKind::Q4_1 => {
+                    let mask = _mm_set1_epi8(0x0F);
+                    let raw = _mm_loadu_si128(p as *const __m128i);
+                    (
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask))),
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
+                            _mm_srli_epi16(raw, 4),
+                            mask,
+                        ))),
+                    )
+                }
             }
-        }
+        }};
     }
 
-    /// Block `b` of weight row `row` as two vectors of f32 weights (w = q·d + m).
-    #[inline]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn dequant_block(w: &PackedWeight, row: usize, b: usize) -> (__m512, __m512) {
-        let (q0, q1) = quant_block(w, row, b);
-        let dv = _mm512_set1_ps(*w.scales.get_unchecked(row * w.nb + b));
-        let mv = _mm512_set1_ps(*w.offsets.get_unchecked(row * w.nb + b));
-        (_mm512_fmadd_ps(q0, dv, mv), _mm512_fmadd_ps(q1, dv, mv))
+    /// Block `$b` of weight row `$row` as two vectors of f32 weights (w = q·d + m).
+    macro_rules! dequant_block {
+        ($w:expr, $row:expr, $b:expr) => {{
+            let w: &PackedWeight = $w;
+            let (row, b) = ($row, $b);
+            let (q0, q1) = quant_block!(w, row, b);
+            let dv = _mm512_set1_ps(*w.scales.get_unchecked(row * w.nb + b));
+            let mv = _mm512_set1_ps(*w.offsets.get_unchecked(row * w.nb + b));
+            (_mm512_fmadd_ps(q0, dv, mv), _mm512_fmadd_ps(q1, dv, mv))
+        }};
     }
 
-    #[inline]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn load_x(x: &[f32], k: usize, row: usize, b: usize) -> (__m512, __m512) {
-        let xp = x.as_ptr().add(row * k + b * QK);
-        (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)))
+    /// Activation row `$row`'s values under block `$b`, as two vectors.
+    macro_rules! load_x {
+        ($x:expr, $k:expr, $row:expr, $b:expr) => {{
+            let xp = $x.as_ptr().add($row * $k + $b * QK);
+            (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)))
+        }};
     }
 
     /// One activation row: the block dot is scaled afterwards (no per-block dequantization),
@@ -598,8 +607,8 @@ mod avx512 {
         );
         let has_offset = w.kind != BlockKind::Q8_0;
         for b in 0..w.nb {
-            let (q0, q1) = quant_block(w, r, b);
-            let (x0, x1) = load_x(x, w.k, i0, b);
+            let (q0, q1) = quant_block!(w, r, b);
+            let (x0, x1) = load_x!(x, w.k, i0, b);
             let s = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
             let dv = _mm512_set1_ps(*w.scales.get_unchecked(r * w.nb + b));
             if b % 2 == 0 {
@@ -627,9 +636,9 @@ mod avx512 {
         let mut vacc = [_mm512_setzero_ps(); T];
         let mut vacc2 = [_mm512_setzero_ps(); T];
         for b in 0..w.nb {
-            let (w0, w1) = dequant_block(w, r, b);
+            let (w0, w1) = dequant_block!(w, r, b);
             for t in 0..T {
-                let (x0, x1) = load_x(x, w.k, i0 + t, b);
+                let (x0, x1) = load_x!(x, w.k, i0 + t, b);
                 vacc[t] = _mm512_fmadd_ps(w0, x0, vacc[t]);
                 vacc2[t] = _mm512_fmadd_ps(w1, x1, vacc2[t]);
             }
@@ -651,9 +660,9 @@ mod avx512 {
     ) {
         let mut vacc = [_mm512_setzero_ps(); T];
         for b in 0..w.nb {
-            let (w0, w1) = dequant_block(w, r, b);
+            let (w0, w1) = dequant_block!(w, r, b);
             for (t, v) in vacc.iter_mut().enumerate() {
-                let (x0, x1) = load_x(x, w.k, i0 + t, b);
+                let (x0, x1) = load_x!(x, w.k, i0 + t, b);
                 *v = _mm512_fmadd_ps(w1, x1, _mm512_fmadd_ps(w0, x0, *v));
             }
         }
@@ -675,10 +684,10 @@ mod avx512 {
         let mut va = [_mm512_setzero_ps(); PAIR_TILE];
         let mut vb = [_mm512_setzero_ps(); PAIR_TILE];
         for b in 0..w.nb {
-            let (a0, a1) = dequant_block(w, r, b);
-            let (b0, b1) = dequant_block(w, r + 1, b);
+            let (a0, a1) = dequant_block!(w, r, b);
+            let (b0, b1) = dequant_block!(w, r + 1, b);
             for t in 0..PAIR_TILE {
-                let (x0, x1) = load_x(x, w.k, i0 + t, b);
+                let (x0, x1) = load_x!(x, w.k, i0 + t, b);
                 va[t] = _mm512_fmadd_ps(a1, x1, _mm512_fmadd_ps(a0, x0, va[t]));
                 vb[t] = _mm512_fmadd_ps(b1, x1, _mm512_fmadd_ps(b0, x0, vb[t]));
             }

@@ -1,6 +1,6 @@
 //! What generates text for a stage: the local engine or an OpenAI-compatible server, behind
-//! one chat-level call. Stages that can use engine-only features (shared prefixes, token
-//! budgets) ask for the local engine with [`Llm::local`].
+//! one chat-level call. Stages that can use engine-only features (token ids, prefix-cache
+//! stats, token budgets) ask for the local engine with [`Llm::local`].
 
 pub mod command;
 pub mod openai;
@@ -9,7 +9,7 @@ use crate::engine::chat::Message;
 use crate::engine::config::GenerationParams;
 use crate::engine::generate::{Completion, Engine, Request};
 use crate::generator::openai::OpenAiClient;
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 /// Which generator a command asked for: a models spec on the local engine, or the model of
 /// an OpenAI-compatible server.
@@ -77,27 +77,47 @@ impl Llm {
 
     /// Chat completions for every request, in input order.
     pub fn chat_batch(&self, reqs: &[(Vec<Message>, GenerationParams)]) -> Result<Vec<Completion>> {
+        let mut out: Vec<Option<Completion>> = (0..reqs.len()).map(|_| None).collect();
+        self.chat_each(reqs, |i, c| {
+            out[i] = Some(c);
+            Ok(())
+        })?;
+        out.into_iter()
+            .map(|c| c.context("a request got no completion"))
+            .collect()
+    }
+
+    /// Chat completions for every request; `on_done(index, completion)` as each finishes
+    /// (the local engine) or in input order once all have (a server).
+    pub fn chat_each(
+        &self,
+        reqs: &[(Vec<Message>, GenerationParams)],
+        mut on_done: impl FnMut(usize, Completion) -> Result<()>,
+    ) -> Result<()> {
         match self {
             Self::Local(e) => {
-                let reqs = reqs
-                    .iter()
-                    .map(|(m, p)| {
-                        Ok(Request {
-                            prompt: e.chat_prompt(m)?,
-                            params: p.clone(),
-                        })
+                let reqs = reqs.iter().map(|(m, p)| {
+                    Ok(Request {
+                        prompt: e.chat_prompt(m)?,
+                        params: p.clone(),
                     })
-                    .collect::<Result<Vec<_>>>()?;
-                e.generate(&reqs, |_, _| {})
+                });
+                e.generate_stream(reqs, on_done)
             }
-            Self::Remote(c) => c.chat_batch(reqs),
+            Self::Remote(c) => {
+                for (i, r) in c.chat_batch(reqs)?.into_iter().enumerate() {
+                    on_done(i, r)?;
+                }
+                Ok(())
+            }
         }
     }
 
-    /// Requests worth sending together.
+    /// Requests worth submitting together: the local engine schedules many at once (its
+    /// rows refilled as they finish); a server gets as many as may be in flight.
     pub fn batch_size(&self) -> usize {
         match self {
-            Self::Local(e) => e.config.max_batch.max(1),
+            Self::Local(e) => e.config.max_batch.max(1) * 64,
             Self::Remote(c) => c.config.concurrency.max(1),
         }
     }

@@ -1,7 +1,9 @@
 //! The OpenAI-compatible backend: chat completions over HTTP (ureq), for running the same
-//! stages against vLLM, SGLang, llama.cpp or a hosted API. Requests run `concurrency` at a
-//! time; timeouts, connection errors, 429 and 5xx are retried with exponential backoff;
-//! other errors fail with the server's message. It does not tokenize: prompts are messages.
+//! stages against vLLM, SGLang, llama.cpp or a hosted API. Requests run up to `concurrency`
+//! at a time, the number in flight adapted to the server ([`Pacer`]: halved on 429/503 or
+//! when latency climbs without more throughput, raised by one while throughput grows);
+//! timeouts, connection errors, 429 and 5xx are retried with exponential backoff; other
+//! errors fail with the server's message. It does not tokenize: prompts are messages.
 
 use crate::engine::chat::Message;
 use crate::engine::config::GenerationParams;
@@ -28,8 +30,11 @@ pub struct OpenAiConfig {
     pub max_retries: usize,
     /// First wait between retries, doubled each time.
     pub retry_backoff_s: f64,
-    /// Requests in flight at once.
+    /// Most requests in flight at once.
     pub concurrency: usize,
+    /// Adapt the number in flight (start at `min(4, concurrency)`; false: always
+    /// `concurrency`).
+    pub adaptive: bool,
     /// How a JSON schema is sent: `json_schema` (OpenAI, vLLM, SGLang, llama.cpp's
     /// llama-server) or `json_object` (`{"type": "json_object", "schema": …}`, llama-cpp-python).
     pub json_format: JsonFormat,
@@ -52,6 +57,7 @@ impl Default for OpenAiConfig {
             max_retries: 3,
             retry_backoff_s: 1.0,
             concurrency: 8,
+            adaptive: true,
             json_format: JsonFormat::JsonSchema,
         }
     }
@@ -61,12 +67,102 @@ pub struct OpenAiClient {
     pub config: OpenAiConfig,
     agent: ureq::Agent,
     api_key: Option<String>,
+    pacer: Box<Pacer>,
 }
 
-/// One failed attempt: whether another attempt may succeed.
+/// One failed attempt: whether another attempt may succeed, and whether the server said it
+/// is overloaded (429, 503).
 enum Failure {
-    Retry(String),
+    Retry { msg: String, overloaded: bool },
     Fatal(String),
+}
+
+/// The number of requests allowed in flight, adapted as TCP congestion control adapts its
+/// window (additive increase, multiplicative decrease): over each window of completions,
+/// more throughput than the last window raises the limit by one; an overloaded reply, or a
+/// median latency over twice the best window's without more throughput, halves it.
+pub struct Pacer {
+    state: std::sync::Mutex<PacerState>,
+    freed: std::sync::Condvar,
+    max: usize,
+    adaptive: bool,
+}
+
+struct PacerState {
+    limit: usize,
+    in_flight: usize,
+    window_start: std::time::Instant,
+    latencies: Vec<f64>,
+    last_throughput: f64,
+    best_latency: f64,
+}
+
+impl Pacer {
+    pub fn new(max: usize, adaptive: bool) -> Self {
+        Self {
+            state: std::sync::Mutex::new(PacerState {
+                limit: if adaptive { max.min(4) } else { max },
+                in_flight: 0,
+                window_start: std::time::Instant::now(),
+                latencies: Vec::new(),
+                last_throughput: 0.0,
+                best_latency: f64::INFINITY,
+            }),
+            freed: std::sync::Condvar::new(),
+            max,
+            adaptive,
+        }
+    }
+
+    /// Requests allowed in flight now.
+    pub fn limit(&self) -> usize {
+        self.state.lock().map_or(1, |s| s.limit)
+    }
+
+    /// Waits for a slot.
+    fn acquire(&self) {
+        let Ok(mut s) = self.state.lock() else { return };
+        while s.in_flight >= s.limit {
+            match self.freed.wait(s) {
+                Ok(g) => s = g,
+                Err(_) => return,
+            }
+        }
+        s.in_flight += 1;
+    }
+
+    /// Frees a slot after an attempt that took `latency` seconds.
+    fn release(&self, latency: f64, overloaded: bool) {
+        let Ok(mut s) = self.state.lock() else { return };
+        s.in_flight = s.in_flight.saturating_sub(1);
+        if self.adaptive {
+            if overloaded {
+                s.limit = (s.limit / 2).max(1);
+                s.latencies.clear();
+                s.window_start = std::time::Instant::now();
+            } else {
+                s.latencies.push(latency);
+                if s.latencies.len() >= 2 * s.limit.max(2) {
+                    let n = s.latencies.len();
+                    let throughput = n as f64 / s.window_start.elapsed().as_secs_f64().max(1e-6);
+                    s.latencies.sort_by(f64::total_cmp);
+                    let median = s.latencies[n / 2];
+                    s.best_latency = s.best_latency.min(median);
+                    let grew = throughput > s.last_throughput * 1.05;
+                    if grew && s.limit < self.max {
+                        s.limit += 1;
+                    } else if !grew && median > 2.0 * s.best_latency {
+                        s.limit = (s.limit / 2).max(1);
+                    }
+                    s.last_throughput = throughput;
+                    s.latencies.clear();
+                    s.window_start = std::time::Instant::now();
+                }
+            }
+        }
+        drop(s);
+        self.freed.notify_all();
+    }
 }
 
 impl OpenAiClient {
@@ -92,6 +188,7 @@ impl OpenAiClient {
             .ok()
             .filter(|k| !k.is_empty());
         Ok(Self {
+            pacer: Box::new(Pacer::new(config.concurrency, config.adaptive)),
             config,
             agent,
             api_key,
@@ -152,16 +249,25 @@ impl OpenAiClient {
                     text.chars().take(500).collect::<String>()
                 );
                 return Err(if code == 429 || code >= 500 {
-                    Failure::Retry(msg)
+                    Failure::Retry {
+                        msg,
+                        overloaded: code == 429 || code == 503,
+                    }
                 } else {
                     Failure::Fatal(msg)
                 });
             }
-            Err(ureq::Error::Transport(t)) => return Err(Failure::Retry(t.to_string())),
+            Err(ureq::Error::Transport(t)) => {
+                return Err(Failure::Retry {
+                    msg: t.to_string(),
+                    overloaded: false,
+                })
+            }
         };
-        let v: serde_json::Value = resp
-            .into_json()
-            .map_err(|e| Failure::Retry(format!("reading the response: {e}")))?;
+        let v: serde_json::Value = resp.into_json().map_err(|e| Failure::Retry {
+            msg: format!("reading the response: {e}"),
+            overloaded: false,
+        })?;
         let choice = &v["choices"][0];
         let text = choice["message"]["content"]
             .as_str()
@@ -191,10 +297,21 @@ impl OpenAiClient {
                 std::thread::sleep(Duration::from_secs_f64(wait));
                 wait *= 2.0;
             }
-            match self.attempt(&body) {
+            self.pacer.acquire();
+            let t0 = std::time::Instant::now();
+            let r = self.attempt(&body);
+            let overloaded = matches!(
+                r,
+                Err(Failure::Retry {
+                    overloaded: true,
+                    ..
+                })
+            );
+            self.pacer.release(t0.elapsed().as_secs_f64(), overloaded);
+            match r {
                 Ok(c) => return Ok(c),
                 Err(Failure::Fatal(m)) => bail!("{}: {m}", self.url()),
-                Err(Failure::Retry(m)) => last = m,
+                Err(Failure::Retry { msg, .. }) => last = msg,
             }
         }
         bail!(
@@ -204,7 +321,13 @@ impl OpenAiClient {
         )
     }
 
-    /// Chat completions for every request, `concurrency` in flight, in input order.
+    /// Requests the client allows in flight now.
+    pub fn concurrency_now(&self) -> usize {
+        self.pacer.limit()
+    }
+
+    /// Chat completions for every request, up to `concurrency` in flight (as the pacer
+    /// allows), in input order.
     pub fn chat_batch(&self, reqs: &[(Vec<Message>, GenerationParams)]) -> Result<Vec<Completion>> {
         let next = std::sync::atomic::AtomicUsize::new(0);
         let out: Vec<std::sync::Mutex<Option<Result<Completion>>>> =

@@ -132,6 +132,10 @@ pub struct ExtractStats {
     /// Seconds spent generating in this invocation, and queries done in it.
     pub seconds: f64,
     pub queries_this_run: usize,
+    /// The local engine's prefix cache in this invocation (the instructions every query
+    /// shares are computed once).
+    #[serde(default)]
+    pub prefix_cache: Option<crate::engine::blocks::CacheUse>,
 }
 
 fn sha(parts: &[&[u8]]) -> String {
@@ -335,71 +339,81 @@ impl Extraction<'_> {
         let pb = progress_bar(self.progress, total as u64, "queries");
         pb.set_position(done.len() as u64);
         let started = std::time::Instant::now();
+        let cache_before = llm.local().map(|e| e.cache_stats());
+        // The local engine takes a whole chunk at once (continuous batching keeps its rows
+        // busy; completions arrive as they finish); a server gets `batch` requests at a time.
+        let chunk_size = if local.is_some() {
+            batch * 64
+        } else {
+            batch * 8
+        };
+        let mut handle = |p: &Prepared, c: &Completion| -> Result<()> {
+            stats.queries_this_run += 1;
+            match self.parse(&c.text, c.finish_reason) {
+                Ok(meta) => {
+                    let raw = meta["document_type"].clone();
+                    let rec = MetaRecord {
+                        id: p.id.clone(),
+                        document_type: self.schema.map_document_type(&raw),
+                        meta,
+                        provenance: Provenance {
+                            model: self.model.clone(),
+                            prompt_version: EXTRACT_VERSION.into(),
+                            schema_hash: schema_hash.clone(),
+                            seed: p.seed,
+                            query_truncated: p.truncated,
+                            prompt_tokens: if c.prompt_tokens > 0 {
+                                c.prompt_tokens
+                            } else {
+                                p.prompt_tokens
+                            },
+                            generated_tokens: c.tokens.len(),
+                        },
+                    };
+                    append_line(&meta_path, &rec)?;
+                    records.push(rec);
+                }
+                Err(reason) => {
+                    append_line(
+                        &rejects_path,
+                        &Reject {
+                            id: p.id.clone(),
+                            reason,
+                            output: c.text.clone(),
+                        },
+                    )?;
+                    stats.rejects += 1;
+                }
+            }
+            pb.inc(1);
+            Ok(())
+        };
         for_each_chunk(
             &queries_path,
             self.shard,
             self.limit,
-            batch * 8,
+            chunk_size,
             |q| !done.contains(&q.id),
             |chunk| {
-                let mut prepared: Vec<Prepared> = chunk
+                let prepared: Vec<Prepared> = chunk
                     .into_iter()
                     .map(|q| match &local {
                         Some(l) => l.prepare(self, q),
                         None => Ok(self.prepare_remote(q)),
                     })
                     .collect::<Result<_>>()?;
-                // Similar lengths together: less padding per batch.
-                prepared.sort_by_key(|p| p.prompt_tokens);
+                if let Some(l) = &local {
+                    return l.generate(&prepared, &params, &mut handle);
+                }
                 for group in prepared.chunks(batch) {
-                    let outs = match &local {
-                        Some(l) => l.generate(group, &params)?,
-                        None => llm.chat_batch(
-                            &group
-                                .iter()
-                                .map(|p| (p.messages.clone(), params(p.seed)))
-                                .collect::<Vec<_>>(),
-                        )?,
-                    };
+                    let outs = llm.chat_batch(
+                        &group
+                            .iter()
+                            .map(|p| (p.messages.clone(), params(p.seed)))
+                            .collect::<Vec<_>>(),
+                    )?;
                     for (p, c) in group.iter().zip(outs) {
-                        stats.queries_this_run += 1;
-                        match self.parse(&c.text, c.finish_reason) {
-                            Ok(meta) => {
-                                let raw = meta["document_type"].clone();
-                                let rec = MetaRecord {
-                                    id: p.id.clone(),
-                                    document_type: self.schema.map_document_type(&raw),
-                                    meta,
-                                    provenance: Provenance {
-                                        model: self.model.clone(),
-                                        prompt_version: EXTRACT_VERSION.into(),
-                                        schema_hash: schema_hash.clone(),
-                                        seed: p.seed,
-                                        query_truncated: p.truncated,
-                                        prompt_tokens: if c.prompt_tokens > 0 {
-                                            c.prompt_tokens
-                                        } else {
-                                            p.prompt_tokens
-                                        },
-                                        generated_tokens: c.tokens.len(),
-                                    },
-                                };
-                                append_line(&meta_path, &rec)?;
-                                records.push(rec);
-                            }
-                            Err(reason) => {
-                                append_line(
-                                    &rejects_path,
-                                    &Reject {
-                                        id: p.id.clone(),
-                                        reason,
-                                        output: c.text.clone(),
-                                    },
-                                )?;
-                                stats.rejects += 1;
-                            }
-                        }
-                        pb.inc(1);
+                        handle(p, &c)?;
                     }
                 }
                 Ok(())
@@ -407,6 +421,9 @@ impl Extraction<'_> {
         )?;
         pb.finish_and_clear();
         stats.seconds = started.elapsed().as_secs_f64();
+        if let (Some(e), Some(before)) = (llm.local(), cache_before) {
+            stats.prefix_cache = Some(e.cache_stats().since(&before).usage());
+        }
         stats.records = records.len();
         for r in &records {
             *stats
@@ -447,7 +464,6 @@ impl Extraction<'_> {
             prompt_tokens: text.len() / 4,
             id: q.id,
             tokens: Vec::new(),
-            shares_prefix: false,
             truncated,
         }
     }
@@ -489,7 +505,6 @@ struct Prepared {
     id: String,
     /// Local engine: the whole prompt's tokens.
     tokens: Vec<u32>,
-    shares_prefix: bool,
     /// Server: the chat.
     messages: Vec<Message>,
     prompt_tokens: usize,
@@ -497,14 +512,12 @@ struct Prepared {
     seed: u64,
 }
 
-/// The local engine's extraction prompt: everything before the query is prefilled once
-/// and shared by every query whose tokens start with it.
+/// The local engine's extraction prompt: the rendered template around the query (the
+/// instructions before it are computed once and then served by the engine's prefix cache).
 struct LocalPrompt<'e> {
     engine: &'e Engine,
     head: String,
     tail: String,
-    prefix_tokens: Vec<u32>,
-    prefix: std::sync::Arc<crate::engine::llama::SharedPrefix>,
 }
 
 impl<'e> LocalPrompt<'e> {
@@ -521,14 +534,10 @@ impl<'e> LocalPrompt<'e> {
         let (head, tail) = rendered
             .split_once(MARK)
             .context("the chat template dropped the user message")?;
-        let prefix_tokens = engine.tokenizer.encode(head, false)?;
-        let prefix = engine.prefill_prefix(&prefix_tokens)?;
         Ok(Self {
             engine,
             head: head.to_string(),
             tail: tail.to_string(),
-            prefix_tokens,
-            prefix,
         })
     }
 
@@ -545,51 +554,35 @@ impl<'e> LocalPrompt<'e> {
             (q.text.clone(), false)
         };
         let tokens = tok.encode(&format!("{}{text}{}", self.head, self.tail), false)?;
-        let shares_prefix =
-            tokens.len() > self.prefix_tokens.len() && tokens.starts_with(&self.prefix_tokens);
         Ok(Prepared {
             seed: x.seed(&q.id),
             id: q.id,
             prompt_tokens: tokens.len(),
             tokens,
-            shares_prefix,
             messages: Vec::new(),
             truncated,
         })
     }
 
-    /// Completions for `group`, in its order (shared-prefix rows and the rest batched apart).
+    /// Runs every query of `prepared` at once; `handle` gets them in order, each as soon as
+    /// it and every query before it have finished (records are written in query order, so
+    /// that a resumed run continues the file exactly).
     fn generate(
         &self,
-        group: &[Prepared],
+        prepared: &[Prepared],
         params: &impl Fn(u64) -> GenerationParams,
-    ) -> Result<Vec<Completion>> {
-        let n = self.prefix_tokens.len();
-        let (shared, alone): (Vec<usize>, Vec<usize>) =
-            (0..group.len()).partition(|&i| group[i].shares_prefix);
-        let req = |i: usize, skip: usize| Request {
-            prompt: group[i].tokens[skip..].to_vec(),
-            params: params(group[i].seed),
-        };
-        let mut out: Vec<Option<Completion>> = (0..group.len()).map(|_| None).collect();
-        if !shared.is_empty() {
-            let reqs: Vec<Request> = shared.iter().map(|&i| req(i, n)).collect();
-            for (&i, c) in shared
-                .iter()
-                .zip(self.engine.generate_with_prefix(&self.prefix, &reqs)?)
-            {
-                out[i] = Some(c);
-            }
-        }
-        if !alone.is_empty() {
-            let reqs: Vec<Request> = alone.iter().map(|&i| req(i, 0)).collect();
-            for (&i, c) in alone.iter().zip(self.engine.generate(&reqs, |_, _| {})?) {
-                out[i] = Some(c);
-            }
-        }
-        out.into_iter()
-            .map(|c| c.context("a row got no completion"))
-            .collect()
+        handle: &mut impl FnMut(&Prepared, &Completion) -> Result<()>,
+    ) -> Result<()> {
+        let reqs = prepared.iter().map(|p| {
+            Ok(Request {
+                prompt: p.tokens.clone(),
+                params: params(p.seed),
+            })
+        });
+        let mut in_order = crate::records::InOrder::default();
+        self.engine.generate_stream(reqs, |i, c| {
+            in_order.push(i, c, |i, c| handle(&prepared[i], &c))
+        })
     }
 }
 

@@ -5,6 +5,7 @@
 //! (`blueprints.jsonl`, appended per batch, resumable).
 
 use crate::engine::config::{GenerationParams, SamplingParams};
+use crate::engine::generate::Completion;
 use crate::generator::Llm;
 use crate::records::{
     append_line, progress_bar, read_jsonl_resumable, write_atomic, Blueprint, BlueprintProvenance,
@@ -261,34 +262,40 @@ pub fn write_blueprints(
                 )
             })
             .collect();
-        let outs = llm.chat_batch(&reqs)?;
-        for ((p, r), c) in group.iter().zip(&reqs).zip(outs) {
-            let v: serde_json::Value = serde_json::from_str(&c.text).with_context(|| {
-                format!("path {}: the model's output is not JSON: {}", p.id, c.text)
-            })?;
-            let instruction = v["instruction"]
-                .as_str()
-                .with_context(|| format!("path {}: no instruction in {}", p.id, c.text))?
-                .trim()
-                .to_string();
-            append_line(
-                &out,
-                &Blueprint {
-                    id: p.id.clone(),
-                    document_type: p.document_type.clone(),
-                    path: p.path.clone(),
-                    instruction,
-                    provenance: BlueprintProvenance {
-                        model: model.to_string(),
-                        prompt_version: BLUEPRINT_VERSION.into(),
-                        seed: r.1.sampling.seed,
-                        conversation_ids: p.conversation_ids.clone(),
-                        weighting: weighting.to_string(),
+        // Written in path order as soon as every earlier path's blueprint is in (the
+        // engine finishes them in another order).
+        let mut in_order = crate::records::InOrder::default();
+        llm.chat_each(&reqs, |i, c| {
+            in_order.push(i, c, |i, c: Completion| {
+                let (p, r) = (&group[i], &reqs[i]);
+                let v: serde_json::Value = serde_json::from_str(&c.text).with_context(|| {
+                    format!("path {}: the model's output is not JSON: {}", p.id, c.text)
+                })?;
+                let instruction = v["instruction"]
+                    .as_str()
+                    .with_context(|| format!("path {}: no instruction in {}", p.id, c.text))?
+                    .trim()
+                    .to_string();
+                append_line(
+                    &out,
+                    &Blueprint {
+                        id: p.id.clone(),
+                        document_type: p.document_type.clone(),
+                        path: p.path.clone(),
+                        instruction,
+                        provenance: BlueprintProvenance {
+                            model: model.to_string(),
+                            prompt_version: BLUEPRINT_VERSION.into(),
+                            seed: r.1.sampling.seed,
+                            conversation_ids: p.conversation_ids.clone(),
+                            weighting: weighting.to_string(),
+                        },
                     },
-                },
-            )?;
-            pb.inc(1);
-        }
+                )?;
+                pb.inc(1);
+                Ok(())
+            })
+        })?;
     }
     pb.finish_and_clear();
     Ok(todo.len())

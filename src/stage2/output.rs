@@ -177,6 +177,12 @@ pub fn merge(
         stats.contexts += s.contexts;
         stats.reused += s.reused;
         stats.generated += s.generated;
+        if let Some(c) = s.prefix_cache {
+            stats
+                .prefix_cache
+                .get_or_insert_with(Default::default)
+                .add(&c);
+        }
         for (r, c) in s.rejected {
             *stats.rejected.entry(r).or_default() += c;
         }

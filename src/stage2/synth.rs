@@ -1,8 +1,8 @@
 //! Adaptive generation: for each context, a few blueprints of its document type are
 //! rewritten into concrete instructions for these documents, then answered over the full
-//! context. On the local engine every request over one context continues the same
-//! prefilled prefix (system + documents); on an OpenAI-compatible server each request
-//! carries the whole context (servers with prefix caching reuse it). Results live in a
+//! context. Every request over one context starts with the same tokens (system +
+//! documents): the local engine's prefix cache computes them once; on an OpenAI-compatible
+//! server each request carries the whole context (servers with prefix caching reuse it). Results live in a
 //! content-addressed store, so a killed run resumes and shards never collide;
 //! `data[.shard-k-of-n].jsonl` is rebuilt from the store. The gates of [`gates`] are
 //! applied in a fixed order (answer, grounding, closed-book, decontamination, then
@@ -42,6 +42,10 @@ pub struct SynthStats {
     /// Requests answered from the store instead of the model.
     pub reused: usize,
     pub generated: usize,
+    /// The local engine's prefix cache (each document is computed once for all its
+    /// requests).
+    #[serde(default)]
+    pub prefix_cache: Option<crate::engine::blocks::CacheUse>,
 }
 
 pub struct Synth<'a> {
@@ -89,7 +93,8 @@ impl Synth<'_> {
 
     /// Runs `items` through the store: cached ones are read, the rest generated. `context`
     /// is `None` for requests without the documents; otherwise, on the local engine, the
-    /// items continue one prefill of `prefix_tokens` and end with the template's `tail`.
+    /// items start with `prefix_tokens` (cached by the engine) and end with the template's
+    /// `tail`.
     fn run_requests(
         &self,
         context: Option<(&str, &[u32], &str)>,
@@ -115,19 +120,24 @@ impl Synth<'_> {
         }
         let done: Vec<Completion> = match (self.llm, context) {
             (Llm::Local(engine), Some((_, prefix_tokens, tail))) => {
-                let prefix = engine.prefill_prefix(prefix_tokens)?;
+                // Every request starts with the documents' tokens: the engine's prefix cache
+                // computes them once.
                 let reqs = missing
                     .iter()
                     .map(|&i| {
-                        Ok(Request {
-                            prompt: engine
+                        let mut prompt = prefix_tokens.to_vec();
+                        prompt.extend(
+                            engine
                                 .tokenizer
                                 .encode(&format!("{}{tail}", items[i].request), false)?,
+                        );
+                        Ok(Request {
+                            prompt,
                             params: items[i].params.clone(),
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
-                engine.generate_with_prefix(&prefix, &reqs)?
+                engine.generate(&reqs, |_, _| {})?
             }
             (_, context) => {
                 let reqs: Vec<(Vec<Message>, GenerationParams)> = missing
@@ -171,6 +181,7 @@ impl Synth<'_> {
         dir: &Path,
     ) -> Result<(Vec<Pair>, SynthStats)> {
         let mut stats = SynthStats::default();
+        let cache_before = self.llm.local().map(|e| e.cache_stats());
         let mut pairs = Vec::new();
         let g = &self.cfg.generate;
         let gates = &self.cfg.gates;
@@ -360,6 +371,9 @@ impl Synth<'_> {
         }
         stats.pairs = pairs.len();
         write_jsonl_atomic(&dir.join(format!("data{}.jsonl", shard.suffix())), &pairs)?;
+        if let (Some(e), Some(before)) = (self.llm.local(), cache_before) {
+            stats.prefix_cache = Some(e.cache_stats().since(&before).usage());
+        }
         Ok((pairs, stats))
     }
 }

@@ -1,5 +1,6 @@
-//! The generation engine: ragged batches, shared prefixes, sampling seeds, stop strings,
-//! EOS, context limits and JSON-schema-constrained decoding.
+//! The generation engine: continuous batching (ragged prompts, refilled rows, preemption
+//! under a small KV cache), prefix caching, sampling seeds, stop strings, EOS, context limits
+//! and JSON-schema-constrained decoding.
 
 use crate::common::*;
 use wildlong::engine::chat::Message;
@@ -54,46 +55,166 @@ fn ragged_batch_of_eight_equals_each_prompt_alone() {
     }
 }
 
+/// The default model with engine settings changed (its own KV cache and prefix cache).
+fn engine_with(cfg: EngineConfig) -> wildlong::engine::generate::Engine {
+    load(&default_model_path(), cfg)
+}
+
 #[test]
-fn shared_prefix_equals_full_prompts() {
-    let e = default_engine();
-    let doc = e.tokenizer.encode("<|im_start|>user\nDocument: The Nile is a river in Africa. It flows north into the Mediterranean Sea. The Amazon is in South America.\n", false).unwrap();
+fn continuous_batching_refills_rows_and_each_output_equals_the_prompt_alone() {
+    // Twelve requests through three rows, stopping at different lengths: rows are refilled
+    // as others finish, and prompts are prefilled beside decoding rows in 24-token steps.
+    let e = engine_with(EngineConfig {
+        max_batch: 3,
+        prefill_chunk: 24,
+        ..Default::default()
+    });
+    let reqs: Vec<Request> = QUESTIONS
+        .iter()
+        .chain(&QUESTIONS[..4])
+        .enumerate()
+        .map(|(i, q)| Request {
+            prompt: chat(q),
+            params: greedy(3 + (i * 5) % 14),
+        })
+        .collect();
+    let mut order = Vec::new();
+    let out = e.generate(&reqs, |i, _| order.push(i)).unwrap();
+    assert_eq!(order.len(), reqs.len());
+    assert_ne!(
+        order,
+        (0..reqs.len()).collect::<Vec<_>>(),
+        "completions are delivered as requests finish, not in input order"
+    );
+    for (r, got) in reqs.iter().zip(&out) {
+        let alone = default_engine()
+            .generate(std::slice::from_ref(r), |_, _| {})
+            .unwrap();
+        assert_eq!(
+            alone[0].tokens,
+            got.tokens,
+            "prompt of {} tokens",
+            r.prompt.len()
+        );
+    }
+}
+
+#[test]
+fn prefix_cache_serves_a_shared_document_and_changes_no_output() {
+    let e = engine_with(EngineConfig::default());
+    let doc = e.tokenizer.encode("<|im_start|>user\nDocument: The Nile is a river in Africa. It flows north into the Mediterranean Sea. The Amazon is in South America. The Danube flows through ten countries and ends in the Black Sea.\n", false).unwrap();
+    assert!(doc.len() >= 32, "the document spans at least two blocks");
     let questions = [
         " Which sea does the Nile reach?",
         " Where is the Amazon?",
         " Summarize the document.",
+        " Name the rivers.",
     ];
-    let suffixes: Vec<Vec<u32>> = questions
+    let reqs: Vec<Request> = questions
         .iter()
         .map(|q| {
-            e.tokenizer
-                .encode(&format!("{q}<|im_end|>\n<|im_start|>assistant\n"), false)
-                .unwrap()
+            let mut prompt = doc.clone();
+            prompt.extend(
+                e.tokenizer
+                    .encode(&format!("{q}<|im_end|>\n<|im_start|>assistant\n"), false)
+                    .unwrap(),
+            );
+            Request {
+                prompt,
+                params: greedy(10),
+            }
         })
         .collect();
-    let prefix = e.prefill_prefix(&doc).unwrap();
-    let reqs: Vec<Request> = suffixes
+    let before = e.cache_stats();
+    let shared = e.generate(&reqs, |_, _| {}).unwrap();
+    let stats = e.cache_stats().since(&before);
+    let doc_blocks = doc.len() / 16;
+    assert_eq!(
+        stats.cached_tokens,
+        ((questions.len() - 1) * doc_blocks * 16) as u64,
+        "every request after the first takes the document's full blocks from the cache"
+    );
+    // A second call finds the whole prompts cached (up to their last block).
+    let again = e.generate(&reqs, |_, _| {}).unwrap();
+    assert!(e.cache_stats().since(&before).cached_tokens > stats.cached_tokens);
+    for ((r, a), b) in reqs.iter().zip(&shared).zip(&again) {
+        let fresh = engine_with(EngineConfig::default());
+        let alone = fresh.generate(std::slice::from_ref(r), |_, _| {}).unwrap();
+        assert_eq!(fresh.cache_stats().cached_tokens, 0);
+        assert_eq!(alone[0].tokens, a.tokens);
+        assert_eq!(alone[0].tokens, b.tokens);
+    }
+}
+
+#[test]
+fn a_small_kv_cache_preempts_and_recomputes_without_changing_outputs() {
+    // Eight blocks of 16 tokens: two ~30-token prompts fit, but not as they grow by 40
+    // tokens each, so the newer is preempted and recomputed.
+    let block = wildlong::engine::llama::PagedKv::block_bytes(
+        default_engine().model.config(),
+        16,
+        candle_core::DType::F32,
+    );
+    let e = engine_with(EngineConfig {
+        kv_cache_gib: Some(8.5 * block as f64 / (1u64 << 30) as f64),
+        max_batch: 4,
+        ..Default::default()
+    });
+    assert_eq!(e.kv_plan().unwrap().num_blocks, 8);
+    let p = |seed| GenerationParams {
+        max_tokens: 40,
+        ignore_eos: true,
+        sampling: SamplingParams {
+            temperature: 0.8,
+            seed,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let reqs: Vec<Request> = QUESTIONS[..5]
         .iter()
-        .map(|s| Request {
-            prompt: s.clone(),
-            params: greedy(10),
+        .enumerate()
+        .map(|(i, q)| Request {
+            prompt: chat(q),
+            params: p(i as u64),
         })
         .collect();
-    let shared = e.generate_with_prefix(&prefix, &reqs).unwrap();
-    for (s, got) in suffixes.iter().zip(&shared) {
-        let mut full = doc.clone();
-        full.extend(s);
-        let alone = e
-            .generate(
-                &[Request {
-                    prompt: full,
-                    params: greedy(10),
-                }],
-                |_, _| {},
-            )
+    let out = e.generate(&reqs, |_, _| {}).unwrap();
+    assert!(
+        e.cache_stats().preemptions > 0,
+        "the budget should force preemption"
+    );
+    for (r, got) in reqs.iter().zip(&out) {
+        assert_eq!(got.tokens.len(), 40);
+        let alone = default_engine()
+            .generate(std::slice::from_ref(r), |_, _| {})
             .unwrap();
         assert_eq!(alone[0].tokens, got.tokens);
     }
+    // A request that could not fit even alone is refused before any work, naming the setting.
+    let long = Request {
+        prompt: chat(QUESTIONS[2]),
+        params: GenerationParams {
+            max_tokens: 200,
+            ..Default::default()
+        },
+    };
+    let err = format!("{:#}", e.generate(&[long], |_, _| {}).unwrap_err());
+    assert!(err.contains("kv_cache_gib"), "{err}");
+    // A budget beyond the machine's memory is refused before allocating.
+    let huge = engine_with(EngineConfig {
+        kv_cache_gib: Some(1.0e6),
+        ..Default::default()
+    });
+    let req = Request {
+        prompt: chat("Hi"),
+        params: greedy(2),
+    };
+    let err = format!("{:#}", huge.generate(&[req], |_, _| {}).unwrap_err());
+    assert!(
+        err.contains("kv_cache_gib") && err.contains("available memory"),
+        "{err}"
+    );
 }
 
 #[test]

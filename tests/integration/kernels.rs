@@ -1,9 +1,9 @@
-//! Fast paths against their plain references: the packed quantized-weight kernels, and the
+//! Fast paths against their plain references: the packed quantized-weight kernels, attention (dense and paged), and the
 //! CUDA attention kernels' indexing emulated on the CPU.
 
 use crate::common::lcg_values;
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use wildlong::engine::packed::{matmul, matmul_all_isas, matmul_reference, PackedWeight};
 
 fn packed(kind: GgmlDType, n: usize, k: usize, seed: u64) -> (PackedWeight, QTensor) {
@@ -130,6 +130,141 @@ fn fused_attention_equals_the_candle_reference_with_padding_and_windows() {
         let got = attention(&q, &k, &v, &mask, &host).unwrap();
         let diff = crate::common::max_abs_diff(&want, &got);
         assert!(diff < 1e-5, "t={t} kv={kv} window={window:?}: {diff}");
+    }
+}
+
+#[test]
+fn paged_attention_over_shuffled_block_tables_equals_dense_attention() {
+    use wildlong::engine::attention::attention_reference;
+    use wildlong::engine::llama::{attention_mask, PagedBatch, SeqChunk};
+    use wildlong::engine::paged_attention::{paged_attention, paged_attention_reference};
+    let (kvh, g, d, bs) = (2, 3, 16, 4);
+    let h = kvh * g;
+    let num_blocks = 64;
+    // (cached positions, new tokens): decode rows, grammar-forced runs, prefill chunks
+    // (more than the fused path takes), one across many blocks.
+    let shapes = [(0, 1), (9, 1), (13, 3), (0, 40), (22, 17), (70, 1), (5, 9)];
+    for window in [None, Some(6)] {
+        // Block tables from a shuffled pool: block ids in no particular order.
+        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+        let mut state = 7u64;
+        for i in (1..ids.len()).rev() {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ids.swap(i, (state >> 33) as usize % (i + 1));
+        }
+        let mut next = ids.into_iter();
+        let seqs: Vec<SeqChunk> = shapes
+            .iter()
+            .map(|&(start, len)| SeqChunk {
+                start,
+                len,
+                blocks: (0..(start + len).div_ceil(bs))
+                    .map(|_| next.next().unwrap())
+                    .collect(),
+                last_hidden: true,
+            })
+            .collect();
+        let batch = PagedBatch {
+            seqs,
+            block_size: bs,
+        };
+        let t_all = batch.tokens();
+        let rows = num_blocks * kvh * bs;
+        let k_rows = Tensor::zeros((rows, d), DType::F32, &Device::Cpu).unwrap();
+        let v_rows = Tensor::zeros((rows, d), DType::F32, &Device::Cpu).unwrap();
+        let q = Tensor::from_vec(
+            lcg_values(11, h * t_all * d, 1.0),
+            (1, h, t_all, d),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        // Each sequence's dense keys/values, written into the pool at its table's slots.
+        let mut want = Vec::new();
+        let mut off = 0;
+        for (s, seq) in batch.seqs.iter().enumerate() {
+            let ctx = seq.start + seq.len;
+            let k = Tensor::from_vec(
+                lcg_values(100 + s as u64, ctx * kvh * d, 2.0),
+                (ctx, kvh, d),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let v = Tensor::from_vec(
+                lcg_values(200 + s as u64, ctx * kvh * d, 1.0),
+                (ctx, kvh, d),
+                &Device::Cpu,
+            )
+            .unwrap();
+            for p in 0..ctx {
+                for hh in 0..kvh {
+                    let row = batch.row(s, p, hh, kvh);
+                    let kr = k
+                        .narrow(0, p, 1)
+                        .unwrap()
+                        .narrow(1, hh, 1)
+                        .unwrap()
+                        .reshape((1, d))
+                        .unwrap();
+                    let vr = v
+                        .narrow(0, p, 1)
+                        .unwrap()
+                        .narrow(1, hh, 1)
+                        .unwrap()
+                        .reshape((1, d))
+                        .unwrap();
+                    k_rows.slice_set(&kr, 0, row).unwrap();
+                    v_rows.slice_set(&vr, 0, row).unwrap();
+                }
+            }
+            let kd = k
+                .transpose(0, 1)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let vd = v
+                .transpose(0, 1)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let qs = (q.narrow(2, off, seq.len).unwrap().contiguous().unwrap() * scale)
+                .unwrap()
+                .reshape((1, kvh, g * seq.len, d))
+                .unwrap();
+            let q_pos = vec![(seq.start as i64..ctx as i64).collect::<Vec<_>>()];
+            let k_pos = vec![(0..ctx as i64).collect::<Vec<_>>()];
+            let mask = attention_mask(&q_pos, &k_pos, window, &Device::Cpu).unwrap();
+            let o = attention_reference(&qs, &kd, &vd, &mask).unwrap(); // (1, kvh, g*len, d)
+            want.push(
+                o.reshape((h, seq.len, d))
+                    .unwrap()
+                    .transpose(0, 1)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap(),
+            );
+            off += seq.len;
+        }
+        let want = Tensor::cat(&want, 0).unwrap(); // (T, h, d)
+        let k_pool = k_rows.reshape((num_blocks, kvh, bs, d)).unwrap();
+        let v_pool = v_rows.reshape((num_blocks, kvh, bs, d)).unwrap();
+        let reference =
+            paged_attention_reference(&q, &k_pool, &v_pool, &batch, window, scale).unwrap();
+        let fast = paged_attention(&q, &k_pool, &v_pool, &batch, window, scale).unwrap();
+        assert_eq!(fast.dims(), &[t_all, h, d]);
+        let d_ref = crate::common::max_abs_diff(&want, &reference);
+        let d_fast = crate::common::max_abs_diff(&want, &fast);
+        assert!(d_ref < 1e-5, "window {window:?}: reference {d_ref}");
+        assert!(
+            d_fast < 1e-5,
+            "window {window:?}: fused/GEMM paths {d_fast}"
+        );
     }
 }
 

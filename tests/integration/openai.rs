@@ -200,6 +200,46 @@ fn concurrent_batches_come_back_in_order() {
 }
 
 #[test]
+fn concurrency_backs_off_on_429_and_rises_while_throughput_grows() {
+    let s = Stub::start();
+    let reqs: Vec<_> = (0..48)
+        .map(|i| (user(&format!("q{i}")), GenerationParams::default()))
+        .collect();
+    // A server that takes three at a time and says 429 beyond: every request still
+    // succeeds, and the client settles near the server's capacity, not at its maximum.
+    let c = client(s.url("capacity"), |c| {
+        c.concurrency = 12;
+        c.max_retries = 8;
+        c.retry_backoff_s = 0.05;
+    });
+    assert_eq!(c.concurrency_now(), 4, "starts at min(4, concurrency)");
+    let out = c.chat_batch(&reqs).unwrap();
+    assert_eq!(out.len(), 48);
+    assert!(
+        c.concurrency_now() <= 5,
+        "limit {} after 429s",
+        c.concurrency_now()
+    );
+    // A server that never says 429 and serves more the more it is sent: the limit rises.
+    let reqs: Vec<_> = (0..160)
+        .map(|i| (user(&format!("p{i}")), GenerationParams::default()))
+        .collect();
+    let c = client(s.url("paced"), |c| c.concurrency = 16);
+    c.chat_batch(&reqs).unwrap();
+    assert!(
+        c.concurrency_now() >= 6,
+        "limit {} on a server with room",
+        c.concurrency_now()
+    );
+    // Not adaptive: the configured number throughout.
+    let c = client(s.url("paced"), |c| {
+        c.concurrency = 16;
+        c.adaptive = false;
+    });
+    assert_eq!(c.concurrency_now(), 16);
+}
+
+#[test]
 fn stage1_runs_through_the_server() {
     let s = Stub::start();
     let d = tempdir();

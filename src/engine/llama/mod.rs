@@ -2,13 +2,14 @@
 //!
 //! Order as in candle's model files: checkpoint config → runtime config → cache → blocks →
 //! model. Differences from candle-transformers' `llama.rs`/`quantized_llama.rs` (SPEC §3):
-//! ragged batches with per-row positions and an additive mask (padding never changes a row),
-//! RoPE scaling from one module and no position cap, a growing KV cache written in place,
-//! a shared prefix attended by every row without copying it, Mistral's sliding window, and
-//! hidden states for any positions (not only the last).
+//! a paged forward pass (sequences' new tokens end to end, keys and values in a block-table
+//! cache, as vLLM runs them) beside the padded-batch forward it is tested against (ragged
+//! batches with per-row positions and an additive mask: padding never changes a row), RoPE
+//! scaling from one module and no position cap, Mistral's sliding window, and hidden states
+//! for any positions (not only the last).
 //! Not here: training-time autograd-safe ops (fused kernels below record no gradients).
 //!
-//! Files: [`config`] (checkpoint and runtime config), [`cache`] (KV cache, shared prefix,
+//! Files: [`config`] (checkpoint and runtime config), [`cache`] (paged and dense KV caches,
 //! masks), [`tensors`] (tensor names, projections, the LoRA target check and the `rope_freqs`
 //! loader the trainer shares), this file (layers and the model).
 
@@ -16,7 +17,8 @@ pub mod cache;
 pub mod config;
 pub mod tensors;
 
-pub use cache::{attention_mask, Cache, SharedPrefix};
+pub use cache::{attention_mask, Cache, SeqChunk};
+pub use cache::{PagedBatch, PagedKv};
 pub(crate) use config::ids_from_value;
 pub use config::{Config, LlamaConfig};
 
@@ -141,15 +143,8 @@ impl Attention {
         let q = (q * scale)?.reshape((b, kvh, g * t, hd))?; // (b, kvh, g*t, d)
         let k_all = k_all.to_dtype(DType::F32)?;
         let v_all = v_all.to_dtype(DType::F32)?;
-        let prefix = cache.prefix.clone();
-        let out = match &prefix {
-            None => {
-                crate::engine::attention::attention(&q, &k_all, &v_all, &mask.tensor, &mask.host)?
-            }
-            Some(p) => {
-                self.attend_with_prefix(&q, &k_all, &v_all, &mask.tensor, p, layer, (b, t))?
-            }
-        };
+        let out =
+            crate::engine::attention::attention(&q, &k_all, &v_all, &mask.tensor, &mask.host)?;
         let out = out
             .reshape((b, h, t, hd))?
             .transpose(1, 2)?
@@ -158,54 +153,48 @@ impl Attention {
         self.o_proj.forward(&out)
     }
 
-    /// Attention over a shared prefix (batch 1, read by every row) followed by the rows' own keys.
-    #[allow(clippy::too_many_arguments)]
-    fn attend_with_prefix(
+    /// x `(1, T, hidden)`: the new tokens of `batch`'s sequences end to end; writes their
+    /// keys and values to `kv` and attends over the block tables.
+    fn forward_paged(
         &self,
-        q: &Tensor,
-        k_all: &Tensor,
-        v_all: &Tensor,
-        mask: &Tensor,
-        p: &SharedPrefix,
+        x: &Tensor,
+        rope: &Rot,
+        kv: &PagedKv,
+        paged: &PagedPass,
         layer: usize,
-        (b, t): (usize, usize),
     ) -> Result<Tensor> {
-        let (kvh, hd) = (self.num_kv_heads, self.head_dim);
-        let g = self.num_heads / kvh;
-        let own_scores = q.matmul(&k_all.t()?)?; // (b, kvh, g*t, kv)
-        let (pk, pv) = &p.layers[layer]; // (kvh, P, d)
-        let (pk, pv) = (pk.to_dtype(DType::F32)?, pv.to_dtype(DType::F32)?);
-        // One GEMM per KV head over all rows: (kvh, b*g*t, d) x (kvh, d, P).
-        let qh = q
+        let (_, t, _) = x.dims3()?;
+        let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let [q, k, v]: [Tensor; 3] = self
+            .qkv
+            .forward(x)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("qkv projections"))?;
+        let q = q.reshape((1, t, h, hd))?.transpose(1, 2)?; // (1, h, T, d)
+        let k = k.reshape((1, t, kvh, hd))?.transpose(1, 2)?; // (1, kvh, T, d)
+        let q = rope.cfg.apply(&q, &rope.cos, &rope.sin)?;
+        let k = rope.cfg.apply(&k, &rope.cos, &rope.sin)?;
+        let (k_pool, v_pool) = &kv.layers[layer];
+        let k = k.reshape((kvh * t, hd))?; // (kvh*T, d), head-major
+        let v = v
+            .reshape((t, kvh, hd))?
             .transpose(0, 1)?
             .contiguous()?
-            .reshape((kvh, b * g * t, hd))?;
-        let ps = qh
-            .matmul(&pk.t()?)?
-            .reshape((kvh, b, g * t, p.len()))?
-            .transpose(0, 1)?; // (b, kvh, g*t, P)
-        let scores = Tensor::cat(&[&ps, &own_scores], 3)?;
-        let kv = scores.dim(3)?;
-        let scores = scores
-            .reshape((b, kvh, g, t, kv))?
-            .broadcast_add(&mask.unsqueeze(1)?)? // mask (b, 1, 1, t, kv)
-            .reshape((b, kvh, g * t, kv))?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let plen = p.len();
-        let pp = probs
-            .narrow(3, 0, plen)?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((kvh, b * g * t, plen))?;
-        let po = pp
-            .matmul(&pv)?
-            .reshape((kvh, b, g * t, hd))?
-            .transpose(0, 1)?; // (b, kvh, g*t, d)
-        let own = probs
-            .narrow(3, plen, kv - plen)?
-            .contiguous()?
-            .matmul(v_all)?;
-        Ok((po + own)?)
+            .reshape((kvh * t, hd))?;
+        k_pool.scatter_set(&paged.rows, &k.to_dtype(k_pool.dtype())?, 0)?;
+        v_pool.scatter_set(&paged.rows, &v.to_dtype(v_pool.dtype())?, 0)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let (k_view, v_view) = kv.views(layer)?; // (blocks, kvh, block_size, d)
+        let out = crate::engine::paged_attention::paged_attention(
+            &q,
+            &k_view,
+            &v_view,
+            paged.batch,
+            paged.window,
+            scale,
+        )?; // (T, h, d)
+        let out = out.reshape((1, t, h * hd))?.to_dtype(x.dtype())?;
+        self.o_proj.forward(&out)
     }
 }
 
@@ -291,10 +280,37 @@ impl Block {
                 .forward(&self.post_attention_layernorm.forward(&h)?)?)?;
         Ok(out)
     }
+
+    fn forward_paged(
+        &self,
+        x: &Tensor,
+        rope: &Rot,
+        kv: &PagedKv,
+        paged: &PagedPass,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let attn = self.input_layernorm.forward(x)?;
+        let h = (x + self
+            .self_attn
+            .forward_paged(&attn, rope, kv, paged, layer)?)?;
+        Ok((&h
+            + self
+                .mlp
+                .forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+    }
+}
+
+/// What every layer of one paged forward pass shares besides the rotary tables.
+struct PagedPass<'a> {
+    batch: &'a PagedBatch,
+    /// Cache row of each new token's key per head, repeated over `(kvh*T, d)` (scatter
+    /// indices, head-major).
+    rows: Tensor,
+    window: Option<usize>,
 }
 
 /// The additive mask of one forward pass, on the device and on the host; on CUDA (head
-/// sizes the kernel is built for, no shared prefix) the positions the flash-attention kernel
+/// sizes the kernel is built for) the positions the flash-attention kernel
 /// masks by instead, so no `(t, kv)` mask is built.
 struct Mask {
     tensor: Tensor, // (b, 1, t, kv)
@@ -423,39 +439,30 @@ impl Llama {
             sin,
         };
         cache.push_slots(positions);
-        let mut k_pos = cache.slot_pos.clone();
-        if let Some(p) = &cache.prefix {
-            for row in k_pos.iter_mut() {
-                let mut full = p.positions.clone();
-                full.extend_from_slice(row);
-                *row = full;
-            }
-        }
+        let k_pos = cache.slot_pos.clone();
         #[cfg(feature = "cuda")]
-        let mask = if self.device.is_cuda()
-            && crate::kernels::cuda::flash_supports(self.cfg.head_dim)
-            && cache.prefix.is_none()
-        {
-            Mask {
-                // Unused on this path (a placeholder on the host).
-                tensor: Tensor::zeros(1, DType::F32, &Device::Cpu)?,
-                host: Arc::new(Vec::new()),
-                flash: Some(crate::kernels::cuda::Masking::positions(
-                    positions,
-                    &k_pos,
-                    self.cfg.sliding_window,
-                    &self.device,
-                )?),
-            }
-        } else {
-            let (tensor, host) =
-                attention_mask_host(positions, &k_pos, self.cfg.sliding_window, &self.device)?;
-            Mask {
-                tensor,
-                host,
-                flash: None,
-            }
-        };
+        let mask =
+            if self.device.is_cuda() && crate::kernels::cuda::flash_supports(self.cfg.head_dim) {
+                Mask {
+                    // Unused on this path (a placeholder on the host).
+                    tensor: Tensor::zeros(1, DType::F32, &Device::Cpu)?,
+                    host: Arc::new(Vec::new()),
+                    flash: Some(crate::kernels::cuda::Masking::positions(
+                        positions,
+                        &k_pos,
+                        self.cfg.sliding_window,
+                        &self.device,
+                    )?),
+                }
+            } else {
+                let (tensor, host) =
+                    attention_mask_host(positions, &k_pos, self.cfg.sliding_window, &self.device)?;
+                Mask {
+                    tensor,
+                    host,
+                    flash: None,
+                }
+            };
         #[cfg(not(feature = "cuda"))]
         let mask = {
             let (tensor, host) =
@@ -472,6 +479,64 @@ impl Llama {
         }
         cache.len += t;
         self.norm.forward(&x)
+    }
+
+    /// Runs the new tokens of `batch`'s sequences (`tokens` end to end, batch order), writing
+    /// their keys and values into `kv`; returns the final-norm hidden state at the last new
+    /// token of each sequence marked `last_hidden`, `(n, hidden)` in batch order.
+    pub fn forward_paged(
+        &self,
+        tokens: &[u32],
+        batch: &PagedBatch,
+        kv: &PagedKv,
+    ) -> Result<Tensor> {
+        let t = tokens.len();
+        let (kvh, hd) = (self.cfg.num_kv_heads, self.cfg.head_dim);
+        let pool_blocks = kv.num_blocks();
+        if t == 0 || batch.tokens() != t || batch.block_size != kv.block_size {
+            bail!(
+                "forward_paged: {t} tokens for a batch of {} (block size {} vs the cache's {})",
+                batch.tokens(),
+                batch.block_size,
+                kv.block_size
+            );
+        }
+        batch.validate(pool_blocks)?;
+        let (cos, sin) = self.cfg.rope.cos_sin(&[batch.positions()], &self.device)?;
+        let rope = Rot {
+            cfg: &self.cfg.rope,
+            cos,
+            sin,
+        };
+        let rows = Tensor::from_vec(batch.new_rows(kvh), (kvh * t, 1), &self.device)?
+            .broadcast_as((kvh * t, hd))?
+            .contiguous()?;
+        let paged = PagedPass {
+            batch,
+            rows,
+            window: self.cfg.sliding_window,
+        };
+        let ids = Tensor::from_vec(tokens.to_vec(), t, &self.device)?;
+        let mut x =
+            self.embed_tokens
+                .index_select(&ids, 0)?
+                .reshape((1, t, self.cfg.hidden_size))?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward_paged(&x, &rope, kv, &paged, i)?;
+        }
+        let mut last = Vec::new();
+        let mut end = 0;
+        for s in &batch.seqs {
+            end += s.len;
+            if s.last_hidden {
+                last.push(end as u32 - 1);
+            }
+        }
+        let n = last.len();
+        let idx = Tensor::from_vec(last, n, &self.device)?;
+        // The final norm on the rows asked for alone.
+        let rows = x.squeeze(0)?.index_select(&idx, 0)?; // (n, hidden)
+        self.norm.forward(&rows)
     }
 
     /// Hidden states `(.., hidden)` → f32 logits `(.., vocab)`.

@@ -43,6 +43,9 @@ pub struct RunIdentity {
     pub rope: serde_json::Value,
 }
 
+/// The engine's prefix-cache use of the last invocation, in the output folder.
+pub const ENGINE_STATS: &str = "engine_stats.json";
+
 /// Everything `wildlong eval ruler` needs besides the engine.
 pub struct RulerRun {
     pub config: RulerConfig,
@@ -193,65 +196,82 @@ impl RulerRun {
         let bar =
             crate::records::progress_bar(self.progress && pending > 0, pending as u64, "samples");
 
-        for (len, name, samples, preds) in &mut work {
-            let gen = &cfg.tasks[name.as_str()];
-            let done: HashMap<usize, String> =
-                preds.iter().map(|p| (p.index, p.hash.clone())).collect();
-            let todo: Vec<&Sample> = samples
-                .iter()
-                .filter(|s| done.get(&s.index) != Some(&s.hash))
-                .collect();
+        let cache_before = engine.cache_stats();
+        // All tasks' pending samples of one length go to the engine together (continuous
+        // batching keeps its rows busy whatever each answer's length).
+        for &len in &lengths {
+            let mut todo: Vec<(usize, usize)> = Vec::new(); // (work item, sample)
+            for (w, (l, _, samples, preds)) in work.iter().enumerate() {
+                if *l != len {
+                    continue;
+                }
+                let done: HashMap<usize, &str> =
+                    preds.iter().map(|p| (p.index, p.hash.as_str())).collect();
+                for (i, s) in samples.iter().enumerate() {
+                    if done.get(&s.index) != Some(&s.hash.as_str()) {
+                        todo.push((w, i));
+                    }
+                }
+            }
             if todo.is_empty() {
                 continue;
             }
-            bar.set_message(format!("{name} @ {len}"));
-            let pred_path = task_dir(&self.out, *len, name).join("pred.jsonl");
-            let max_tokens = tasks::tokens_to_generate(gen);
-            for chunk in todo.chunks(engine.config.max_batch.max(1)) {
-                let reqs = chunk
-                    .iter()
-                    .map(|s| {
-                        Ok(Request {
-                            prompt: format.tokens(&s.input, &s.answer_prefix)?,
-                            params: crate::engine::config::GenerationParams {
-                                max_tokens,
-                                sampling: SamplingParams {
-                                    temperature: 0.0,
-                                    seed: cfg.seed,
-                                    ..Default::default()
-                                },
+            bar.set_message(format!("{} tasks @ {len}", names.len()));
+            let reqs = todo
+                .iter()
+                .map(|&(w, i)| {
+                    let (_, name, samples, _) = &work[w];
+                    let s = &samples[i];
+                    Ok(Request {
+                        prompt: format.tokens(&s.input, &s.answer_prefix)?,
+                        params: crate::engine::config::GenerationParams {
+                            max_tokens: tasks::tokens_to_generate(&cfg.tasks[name.as_str()]),
+                            sampling: SamplingParams {
+                                temperature: 0.0,
+                                seed: cfg.seed,
                                 ..Default::default()
                             },
-                        })
+                            ..Default::default()
+                        },
                     })
-                    .collect::<Result<Vec<_>>>()?;
-                let mut err = None;
-                engine.generate(&reqs, |i, c| {
-                    let s = chunk[i];
-                    let p = Prediction {
-                        index: s.index,
-                        hash: s.hash.clone(),
-                        pred: c.text.clone(),
-                        outputs: s.outputs.clone(),
-                        prompt_tokens: c.prompt_tokens,
-                        generated_tokens: c.tokens.len(),
-                        finish_reason: serde_json::to_value(c.finish_reason)
-                            .ok()
-                            .and_then(|v| v.as_str().map(String::from))
-                            .unwrap_or_default(),
-                    };
-                    if let Err(e) = append_line(&pred_path, &p) {
-                        err.get_or_insert(e);
-                    }
-                    preds.push(p);
-                    bar.inc(1);
-                })?;
-                if let Some(e) = err {
-                    return Err(e);
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut err = None;
+            engine.generate(&reqs, |j, c| {
+                let (w, i) = todo[j];
+                let (len, name, samples, preds) = &mut work[w];
+                let s = &samples[i];
+                let p = Prediction {
+                    index: s.index,
+                    hash: s.hash.clone(),
+                    pred: c.text.clone(),
+                    outputs: s.outputs.clone(),
+                    prompt_tokens: c.prompt_tokens,
+                    generated_tokens: c.tokens.len(),
+                    finish_reason: serde_json::to_value(c.finish_reason)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default(),
+                };
+                let pred_path = task_dir(&self.out, *len, name).join("pred.jsonl");
+                if let Err(e) = append_line(&pred_path, &p) {
+                    err.get_or_insert(e);
                 }
+                preds.push(p);
+                bar.inc(1);
+            })?;
+            if let Some(e) = err {
+                return Err(e);
             }
         }
         bar.finish_and_clear();
+        // The engine's prefix cache over this invocation (RULER's template and, within a
+        // task, shared haystack text), beside the report.
+        write_atomic(
+            &self.out.join(ENGINE_STATS),
+            serde_json::to_string_pretty(&engine.cache_stats().since(&cache_before).usage())?
+                .as_bytes(),
+        )?;
 
         let mut results = Vec::new();
         for (len, name, samples, preds) in &work {
