@@ -161,13 +161,13 @@ impl Engine {
 
     /// Checks every request before any work is done (bad input fails fast).
     fn validate(&self, reqs: &[Request]) -> Result<()> {
+        let plan = self.current_plan()?;
         // Batches usually share one schema: compile each distinct schema once here.
         let mut checked_schemas: Vec<&serde_json::Value> = Vec::new();
         for (i, r) in reqs.iter().enumerate() {
             let fresh =
                 (r.params.json_schema.as_ref()).is_some_and(|s| !checked_schemas.contains(&s));
-            self.validate_one(r, fresh)
-                .map_err(|e| anyhow::anyhow!("request {i}: {e:#}"))?;
+            self.check_request(i, r, &plan, fresh)?;
             if let Some(s) = &r.params.json_schema {
                 checked_schemas.push(s);
             }
@@ -204,11 +204,6 @@ impl Engine {
         mut on_done: impl FnMut(usize, &Completion),
     ) -> Result<Vec<Completion>> {
         self.validate(reqs)?;
-        let plan = self.kv_plan()?;
-        for (i, r) in reqs.iter().enumerate() {
-            self.check_fits(r, &plan)
-                .map_err(|e| anyhow::anyhow!("request {i}: {e:#}"))?;
-        }
         let mut out: Vec<Option<Completion>> = (0..reqs.len()).map(|_| None).collect();
         self.generate_stream(reqs.iter().cloned().map(Ok), |i, c| {
             on_done(i, &c);

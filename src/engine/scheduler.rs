@@ -22,6 +22,9 @@ const GIB: f64 = (1u64 << 30) as f64;
 pub(crate) struct PagedState {
     pub(crate) kv: PagedKv,
     pub(crate) blocks: BlockManager,
+    /// The sizes the pool was made with (requests are checked against these, not against a
+    /// plan recomputed from memory that has changed since).
+    pub(crate) plan: KvPlan,
 }
 
 /// How the KV cache is sized: blocks of `block_size` tokens, `block_bytes` each.
@@ -85,6 +88,17 @@ struct Seq {
     counted: bool,
 }
 
+impl Seq {
+    /// The key of full block `b`, whose predecessor's key is `prev`: the prompt's blocks'
+    /// keys were computed once at intake; later blocks (generated tokens) are hashed here.
+    fn block_key(&self, b: usize, prev: Option<BlockHash>, bs: usize) -> BlockHash {
+        match self.prompt_hashes.get(b) {
+            Some(&h) => h,
+            None => block_hash(prev, &self.tokens[b * bs..(b + 1) * bs]),
+        }
+    }
+}
+
 impl Engine {
     /// The KV cache this engine's settings give (`kv_cache_gib`, or the default budget
     /// capped at `max_batch` rows of the full context).
@@ -128,8 +142,35 @@ impl Engine {
         })
     }
 
+    /// The KV cache's sizes: the pool's once it is made, else what the settings give.
+    pub(crate) fn current_plan(&self) -> Result<KvPlan> {
+        match self
+            .paged
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().map(|p| p.plan))
+        {
+            Some(p) => Ok(p),
+            None => self.kv_plan(),
+        }
+    }
+
+    /// Checks request `i` before any work on it: its prompt and settings (its JSON schema
+    /// compiled when `schema`), and that it fits the cache alone.
+    pub(crate) fn check_request(
+        &self,
+        i: usize,
+        r: &Request,
+        plan: &KvPlan,
+        schema: bool,
+    ) -> Result<()> {
+        self.validate_one(r, schema)
+            .and_then(|_| self.check_fits(r, plan))
+            .map_err(|e| anyhow::anyhow!("request {i}: {e:#}"))
+    }
+
     /// Refuses a request that could not fit the cache even alone.
-    pub(crate) fn check_fits(&self, r: &Request, plan: &KvPlan) -> Result<()> {
+    fn check_fits(&self, r: &Request, plan: &KvPlan) -> Result<()> {
         let tokens = (r.prompt.len() + r.params.max_tokens).min(self.max_context());
         let blocks = tokens.div_ceil(plan.block_size);
         if blocks > plan.num_blocks {
@@ -152,9 +193,10 @@ impl Engine {
         let mut guard = self.paged.lock().map_err(|_| {
             anyhow::anyhow!("the engine's KV cache was left inconsistent by an earlier panic")
         })?;
-        let plan = self.kv_plan()?;
         if guard.is_none() {
+            let plan = self.kv_plan()?;
             *guard = Some(PagedState {
+                plan,
                 kv: PagedKv::new(
                     self.model.config(),
                     plan.num_blocks,
@@ -172,6 +214,7 @@ impl Engine {
             });
         }
         let st = guard.as_mut().context("KV cache")?;
+        let plan = st.plan;
         let bs = plan.block_size;
         let max_batch = self.config.max_batch.max(1);
         let budget = self.config.prefill_chunk.max(1);
@@ -191,10 +234,9 @@ impl Engine {
                 let id = next_id;
                 next_id += 1;
                 let r = r?;
+                self.check_request(id, &r, &plan, false)?;
                 let row = self
-                    .validate_one(&r, false)
-                    .and_then(|_| self.check_fits(&r, &plan))
-                    .and_then(|_| self.new_row(&r))
+                    .new_row(&r)
                     .map_err(|e| anyhow::anyhow!("request {id}: {e:#}"))?;
                 if row.done.is_some() {
                     on_done(id, self.finish(row, r.prompt.len())?)?;
@@ -391,10 +433,7 @@ fn match_prefix(blocks: &mut BlockManager, seq: &mut Seq) {
     let mut prev = None;
     for b in 0..(seq.tokens.len() - 1) / bs {
         let chunk = &seq.tokens[b * bs..(b + 1) * bs];
-        let h = match seq.prompt_hashes.get(b) {
-            Some(&h) => h,
-            None => block_hash(prev, chunk),
-        };
+        let h = seq.block_key(b, prev, bs);
         match blocks.lookup(h, chunk) {
             Some(id) => seq.blocks.push(id),
             None => break,
@@ -410,9 +449,8 @@ fn match_prefix(blocks: &mut BlockManager, seq: &mut Seq) {
 fn register_full_blocks(blocks: &mut BlockManager, seq: &mut Seq, bs: usize) {
     while (seq.hashed + 1) * bs <= seq.computed {
         let b = seq.hashed;
-        let chunk = &seq.tokens[b * bs..(b + 1) * bs];
-        let h = block_hash(seq.last_hash, chunk);
-        blocks.register(seq.blocks[b], h, chunk);
+        let h = seq.block_key(b, seq.last_hash, bs);
+        blocks.register(seq.blocks[b], h, &seq.tokens[b * bs..(b + 1) * bs]);
         seq.last_hash = Some(h);
         seq.hashed += 1;
     }

@@ -9,7 +9,20 @@ use crate::engine::chat::Message;
 use crate::engine::config::GenerationParams;
 use crate::engine::generate::{Completion, Engine, Request};
 use crate::generator::openai::OpenAiClient;
-use anyhow::{Context, Result};
+use anyhow::Result;
+
+/// Chats rendered with the model's own template, as engine requests.
+fn local_requests<'a>(
+    e: &'a Engine,
+    reqs: &'a [(Vec<Message>, GenerationParams)],
+) -> impl Iterator<Item = Result<Request>> + 'a {
+    reqs.iter().map(|(m, p)| {
+        Ok(Request {
+            prompt: e.chat_prompt(m)?,
+            params: p.clone(),
+        })
+    })
+}
 
 /// Which generator a command asked for: a models spec on the local engine, or the model of
 /// an OpenAI-compatible server.
@@ -77,14 +90,13 @@ impl Llm {
 
     /// Chat completions for every request, in input order.
     pub fn chat_batch(&self, reqs: &[(Vec<Message>, GenerationParams)]) -> Result<Vec<Completion>> {
-        let mut out: Vec<Option<Completion>> = (0..reqs.len()).map(|_| None).collect();
-        self.chat_each(reqs, |i, c| {
-            out[i] = Some(c);
-            Ok(())
-        })?;
-        out.into_iter()
-            .map(|c| c.context("a request got no completion"))
-            .collect()
+        match self {
+            Self::Local(e) => {
+                let reqs = local_requests(e, reqs).collect::<Result<Vec<_>>>()?;
+                e.generate(&reqs, |_, _| {})
+            }
+            Self::Remote(c) => c.chat_batch(reqs),
+        }
     }
 
     /// Chat completions for every request; `on_done(index, completion)` as each finishes
@@ -95,15 +107,7 @@ impl Llm {
         mut on_done: impl FnMut(usize, Completion) -> Result<()>,
     ) -> Result<()> {
         match self {
-            Self::Local(e) => {
-                let reqs = reqs.iter().map(|(m, p)| {
-                    Ok(Request {
-                        prompt: e.chat_prompt(m)?,
-                        params: p.clone(),
-                    })
-                });
-                e.generate_stream(reqs, on_done)
-            }
+            Self::Local(e) => e.generate_stream(local_requests(e, reqs), on_done),
             Self::Remote(c) => {
                 for (i, r) in c.chat_batch(reqs)?.into_iter().enumerate() {
                     on_done(i, r)?;

@@ -272,13 +272,7 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, pass: &Pass, cache: &mut Cache, layer: usize) -> Result<Tensor> {
-        let attn = self.input_layernorm.forward(x)?;
-        let h = (x + self.self_attn.forward(&attn, pass, cache, layer)?)?;
-        let out = (&h
-            + self
-                .mlp
-                .forward(&self.post_attention_layernorm.forward(&h)?)?)?;
-        Ok(out)
+        self.residual(x, |a| self.self_attn.forward(a, pass, cache, layer))
     }
 
     fn forward_paged(
@@ -289,10 +283,19 @@ impl Block {
         paged: &PagedPass,
         layer: usize,
     ) -> Result<Tensor> {
-        let attn = self.input_layernorm.forward(x)?;
-        let h = (x + self
-            .self_attn
-            .forward_paged(&attn, rope, kv, paged, layer)?)?;
+        self.residual(x, |a| {
+            self.self_attn.forward_paged(a, rope, kv, paged, layer)
+        })
+    }
+
+    /// The pre-norm residual block around an attention: `h = x + attend(norm(x))`, then
+    /// `h + mlp(norm(h))`.
+    fn residual(
+        &self,
+        x: &Tensor,
+        attend: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let h = (x + attend(&self.input_layernorm.forward(x)?)?)?;
         Ok((&h
             + self
                 .mlp
