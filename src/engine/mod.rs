@@ -11,6 +11,7 @@ pub mod generate;
 pub mod llama;
 pub mod lora;
 pub mod packed;
+pub mod packed_int8;
 pub mod paged_attention;
 pub mod rope;
 pub mod sampling;

@@ -147,6 +147,17 @@ impl PackedWeight {
         (self.n, self.k)
     }
 
+    /// Block `b` of row `r` as stored: its quantized bytes, scale and offset (w = q·d + m).
+    pub(crate) fn block(&self, r: usize, b: usize) -> (&[u8], f32, f32) {
+        let i = r * self.nb + b;
+        let qb = self.kind.qbytes();
+        (
+            &self.qs[i * qb..(i + 1) * qb],
+            self.scales[i],
+            self.offsets[i],
+        )
+    }
+
     /// Block `b` of row `r`: 32 quantized values as f32 (w = q·d + m).
     fn block_values(&self, r: usize, b: usize) -> [f32; QK] {
         let i = r * self.nb + b;
@@ -329,11 +340,16 @@ fn matmul_with(x: &[f32], m: usize, w: &PackedWeight, isa: Isa) -> Result<Vec<f3
     let task = |r0: usize, chunk: &mut [f32]| {
         work(r0, chunk);
         if m > 1 {
-            for (ri, vals) in chunk.chunks_exact(m).enumerate() {
-                for (i, v) in vals.iter().enumerate() {
-                    // SAFETY: i < m and r0 + ri < n, so the index is inside `out`; tasks own
-                    // disjoint row ranges r0..r0+rows, so no two tasks write the same element.
-                    unsafe { *dst.get().add(i * n + r0 + ri) = *v };
+            // Output row by output row: each write run is contiguous (column-first writes
+            // would touch a page per value for a vocabulary-sized n).
+            let rows = chunk.len() / m;
+            for i in 0..m {
+                // SAFETY: i < m and r0 + rows <= n, so the run is inside `out`; tasks own
+                // disjoint row ranges r0..r0+rows, so no two tasks write the same element.
+                let run =
+                    unsafe { std::slice::from_raw_parts_mut(dst.get().add(i * n + r0), rows) };
+                for (ri, o) in run.iter_mut().enumerate() {
+                    *o = chunk[ri * m + i];
                 }
             }
         }

@@ -13,7 +13,6 @@
 use crate::engine::attention::{attention_reference, exp_sub_sum, f32_slice, gemm_softmax};
 use crate::engine::llama::attention_mask;
 use crate::engine::llama::cache::PagedBatch;
-use crate::engine::packed::dot;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -242,45 +241,141 @@ impl CustomOp3 for PagedDecode {
         let g = h / kvh;
         let n = self.tokens.len();
         let mut out = vec![0f32; n * h * d];
-        // Item (token i, query head qh): one output row. The block table is walked block by
-        // block: a head's keys in a block are consecutive rows.
+        // Item (token i, KV head kh): the g query heads that share the head's keys, one pass
+        // over them; the output rows of heads kh·g..kh·g+g are consecutive in (n, h, d). With
+        // fewer such items than a few per thread (one decoding sequence), one query head each.
+        let g = if n * kvh >= 4 * rayon::current_num_threads() {
+            g
+        } else {
+            1
+        };
+        let shape = Dims {
+            t_all,
+            h,
+            kvh,
+            g,
+            d,
+        };
         let run = |(idx, o): (usize, &mut [f32])| {
-            let (i, qh) = (idx / h, idx % h);
-            let kh = qh / g;
-            let tok = &self.tokens[i];
-            let keys = visible(tok.position, self.window);
-            let (lo, hi) = (*keys.start(), keys.end() + 1);
-            // Offsets of the visible keys' rows for this head, in position order.
-            let mut rows = Vec::with_capacity(hi - lo);
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports AVX-512F (checked above).
+                return unsafe { self.item_avx512(q, k, v, shape, idx, o) };
+            }
+            self.item(q, k, v, shape, idx, o)
+        };
+        let work: usize = self.tokens.iter().map(|t| t.position + 1).sum::<usize>() * h * d;
+        if work >= 1 << 16 {
+            out.par_chunks_mut(g * d).enumerate().for_each(run);
+        } else {
+            out.chunks_mut(g * d).enumerate().for_each(run);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, h, d))))
+    }
+}
+
+/// Sizes the fused decode items share.
+#[derive(Clone, Copy)]
+struct Dims {
+    t_all: usize,
+    h: usize,
+    kvh: usize,
+    /// Query heads per item: all that share a KV head, or 1.
+    g: usize,
+    d: usize,
+}
+
+impl PagedDecode {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn item_avx512(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        s: Dims,
+        idx: usize,
+        o: &mut [f32],
+    ) {
+        self.item(q, k, v, s, idx, o)
+    }
+
+    /// One (token, query heads) item: scores of its g query heads against the visible keys
+    /// (walked block by block: a head's keys in a block are consecutive rows), softmax, and
+    /// the weighted sum of values into `o` (g rows of d). Written to vectorize (16-lane
+    /// dot products); the `target_feature` wrapper compiles it for AVX-512.
+    #[inline(always)]
+    fn item(&self, q: &[f32], k: &[f32], v: &[f32], s: Dims, idx: usize, o: &mut [f32]) {
+        let Dims {
+            t_all,
+            h,
+            kvh,
+            g,
+            d,
+        } = s;
+        let (i, qh0) = (idx / (h / g), idx % (h / g) * g);
+        let kh = qh0 / (h / kvh);
+        let tok = &self.tokens[i];
+        let keys = visible(tok.position, self.window);
+        let (lo, hi) = (*keys.start(), keys.end() + 1);
+        let n = hi - lo;
+        let bs = self.block_size;
+        // Each visible key's row offset in the pool, in position order, block by block.
+        let each_row = |f: &mut dyn FnMut(usize, usize)| {
             let mut j = lo;
             while j < hi {
                 let end = ((j / bs + 1) * bs).min(hi);
                 let first = ((tok.table[j / bs] as usize * kvh + kh) * bs + j % bs) * d;
-                rows.extend((0..end - j).map(|o| first + o * d));
+                for r in 0..end - j {
+                    f(j - lo + r, first + r * d);
+                }
                 j = end;
             }
-            let qv = &q[(qh * t_all + tok.index) * d..][..d];
-            let mut scores: Vec<f32> = rows
-                .iter()
-                .map(|&r| dot(qv, &k[r..r + d]) * self.scale)
-                .collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let inv = 1.0 / exp_sub_sum(&mut scores, max);
-            for (&r, &p) in rows.iter().zip(&scores) {
-                let w = p * inv;
-                for (a, &x) in o.iter_mut().zip(&v[r..r + d]) {
+        };
+        let qrow = |qi: usize| &q[((qh0 + qi) * t_all + tok.index) * d..][..d];
+        let mut scores = vec![0f32; g * n];
+        each_row(&mut |j, r| {
+            let kr = &k[r..r + d];
+            for qi in 0..g {
+                scores[qi * n + j] = dot16(qrow(qi), kr) * self.scale;
+            }
+        });
+        for row in scores.chunks_exact_mut(n) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let inv = 1.0 / exp_sub_sum(row, max);
+            for p in row.iter_mut() {
+                *p *= inv;
+            }
+        }
+        each_row(&mut |j, r| {
+            let vr = &v[r..r + d];
+            for (qi, oh) in o.chunks_exact_mut(d).enumerate() {
+                let w = scores[qi * n + j];
+                for (a, &x) in oh.iter_mut().zip(vr) {
                     *a += w * x;
                 }
             }
-        };
-        let work: usize = self.tokens.iter().map(|t| t.position + 1).sum::<usize>() * h * d;
-        if work >= 1 << 16 {
-            out.par_chunks_mut(d).enumerate().for_each(run);
-        } else {
-            out.chunks_mut(d).enumerate().for_each(run);
-        }
-        Ok((CpuStorage::F32(out), Shape::from((n, h, d))))
+        });
     }
+}
+
+/// A dot product in 16 lanes, so that the compiler vectorizes it into one register per chunk.
+#[inline(always)]
+fn dot16(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// CUDA: each sequence's keys gathered (bf16) and run through wildlong's flash-attention

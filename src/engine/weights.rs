@@ -7,6 +7,7 @@
 
 use crate::engine::lora::LoraAdapter;
 use crate::engine::packed::PackedWeight;
+use crate::engine::packed_int8::{self, Int8Weight};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
@@ -36,6 +37,11 @@ pub enum WeightFormat {
     /// f32 for many-row matmuls (prefill) and Q8_0 for few-row matmuls (decode). Faster decode,
     /// but Q8_0 activations can flip near-tied greedy choices (seen on SmolLM2-135M).
     Hybrid,
+    /// The file's Q4_0/Q4_1/Q8_0 blocks × activations quantized to 8 bits per 32 values, as
+    /// llama.cpp computes them (AVX512-VNNI integer dot products, every row count): the
+    /// fastest batched decode and prefill, memory ≈ the file, but not exact (near-tied greedy
+    /// choices can flip). CPUs without AVX512-VNNI load `exact` instead.
+    Int8Activations,
 }
 
 /// Row count at or below which a linear holding several copies uses its quantized one.
@@ -47,6 +53,7 @@ pub struct Linear {
     dense: Option<Tensor>,
     quant: Option<Arc<QMatMul>>,
     packed: Option<Arc<PackedWeight>>,
+    int8: Option<Arc<Int8Weight>>,
     bias: Option<Tensor>,
     out_dim: usize,
     in_dim: usize,
@@ -59,10 +66,24 @@ impl Linear {
             dense: Some(w),
             quant: None,
             packed: None,
+            int8: None,
             bias,
             out_dim,
             in_dim,
         })
+    }
+
+    fn from_int8(w: Int8Weight) -> Self {
+        let (out_dim, in_dim) = w.dims();
+        Self {
+            dense: None,
+            quant: None,
+            packed: None,
+            int8: Some(Arc::new(w)),
+            bias: None,
+            out_dim,
+            in_dim,
+        }
     }
 
     fn from_parts(
@@ -76,6 +97,7 @@ impl Linear {
             dense,
             quant: quant.map(Arc::new),
             packed: packed.map(Arc::new),
+            int8: None,
             bias: None,
             out_dim,
             in_dim,
@@ -95,8 +117,21 @@ impl Linear {
     /// or a bias.
     pub fn stack(parts: &[&Linear]) -> Result<Option<Linear>> {
         let first = parts.first().context("stacking no linears")?;
+        if first.int8.is_some() {
+            let int8 = parts
+                .iter()
+                .map(|l| match (&l.int8, &l.bias) {
+                    (Some(w), None) => Some(w.as_ref()),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>();
+            return Ok(int8
+                .and_then(|p| Int8Weight::stack(&p))
+                .map(Linear::from_int8));
+        }
         let same = |l: &&Linear| {
             l.quant.is_none()
+                && l.int8.is_none()
                 && l.bias.is_none()
                 && l.in_dim == first.in_dim
                 && l.dense.is_some() == first.dense.is_some()
@@ -144,6 +179,10 @@ impl Linear {
 
     /// The dense weight `(out, in)`, dequantizing when only a quantized copy is held.
     pub fn weight(&self) -> Result<Tensor> {
+        if let (None, Some(w)) = (&self.dense, &self.int8) {
+            let (n, k) = w.dims();
+            return Ok(Tensor::from_vec(w.dequantize(), (n, k), &Device::Cpu)?);
+        }
         if let (None, Some(p)) = (&self.dense, &self.packed) {
             let (n, k) = p.dims();
             return Ok(Tensor::from_vec(
@@ -165,6 +204,11 @@ impl Linear {
     /// x `(.., in)` → `(.., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.elem_count() / self.in_dim.max(1);
+        if let Some(w) = &self.int8 {
+            return self.add_bias(on_host(x, rows, self.out_dim, |xs| {
+                packed_int8::matmul(xs, rows, w)
+            })?);
+        }
         if let Some(p) = &self.packed {
             if self.dense.is_none() || rows <= QUANT_MAX_ROWS {
                 return self.add_bias(forward_packed(p, x, rows, self.out_dim)?);
@@ -190,10 +234,23 @@ impl Linear {
 }
 
 fn forward_packed(p: &PackedWeight, x: &Tensor, rows: usize, out_dim: usize) -> Result<Tensor> {
+    on_host(x, rows, out_dim, |xs| {
+        crate::engine::packed::matmul(xs, rows, p)
+    })
+}
+
+/// `x (.., in)` → `(.., out)` through a host matmul over its f32 rows.
+fn on_host(
+    x: &Tensor,
+    rows: usize,
+    out_dim: usize,
+    mm: impl FnOnce(&[f32]) -> Result<Vec<f32>>,
+) -> Result<Tensor> {
     let mut shape = x.dims().to_vec();
     *shape.last_mut().context("linear input of rank 0")? = out_dim;
     let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let y = crate::engine::packed::matmul(&xs, rows, p)?;
+    let y = mm(&xs)?;
+    debug_assert_eq!(y.len(), rows * out_dim);
     Ok(Tensor::from_vec(y, shape, x.device())?.to_dtype(x.dtype())?)
 }
 
@@ -497,6 +554,18 @@ pub fn quantized_linear(
     out_dim: usize,
     in_dim: usize,
 ) -> Result<Linear> {
+    // Without VNNI the integer path would be the scalar reference: load `exact` instead.
+    let format = match format {
+        WeightFormat::Int8Activations if !(device.is_cpu() && packed_int8::has_vnni()) => {
+            WeightFormat::Exact
+        }
+        f => f,
+    };
+    if format == WeightFormat::Int8Activations {
+        if let Some(p) = PackedWeight::from_qtensor(&q)? {
+            return Ok(Linear::from_int8(Int8Weight::from_packed(&p)));
+        }
+    }
     if matches!(format, WeightFormat::Exact | WeightFormat::Packed) && device.is_cpu() {
         if let Some(p) = PackedWeight::from_qtensor(&q)? {
             let dense = (format == WeightFormat::Exact)
@@ -505,14 +574,20 @@ pub fn quantized_linear(
             return Ok(Linear::from_parts(dense, None, Some(p), out_dim, in_dim));
         }
     }
+    // Block types the packed kernels do not cover run as f32 in the exact formats.
     let dense = match format {
-        WeightFormat::F32 | WeightFormat::Hybrid | WeightFormat::Exact | WeightFormat::Packed => {
-            Some(q.dequantize(device)?)
-        }
+        WeightFormat::F32
+        | WeightFormat::Hybrid
+        | WeightFormat::Exact
+        | WeightFormat::Packed
+        | WeightFormat::Int8Activations => Some(q.dequantize(device)?),
         WeightFormat::Q8_0 | WeightFormat::Native => None,
     };
     let quant = match format {
-        WeightFormat::F32 | WeightFormat::Exact | WeightFormat::Packed => None,
+        WeightFormat::F32
+        | WeightFormat::Exact
+        | WeightFormat::Packed
+        | WeightFormat::Int8Activations => None,
         WeightFormat::Native => Some(QMatMul::from_qtensor(q)?),
         WeightFormat::Q8_0 | WeightFormat::Hybrid => Some(if q.dtype() == GgmlDType::Q8_0 {
             QMatMul::from_qtensor(q)?

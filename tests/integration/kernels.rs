@@ -324,3 +324,46 @@ fn flash_attention_fragment_indexing_emulated_on_the_cpu() {
         "{text}"
     );
 }
+
+#[test]
+fn int8_activation_matmul_equals_its_integer_reference_and_approximates_the_weights() {
+    use wildlong::engine::packed_int8::{self, Int8Weight};
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512vnni") {
+        assert!(
+            packed_int8::has_vnni(),
+            "the VNNI path must be exercised on this machine"
+        );
+    }
+    for kind in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        // 37 rows: a last lane group with 5 real rows; 48: whole groups.
+        for (n, k) in [(37, 96), (48, 32), (16, 160)] {
+            let (p, _) = packed(kind, n, k, 5 + n as u64);
+            let w = Int8Weight::from_packed(&p);
+            assert_eq!(w.dequantize(), p.dequantize(), "{kind:?} repacking");
+            for m in [1, 3, 16, 17, 40] {
+                let x = lcg_values(21 + m as u64, m * k, 2.0);
+                let want = packed_int8::matmul_reference(&x, m, &w);
+                let got = packed_int8::matmul(&x, m, &w).unwrap();
+                // Same integer products and the same f32 operations: equal bit for bit.
+                assert_eq!(got, want, "{kind:?} n={n} k={k} m={m}");
+                // 8-bit activations: within a fraction of a percent of the exact product.
+                let exact = matmul_reference(&x, m, &p);
+                let scale = exact.iter().fold(1f32, |a, v| a.max(v.abs()));
+                let worst = exact
+                    .iter()
+                    .zip(&got)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst / scale < 0.01,
+                    "{kind:?} n={n} k={k} m={m}: {worst} of {scale}"
+                );
+                assert!(
+                    worst > 0.0,
+                    "{kind:?}: 8-bit activations cannot be exact here"
+                );
+            }
+        }
+    }
+}
