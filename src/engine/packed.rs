@@ -380,13 +380,13 @@ fn row_tiles(w: &PackedWeight, isa: Isa, r: usize, x: &[f32], from: usize, dst: 
 
 /// The output buffer shared by tasks that write disjoint elements.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: used only for writes to disjoint indices while the owning Vec outlives the tasks.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -394,8 +394,15 @@ impl OutPtr {
 /// A dot product in eight lanes, so that the compiler vectorizes it.
 #[inline]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    dot_lanes::<8>(a, b)
+}
+
+/// A dot product in `L` lanes (one register of them where the compiler has it); inlined so
+/// that a `target_feature` caller compiles it for its registers.
+#[inline(always)]
+pub(crate) fn dot_lanes<const L: usize>(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; L];
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
     let tail: f32 = ca
         .remainder()
         .iter()
@@ -403,7 +410,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| x * y)
         .sum();
     for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
+        for l in 0..L {
             lanes[l] += x[l] * y[l];
         }
     }

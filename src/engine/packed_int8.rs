@@ -13,6 +13,8 @@
 //! [`matmul_reference`] is the plain integer version the fast path must equal bit for bit
 //! (same products, same f32 operation order), and is also the path on CPUs without VNNI.
 
+#[cfg(target_arch = "x86_64")]
+use crate::engine::packed::OutPtr;
 use crate::engine::packed::{BlockKind, PackedWeight};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
@@ -296,19 +298,6 @@ pub fn matmul(x: &[f32], m: usize, w: &Int8Weight) -> Result<Vec<f32>> {
     }
 }
 
-/// The output shared by tasks that write disjoint column ranges.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: used only for writes to disjoint elements while the owning Vec outlives the tasks.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 fn matmul_vnni(x: &[f32], m: usize, w: &Int8Weight) -> Vec<f32> {
     let a = quantize_activations(x, m, w.k, !w.nibbles);
@@ -414,6 +403,15 @@ mod vnni {
         }
     }
 
+    /// Each activation row's 16 outputs, vector `ti` to `out[ti·16..]`.
+    macro_rules! store {
+        ($acc:expr, $out:expr) => {
+            for (ti, f) in $acc.iter().enumerate() {
+                _mm512_storeu_ps($out.as_mut_ptr().add(ti * LANES), *f);
+            }
+        };
+    }
+
     /// The activation word (4 bytes) at `p` broadcast to every lane.
     macro_rules! bcast {
         ($p:expr) => {
@@ -462,9 +460,7 @@ mod vnni {
                 *f = _mm512_fmadd_ps(mv, _mm512_set1_ps(*a.s.get_unchecked(row * nb + b)), *f);
             }
         }
-        for (ti, f) in acc.iter().enumerate() {
-            _mm512_storeu_ps(out.as_mut_ptr().add(ti * LANES), *f);
-        }
+        store!(acc, out);
     }
 
     /// Q8_0: activation bytes + 128 (unsigned) × signed weights, less 128·Σq_w.
@@ -501,8 +497,6 @@ mod vnni {
                 *f = _mm512_fmadd_ps(sc, dv, *f);
             }
         }
-        for (ti, f) in acc.iter().enumerate() {
-            _mm512_storeu_ps(out.as_mut_ptr().add(ti * LANES), *f);
-        }
+        store!(acc, out);
     }
 }

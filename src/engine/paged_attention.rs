@@ -13,6 +13,7 @@
 use crate::engine::attention::{attention_reference, exp_sub_sum, f32_slice, gemm_softmax};
 use crate::engine::llama::attention_mask;
 use crate::engine::llama::cache::PagedBatch;
+use crate::engine::packed::dot_lanes;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -337,7 +338,7 @@ impl PagedDecode {
         each_row(&mut |j, r| {
             let kr = &k[r..r + d];
             for qi in 0..g {
-                scores[qi * n + j] = dot16(qrow(qi), kr) * self.scale;
+                scores[qi * n + j] = dot_lanes::<16>(qrow(qi), kr) * self.scale;
             }
         });
         for row in scores.chunks_exact_mut(n) {
@@ -357,25 +358,6 @@ impl PagedDecode {
             }
         });
     }
-}
-
-/// A dot product in 16 lanes, so that the compiler vectorizes it into one register per chunk.
-#[inline(always)]
-fn dot16(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..16 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// CUDA: each sequence's keys gathered (bf16) and run through wildlong's flash-attention
