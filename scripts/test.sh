@@ -16,10 +16,13 @@ fi
 # llama.cpp's OpenAI-compatible server (llama-cpp-python[server]) for the backend tests: a
 # virtual environment in the user's cache, keyed by the versions, so that later runs and other
 # clones on the machine reuse it. The first install builds llama.cpp (without its multimodal
-# library, which the server tests do not use) beside the cargo build.
+# library, which the server tests do not use) beside the cargo build. llama.cpp is built for
+# the CPU it is built on, so the name carries a hash of the CPU's instruction-set flags: a
+# cache carried to another CPU is not run there (it could die of an illegal instruction).
 LLAMA_CPP_PYTHON=0.3.36
 PYVER=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-LLAMA_ENV="${XDG_CACHE_HOME:-$HOME/.cache}/wildlong/llama-cpp-python-$LLAMA_CPP_PYTHON-py$PYVER"
+CPU=$( (grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || uname -m) | sha256sum | cut -c1-8)
+LLAMA_ENV="${XDG_CACHE_HOME:-$HOME/.cache}/wildlong/llama-cpp-python-$LLAMA_CPP_PYTHON-py$PYVER-$CPU"
 PY="${WILDLONG_LLAMA_PYTHON:-$LLAMA_ENV/bin/python}"
 install_llama_cpp() {
   local tmp="$LLAMA_ENV.partial" log="$LLAMA_ENV.log"
