@@ -11,7 +11,7 @@ use crate::engine::constrained::{Constraint, ConstraintFactory};
 use crate::engine::llama::Llama;
 use crate::engine::rope::RopeScaling;
 use crate::engine::sampling::Sampler;
-use crate::engine::scheduler::PagedState;
+use crate::engine::scheduler::{PagedState, Pull};
 use crate::engine::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -42,6 +42,10 @@ pub struct Completion {
     pub text: String,
     pub tokens: Vec<u32>,
     pub prompt_tokens: usize,
+    /// Prompt tokens taken from the prefix cache instead of computed (a server's
+    /// `usage.prompt_tokens_details.cached_tokens`, where it reports one).
+    #[serde(default)]
+    pub cached_tokens: usize,
     pub finish_reason: FinishReason,
 }
 
@@ -220,10 +224,28 @@ impl Engine {
     /// each finishes. An error from the stream or from `on_done` stops the run.
     pub fn generate_stream(
         &self,
-        reqs: impl Iterator<Item = Result<Request>>,
+        mut reqs: impl Iterator<Item = Result<Request>>,
+        on_done: impl FnMut(usize, Completion) -> Result<()>,
+    ) -> Result<()> {
+        self.generate_feed(
+            || match reqs.next() {
+                Some(r) => r.map(|r| Pull::Request(Box::new(r))),
+                None => Ok(Pull::Done),
+            },
+            on_done,
+        )
+    }
+
+    /// Generates for the requests `next` hands out, asked whenever the batch has room: a
+    /// source may answer [`Pull::Later`] while it waits for completions it builds later
+    /// requests from (stage 2's answers wait for their rewrites). `on_done(index in the
+    /// stream, completion)` is called as each finishes; an error from either stops the run.
+    pub fn generate_feed(
+        &self,
+        mut next: impl FnMut() -> Result<Pull>,
         mut on_done: impl FnMut(usize, Completion) -> Result<()>,
     ) -> Result<()> {
-        self.run_scheduler(reqs, &mut on_done)
+        self.run_scheduler(&mut next, &mut on_done)
     }
 
     /// The decoding state of a new request.
@@ -343,7 +365,12 @@ impl Engine {
         Ok(row.stop.iter().filter_map(|s| tail.find(s.as_str())).min())
     }
 
-    pub(crate) fn finish(&self, row: Row, prompt_tokens: usize) -> Result<Completion> {
+    pub(crate) fn finish(
+        &self,
+        row: Row,
+        prompt_tokens: usize,
+        cached_tokens: usize,
+    ) -> Result<Completion> {
         let mut text = self.tokenizer.decode(&row.tokens, true)?;
         let reason = row.done.unwrap_or(FinishReason::Length);
         if reason == FinishReason::Stop {
@@ -355,6 +382,7 @@ impl Engine {
             text,
             tokens: row.tokens,
             prompt_tokens,
+            cached_tokens,
             finish_reason: reason,
         })
     }

@@ -18,6 +18,17 @@ use std::collections::VecDeque;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// What a request source answers when the batch has room.
+pub enum Pull {
+    /// The next request (its index in the stream is the number of requests before it).
+    Request(Box<Request>),
+    /// Nothing yet: more requests follow once some in flight finish (a workload whose later
+    /// requests are built from earlier completions).
+    Later,
+    /// No more requests.
+    Done,
+}
+
 /// The engine's paged KV cache and the bookkeeping of its blocks.
 pub(crate) struct PagedState {
     pub(crate) kv: PagedKv,
@@ -86,6 +97,8 @@ struct Seq {
     /// Sampled at least once since (re)admission: it feeds its pending tokens whole.
     decoding: bool,
     counted: bool,
+    /// Prompt tokens the prefix cache served at first admission.
+    cached: usize,
 }
 
 impl Seq {
@@ -187,7 +200,7 @@ impl Engine {
 
     pub(crate) fn run_scheduler(
         &self,
-        mut reqs: impl Iterator<Item = Result<Request>>,
+        next: &mut dyn FnMut() -> Result<Pull>,
         on_done: &mut dyn FnMut(usize, Completion) -> Result<()>,
     ) -> Result<()> {
         let mut guard = self.paged.lock().map_err(|_| {
@@ -225,21 +238,26 @@ impl Engine {
         let mut running: Vec<Seq> = Vec::new();
         let mut exhausted = false;
         let mut next_id = 0usize;
+        let mut idle_polls = 0;
         loop {
             while !exhausted && waiting.len() < max_batch {
-                let Some(r) = reqs.next() else {
-                    exhausted = true;
-                    break;
+                let r = match next()? {
+                    Pull::Request(r) => *r,
+                    Pull::Later => break,
+                    Pull::Done => {
+                        exhausted = true;
+                        break;
+                    }
                 };
                 let id = next_id;
                 next_id += 1;
-                let r = r?;
+                idle_polls = 0;
                 self.check_request(id, &r, &plan, false)?;
                 let row = self
                     .new_row(&r)
                     .map_err(|e| anyhow::anyhow!("request {id}: {e:#}"))?;
                 if row.done.is_some() {
-                    on_done(id, self.finish(row, r.prompt.len())?)?;
+                    on_done(id, self.finish(row, r.prompt.len(), 0)?)?;
                     continue;
                 }
                 let mut prompt_hashes = Vec::with_capacity(r.prompt.len() / bs);
@@ -258,10 +276,20 @@ impl Engine {
                     last_hash: None,
                     decoding: false,
                     counted: false,
+                    cached: 0,
                 });
             }
             if running.is_empty() && waiting.is_empty() {
-                return Ok(());
+                if exhausted {
+                    return Ok(());
+                }
+                // A source that answered `Later` with nothing in flight is asked once more (a
+                // request that finished at intake may have let it build more), then refused.
+                idle_polls += 1;
+                if idle_polls > 1 {
+                    bail!("the request source waits for completions while none is in flight");
+                }
+                continue;
             }
 
             // Admission: cached prefix blocks first, then one block for what follows.
@@ -297,6 +325,7 @@ impl Engine {
                     .extend(st.blocks.allocate_n(need).context("block allocation")?);
                 if !seq.counted {
                     seq.counted = true;
+                    seq.cached = seq.computed.min(seq.prompt_len);
                     st.blocks.stats.prompt_tokens += seq.prompt_len as u64;
                     st.blocks.stats.cached_tokens += seq.computed.min(seq.prompt_len) as u64;
                 }
@@ -420,7 +449,7 @@ impl Engine {
             for &i in finished.iter().rev() {
                 let s = running.remove(i);
                 st.blocks.release(&s.blocks);
-                on_done(s.id, self.finish(s.row, s.prompt_len)?)?;
+                on_done(s.id, self.finish(s.row, s.prompt_len, s.cached)?)?;
             }
         }
     }

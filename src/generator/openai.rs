@@ -282,6 +282,9 @@ impl OpenAiClient {
             text,
             tokens: Vec::new(),
             prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize,
+            cached_tokens: v["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap_or(0) as usize,
             finish_reason,
         })
     }

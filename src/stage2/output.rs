@@ -183,6 +183,12 @@ pub fn merge(
                 .get_or_insert_with(Default::default)
                 .add(&c);
         }
+        if let Some(c) = s.document_cache {
+            stats
+                .document_cache
+                .get_or_insert_with(Default::default)
+                .add(&c);
+        }
         for (r, c) in s.rejected {
             *stats.rejected.entry(r).or_default() += c;
         }

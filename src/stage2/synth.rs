@@ -10,7 +10,8 @@
 
 use crate::engine::chat::{ChatTemplate, Message};
 use crate::engine::config::{GenerationParams, SamplingParams};
-use crate::engine::generate::{Completion, FinishReason, Request};
+use crate::engine::generate::{Completion, Engine, FinishReason, Request};
+use crate::engine::scheduler::Pull;
 use crate::engine::tokenizer::Tokenizer;
 use crate::generator::Llm;
 use crate::records::{hex, write_jsonl_atomic, Blueprint, Pair, PairMetadata, Store};
@@ -23,7 +24,8 @@ use anyhow::{Context as _, Result};
 use rand::seq::IndexedRandom;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,6 +48,11 @@ pub struct SynthStats {
     /// requests).
     #[serde(default)]
     pub prefix_cache: Option<crate::engine::blocks::CacheUse>,
+    /// The documents' share of it: over each context, the requests after the one that
+    /// computed the documents (`prompt_tokens`: their document tokens; `cached_tokens`:
+    /// those the cache served). Local engine only.
+    #[serde(default)]
+    pub document_cache: Option<crate::engine::blocks::CacheUse>,
 }
 
 pub struct Synth<'a> {
@@ -91,88 +98,14 @@ impl Synth<'_> {
         }
     }
 
-    /// Runs `items` through the store: cached ones are read, the rest generated. `context`
-    /// is `None` for requests without the documents; otherwise, on the local engine, the
-    /// items start with `prefix_tokens` (cached by the engine) and end with the template's
-    /// `tail`.
-    fn run_requests(
-        &self,
-        context: Option<(&str, &[u32], &str)>,
-        items: &[Item],
-        stats: &mut SynthStats,
-    ) -> Result<Vec<Generated>> {
-        let mut out: Vec<Option<Generated>> = Vec::with_capacity(items.len());
-        let mut missing = Vec::new();
-        for (i, it) in items.iter().enumerate() {
-            let got = self.store.get::<Generated>(&it.key)?;
-            if got.is_none() {
-                missing.push(i);
-            } else {
-                stats.reused += 1;
-            }
-            out.push(got);
-        }
-        if missing.is_empty() {
-            return out
-                .into_iter()
-                .map(|g| g.context("a request got no result"))
-                .collect();
-        }
-        let done: Vec<Completion> = match (self.llm, context) {
-            (Llm::Local(engine), Some((_, prefix_tokens, tail))) => {
-                // Every request starts with the documents' tokens: the engine's prefix cache
-                // computes them once.
-                let reqs = missing
-                    .iter()
-                    .map(|&i| {
-                        let mut prompt = prefix_tokens.to_vec();
-                        prompt.extend(
-                            engine
-                                .tokenizer
-                                .encode(&format!("{}{tail}", items[i].request), false)?,
-                        );
-                        Ok(Request {
-                            prompt,
-                            params: items[i].params.clone(),
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                engine.generate(&reqs, |_, _| {})?
-            }
-            (_, context) => {
-                let reqs: Vec<(Vec<Message>, GenerationParams)> = missing
-                    .iter()
-                    .map(|&i| {
-                        let messages = match context {
-                            Some((documents, _, _)) => user_turn(documents, &items[i].request),
-                            None => closed_book_turn(&items[i].request),
-                        };
-                        (messages, items[i].params.clone())
-                    })
-                    .collect();
-                self.llm.chat_batch(&reqs)?
-            }
-        };
-        for (&i, c) in missing.iter().zip(done) {
-            let tokens = match c.tokens.len() {
-                0 => self.tokenizer.encode(&c.text, false)?.len(),
-                n => n,
-            };
-            let g = Generated {
-                text: c.text,
-                finish_reason: c.finish_reason,
-                tokens,
-            };
-            self.store.put(&items[i].key, &g)?;
-            stats.generated += 1;
-            out[i] = Some(g);
-        }
-        out.into_iter()
-            .map(|g| g.context("a request got no result"))
-            .collect()
-    }
-
     /// Pairs for this shard's contexts, written to `<dir>/data<suffix>.jsonl`.
+    ///
+    /// Every context moves through its steps (rewrites, answers, closed-book checks) as its
+    /// own inputs become ready, several contexts at a time: the local engine takes each
+    /// request as its batch has room (so one document's answers decode beside the next
+    /// document's rewrites), a server gets each round of ready requests at its concurrency.
+    /// Requests already in the store are read, not sent. The pairs are built afterwards in
+    /// context order, so the same store gives the same data however the requests ran.
     pub fn run(
         &self,
         contexts: &[Context],
@@ -182,20 +115,11 @@ impl Synth<'_> {
     ) -> Result<(Vec<Pair>, SynthStats)> {
         let mut stats = SynthStats::default();
         let cache_before = self.llm.local().map(|e| e.cache_stats());
-        let mut pairs = Vec::new();
-        let g = &self.cfg.generate;
-        let gates = &self.cfg.gates;
         let mut by_type: BTreeMap<&str, Vec<&Blueprint>> = BTreeMap::new();
         for b in blueprints {
             by_type.entry(b.document_type.as_str()).or_default().push(b);
         }
-        let schema = serde_json::json!({
-            "type": "object",
-            "properties": {"instruction": {"type": "string", "minLength": 20, "maxLength": g.max_instruction_chars}},
-            "required": ["instruction"], "additionalProperties": false,
-            "x-guidance": {"whitespace_flexible": false, "json_allowed_escapes": "\"\\"}
-        });
-        let mut near = instruction_index(gates.near_duplicate_threshold, g.seed);
+        let mut owned = Vec::new();
         for (ci, c) in contexts.iter().enumerate() {
             if !shard.owns(ci) {
                 continue;
@@ -203,138 +127,137 @@ impl Synth<'_> {
             stats.contexts += 1;
             // Stage 1 merged its rare types into `other`: a type without blueprints of its
             // own takes those.
-            let Some(pool) = by_type
+            match by_type
                 .get(c.document_type.as_str())
                 .or_else(|| by_type.get("other"))
-            else {
-                reject(&mut stats, "no_blueprint_of_type");
-                continue;
-            };
-            let mut rng = crate::records::derived_rng(g.seed, &[c.id.as_bytes()]);
-            let chosen: Vec<&Blueprint> = pool
-                .choose_multiple(&mut rng, g.instructions_per_context)
-                .copied()
-                .collect();
-            const MARK: &str = "\u{1}REQUEST\u{1}";
-            let rendered = self.template.render(&user_turn(&c.text, MARK), true)?;
-            let (head, tail) = rendered
-                .split_once(MARK)
-                .context("the chat template dropped the user message")?;
-            let prefix_tokens = self.tokenizer.encode(head, false)?;
-            let ctx = Some((c.text.as_str(), prefix_tokens.as_slice(), tail));
-            let seed = |b: &Blueprint| {
-                crate::records::derived_u64(g.seed, &[c.id.as_bytes(), b.id.as_bytes()])
-            };
-            let item =
-                |kind: &str, b: &Blueprint, request: String, params: GenerationParams| Item {
-                    key: Store::key(&[
-                        self.model.as_bytes(),
-                        VERSION.as_bytes(),
-                        kind.as_bytes(),
-                        c.id.as_bytes(),
-                        b.id.as_bytes(),
-                        request.as_bytes(),
-                        serde_json::to_string(&params)
-                            .unwrap_or_default()
-                            .as_bytes(),
-                    ]),
-                    request,
-                    params,
-                };
-            // 1. Rewrite each blueprint for these documents.
-            let rewrites: Vec<Item> = chosen
-                .iter()
-                .map(|b| {
-                    let request = rewrite_request(
-                        &c.document_type,
-                        c.documents.len(),
-                        c.task_family.as_deref(),
-                        &b.instruction,
-                    );
-                    let p = self.params(
-                        16 + 2 * g.max_instruction_chars,
-                        seed(b),
-                        Some(schema.clone()),
-                    );
-                    item("rewrite", b, request, p)
-                })
-                .collect();
-            let rewritten = self.run_requests(ctx, &rewrites, &mut stats)?;
-            // 2. Answer each instruction over the full context.
-            let mut answers = Vec::new();
-            let mut kept = Vec::new();
-            for (b, r) in chosen.iter().zip(rewritten) {
-                let instruction = serde_json::from_str::<serde_json::Value>(&r.text)
-                    .ok()
-                    .and_then(|v| v["instruction"].as_str().map(|s| s.trim().to_string()))
-                    .filter(|s| !s.is_empty());
-                let Some(instruction) = instruction else {
-                    reject(&mut stats, "rewrite_not_json");
-                    continue;
-                };
-                let used = prefix_tokens.len()
-                    + self
-                        .tokenizer
-                        .encode(&format!("{instruction}{tail}"), false)?
-                        .len();
-                let room = c.bucket.saturating_sub(used).min(g.max_answer_tokens);
-                if room < 16 {
-                    reject(&mut stats, "no_room_for_answer");
-                    continue;
-                }
-                let p = self.params(room, seed(b), None);
-                answers.push(item("answer", b, instruction.clone(), p));
-                kept.push((*b, instruction, used));
+            {
+                Some(pool) => owned.push((c, pool.as_slice())),
+                None => reject(&mut stats, "no_blueprint_of_type"),
             }
-            let answered = self.run_requests(ctx, &answers, &mut stats)?;
-            // 3. Answer and grounding gates.
-            let mut passed = Vec::new();
-            for ((b, instruction, used), a) in kept.into_iter().zip(answered) {
-                match answer_gate(
-                    &a.text,
-                    a.finish_reason,
-                    &c.text,
-                    &instruction,
-                    gates.min_answer_words,
-                    gates.max_ungrounded_names,
-                ) {
-                    Some(reason) => reject(&mut stats, reason),
-                    None => passed.push((b, instruction, used, a)),
-                }
+        }
+        let flow = Flow {
+            synth: self,
+            contexts: owned,
+            states: Vec::new(),
+            queue: VecDeque::new(),
+            active: 0,
+            cap: self.contexts_in_flight(contexts),
+            stats,
+        };
+        let flow = match self.llm {
+            Llm::Local(engine) => {
+                let flow = RefCell::new(flow);
+                // The stream's requests in the order they were handed out: (context, slot).
+                let sent = RefCell::new(Vec::<(usize, usize)>::new());
+                engine.generate_feed(
+                    || {
+                        let mut f = flow.borrow_mut();
+                        let Some((ci, slot)) = f.next_ready()? else {
+                            return Ok(if f.finished() {
+                                Pull::Done
+                            } else {
+                                Pull::Later
+                            });
+                        };
+                        sent.borrow_mut().push((ci, slot));
+                        Ok(Pull::Request(Box::new(f.local_request(engine, ci, slot)?)))
+                    },
+                    |id, c| {
+                        let (ci, slot) = *sent.borrow().get(id).context("an unknown request")?;
+                        flow.borrow_mut().complete(ci, slot, c)
+                    },
+                )?;
+                flow.into_inner()
             }
-            // 4. The closed-book check: the same instruction without the documents.
-            let closed: Vec<Option<f64>> = match gates.closed_book_max_f1 {
-                None => vec![None; passed.len()],
-                Some(_) => {
-                    let items: Vec<Item> = passed
+            Llm::Remote(_) => {
+                let mut flow = flow;
+                loop {
+                    flow.start_up_to_cap()?;
+                    let mut round = Vec::new();
+                    while let Some(r) = flow.next_ready()? {
+                        round.push(r);
+                    }
+                    if round.is_empty() {
+                        break;
+                    }
+                    let reqs: Vec<(Vec<Message>, GenerationParams)> = round
                         .iter()
-                        .map(|(b, instruction, _, a)| {
-                            let p = self.params(a.tokens.max(32), seed(b), None);
-                            item("closed_book", b, instruction.clone(), p)
-                        })
+                        .map(|&(ci, slot)| flow.messages(ci, slot))
                         .collect();
-                    self.run_requests(None, &items, &mut stats)?
-                        .iter()
-                        .zip(&passed)
-                        .map(|(cb, (_, _, _, a))| Some(crate::text::token_f1(&cb.text, &a.text)))
-                        .collect()
+                    for (&(ci, slot), c) in round.iter().zip(self.llm.chat_batch(&reqs)?) {
+                        flow.complete(ci, slot, c)?;
+                    }
                 }
+                flow
+            }
+        };
+        anyhow::ensure!(
+            flow.finished(),
+            "synthesis stopped with contexts unfinished"
+        );
+        let Flow {
+            states, mut stats, ..
+        } = flow;
+        let pairs = self.pairs(states, &mut stats)?;
+        stats.pairs = pairs.len();
+        write_jsonl_atomic(&dir.join(format!("data{}.jsonl", shard.suffix())), &pairs)?;
+        if let (Some(e), Some(before)) = (self.llm.local(), cache_before) {
+            stats.prefix_cache = Some(e.cache_stats().since(&before).usage());
+        }
+        Ok((pairs, stats))
+    }
+
+    /// How many contexts run at once: enough for the engine's rows (or the server's
+    /// concurrency) to stay busy, and, on the local engine, no more documents than its KV
+    /// cache holds beside their answers (a document evicted between its steps would be
+    /// computed again).
+    fn contexts_in_flight(&self, contexts: &[Context]) -> usize {
+        let per = self.cfg.generate.instructions_per_context.max(1);
+        match self.llm {
+            Llm::Local(e) => {
+                let rows = e.config.max_batch.max(1).div_ceil(per) + 1;
+                let longest = contexts.iter().map(|c| c.bucket).max().unwrap_or(1).max(1);
+                let fit = e
+                    .kv_plan()
+                    .map(|p| p.tokens() / (longest + longest / 4))
+                    .unwrap_or(1);
+                rows.min(fit).max(1)
+            }
+            // Few at once: a server that keeps one prompt's cache per slot (llama.cpp) would
+            // recompute a document at each switch between contexts.
+            Llm::Remote(c) => c.config.concurrency.max(1).div_ceil(per),
+        }
+    }
+
+    /// The pairs of finished contexts, in context order: the closed-book,
+    /// decontamination and near-duplicate gates applied.
+    fn pairs(&self, states: Vec<State>, stats: &mut SynthStats) -> Result<Vec<Pair>> {
+        let g = &self.cfg.generate;
+        let gates = &self.cfg.gates;
+        let mut near = instruction_index(gates.near_duplicate_threshold, g.seed);
+        let mut pairs = Vec::new();
+        for st in states {
+            let c = st.context;
+            let closed = match st.closed.len() {
+                0 => vec![None; st.passed.len()],
+                _ => st.closed,
             };
-            for ((b, instruction, used, a), f1) in passed.into_iter().zip(closed) {
+            for (p, f1) in st.passed.into_iter().zip(closed) {
+                let (b, instruction, used, a) = (p.blueprint, p.instruction, p.used, p.answer);
                 if let (Some(f1), Some(max)) = (f1, gates.closed_book_max_f1) {
                     if f1 >= max {
-                        reject(&mut stats, "closed_book");
+                        reject(stats, "closed_book");
                         continue;
                     }
                 }
                 if let Some(d) = self.decontaminate {
                     if d.shared(&format!("{instruction}\n{}", a.text)) > 0 {
-                        reject(&mut stats, "contaminated");
+                        reject(stats, "contaminated");
                         continue;
                     }
                 }
                 if near.check_and_insert(&instruction) {
-                    reject(&mut stats, "near_duplicate_instruction");
+                    reject(stats, "near_duplicate_instruction");
                     continue;
                 }
                 let messages = vec![
@@ -362,18 +285,390 @@ impl Synth<'_> {
                         conversation_ids: b.provenance.conversation_ids.clone(),
                         model: self.model.clone(),
                         prompt_version: VERSION.into(),
-                        seed: seed(b),
+                        seed: self.seed(c, b),
                         closed_book_f1: f1,
                         hash,
                     },
                 });
             }
         }
-        stats.pairs = pairs.len();
-        write_jsonl_atomic(&dir.join(format!("data{}.jsonl", shard.suffix())), &pairs)?;
-        if let (Some(e), Some(before)) = (self.llm.local(), cache_before) {
-            stats.prefix_cache = Some(e.cache_stats().since(&before).usage());
+        Ok(pairs)
+    }
+
+    /// The sampling seed of a blueprint's requests over a context.
+    fn seed(&self, c: &Context, b: &Blueprint) -> u64 {
+        crate::records::derived_u64(self.cfg.generate.seed, &[c.id.as_bytes(), b.id.as_bytes()])
+    }
+
+    /// A request's store key: the model, prompt version, step, context, blueprint,
+    /// request text and parameters.
+    fn item(
+        &self,
+        kind: &str,
+        c: &Context,
+        b: &Blueprint,
+        request: String,
+        params: GenerationParams,
+    ) -> Item {
+        Item {
+            key: Store::key(&[
+                self.model.as_bytes(),
+                VERSION.as_bytes(),
+                kind.as_bytes(),
+                c.id.as_bytes(),
+                b.id.as_bytes(),
+                request.as_bytes(),
+                serde_json::to_string(&params)
+                    .unwrap_or_default()
+                    .as_bytes(),
+            ]),
+            request,
+            params,
         }
-        Ok((pairs, stats))
+    }
+}
+
+/// The step a context is at; its requests are in [`State::items`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Step {
+    /// Each chosen blueprint rewritten for these documents (JSON, over the documents).
+    Rewrite,
+    /// Each instruction answered over the documents.
+    Answer,
+    /// Each answer that passed the gates asked again without the documents.
+    ClosedBook,
+    Done,
+}
+
+/// An answer that passed the answer and grounding gates.
+struct Passed<'a> {
+    blueprint: &'a Blueprint,
+    instruction: String,
+    /// Prompt tokens of the instruction over the documents.
+    used: usize,
+    answer: Generated,
+}
+
+/// One context's progress.
+struct State<'a> {
+    context: &'a Context,
+    chosen: Vec<&'a Blueprint>,
+    /// The chat-rendered prompt up to the request (system + documents), tokenized, and the
+    /// template's text after it.
+    prefix_tokens: Vec<u32>,
+    tail: String,
+    step: Step,
+    /// This step's requests, which blueprint each is for, and their results.
+    items: Vec<Item>,
+    for_blueprint: Vec<usize>,
+    results: Vec<Option<Generated>>,
+    outstanding: usize,
+    /// After the rewrites: (blueprint, instruction, prompt tokens) of each answer request.
+    kept: Vec<(usize, String, usize)>,
+    passed: Vec<Passed<'a>>,
+    /// Closed-book F1 of each passed answer (empty when the gate is off).
+    closed: Vec<Option<f64>>,
+    /// Document tokens the prefix cache served each generated request over the documents.
+    document_hits: Vec<usize>,
+}
+
+/// The contexts of one run moving through their steps; requests ready to send are queued.
+struct Flow<'s, 'a> {
+    synth: &'s Synth<'a>,
+    contexts: Vec<(&'s Context, &'s [&'s Blueprint])>,
+    states: Vec<State<'s>>,
+    /// (context, slot) of requests ready to send, oldest first.
+    queue: VecDeque<(usize, usize)>,
+    /// Contexts started and not done.
+    active: usize,
+    cap: usize,
+    stats: SynthStats,
+}
+
+impl<'s> Flow<'s, '_> {
+    /// The next request to send; a new context is started when none is ready and fewer
+    /// than `cap` are in flight. `None`: nothing to send now.
+    fn next_ready(&mut self) -> Result<Option<(usize, usize)>> {
+        while self.queue.is_empty()
+            && self.active < self.cap
+            && self.states.len() < self.contexts.len()
+        {
+            self.start()?;
+        }
+        Ok(self.queue.pop_front())
+    }
+
+    /// Starts contexts until `cap` are in flight (a server's round takes every ready one).
+    fn start_up_to_cap(&mut self) -> Result<()> {
+        while self.active < self.cap && self.states.len() < self.contexts.len() {
+            self.start()?;
+        }
+        Ok(())
+    }
+
+    /// Every context has been started and has finished.
+    fn finished(&self) -> bool {
+        self.active == 0 && self.queue.is_empty() && self.states.len() == self.contexts.len()
+    }
+
+    fn start(&mut self) -> Result<()> {
+        let s = self.synth;
+        let g = &s.cfg.generate;
+        let (c, pool) = self.contexts[self.states.len()];
+        let mut rng = crate::records::derived_rng(g.seed, &[c.id.as_bytes()]);
+        let chosen: Vec<&Blueprint> = pool
+            .choose_multiple(&mut rng, g.instructions_per_context)
+            .copied()
+            .collect();
+        const MARK: &str = "\u{1}REQUEST\u{1}";
+        let rendered = s.template.render(&user_turn(&c.text, MARK), true)?;
+        let (head, tail) = rendered
+            .split_once(MARK)
+            .context("the chat template dropped the user message")?;
+        let prefix_tokens = s.tokenizer.encode(head, false)?;
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {"instruction": {"type": "string", "minLength": 20, "maxLength": g.max_instruction_chars}},
+            "required": ["instruction"], "additionalProperties": false,
+            "x-guidance": {"whitespace_flexible": false, "json_allowed_escapes": "\"\\"}
+        });
+        let items: Vec<Item> = chosen
+            .iter()
+            .map(|b| {
+                let request = rewrite_request(
+                    &c.document_type,
+                    c.documents.len(),
+                    c.task_family.as_deref(),
+                    &b.instruction,
+                );
+                let p = s.params(
+                    16 + 2 * g.max_instruction_chars,
+                    s.seed(c, b),
+                    Some(schema.clone()),
+                );
+                s.item("rewrite", c, b, request, p)
+            })
+            .collect();
+        let ci = self.states.len();
+        let n = items.len();
+        self.states.push(State {
+            context: c,
+            chosen,
+            prefix_tokens,
+            tail: tail.to_string(),
+            step: Step::Rewrite,
+            items: Vec::new(),
+            for_blueprint: Vec::new(),
+            results: Vec::new(),
+            outstanding: 0,
+            kept: Vec::new(),
+            passed: Vec::new(),
+            closed: Vec::new(),
+            document_hits: Vec::new(),
+        });
+        self.active += 1;
+        self.enter(ci, Step::Rewrite, items, (0..n).collect())
+    }
+
+    /// Puts context `ci` at `step` with these requests: those in the store are read, the
+    /// rest queued; a step with nothing to send is finished at once.
+    fn enter(
+        &mut self,
+        ci: usize,
+        step: Step,
+        items: Vec<Item>,
+        for_blueprint: Vec<usize>,
+    ) -> Result<()> {
+        let mut results = Vec::with_capacity(items.len());
+        for (slot, it) in items.iter().enumerate() {
+            let got = self.synth.store.get::<Generated>(&it.key)?;
+            match got {
+                Some(_) => self.stats.reused += 1,
+                None => self.queue.push_back((ci, slot)),
+            }
+            results.push(got);
+        }
+        let st = &mut self.states[ci];
+        st.outstanding = results.iter().filter(|r| r.is_none()).count();
+        st.step = step;
+        st.items = items;
+        st.for_blueprint = for_blueprint;
+        st.results = results;
+        if st.outstanding == 0 {
+            self.advance(ci)?;
+        }
+        Ok(())
+    }
+
+    /// The result of request `slot` of context `ci`'s current step.
+    fn complete(&mut self, ci: usize, slot: usize, c: Completion) -> Result<()> {
+        let s = self.synth;
+        let tokens = match c.tokens.len() {
+            0 => s.tokenizer.encode(&c.text, false)?.len(),
+            n => n,
+        };
+        let g = Generated {
+            text: c.text,
+            finish_reason: c.finish_reason,
+            tokens,
+        };
+        let st = &mut self.states[ci];
+        if st.step != Step::ClosedBook {
+            st.document_hits
+                .push(c.cached_tokens.min(st.prefix_tokens.len()));
+        }
+        s.store.put(&st.items[slot].key, &g)?;
+        self.stats.generated += 1;
+        st.results[slot] = Some(g);
+        st.outstanding -= 1;
+        if st.outstanding == 0 {
+            self.advance(ci)?;
+        }
+        Ok(())
+    }
+
+    /// Context `ci`'s step is complete: its gates, then the next step's requests.
+    fn advance(&mut self, ci: usize) -> Result<()> {
+        let s = self.synth;
+        let g = &s.cfg.generate;
+        let st = &mut self.states[ci];
+        let c = st.context;
+        let results: Vec<Generated> = std::mem::take(&mut st.results)
+            .into_iter()
+            .map(|r| r.context("a request got no result"))
+            .collect::<Result<_>>()?;
+        let for_blueprint = std::mem::take(&mut st.for_blueprint);
+        st.items.clear();
+        match st.step {
+            Step::Rewrite => {
+                let mut answers = Vec::new();
+                let mut kept = Vec::new();
+                for (bi, r) in for_blueprint.into_iter().zip(results) {
+                    let b = st.chosen[bi];
+                    let instruction = serde_json::from_str::<serde_json::Value>(&r.text)
+                        .ok()
+                        .and_then(|v| v["instruction"].as_str().map(|s| s.trim().to_string()))
+                        .filter(|s| !s.is_empty());
+                    let Some(instruction) = instruction else {
+                        reject(&mut self.stats, "rewrite_not_json");
+                        continue;
+                    };
+                    let used = st.prefix_tokens.len()
+                        + s.tokenizer
+                            .encode(&format!("{instruction}{}", st.tail), false)?
+                            .len();
+                    let room = c.bucket.saturating_sub(used).min(g.max_answer_tokens);
+                    if room < 16 {
+                        reject(&mut self.stats, "no_room_for_answer");
+                        continue;
+                    }
+                    let p = s.params(room, s.seed(c, b), None);
+                    answers.push(s.item("answer", c, b, instruction.clone(), p));
+                    kept.push((bi, instruction, used));
+                }
+                let bis = kept.iter().map(|k| k.0).collect();
+                st.kept = kept;
+                self.enter(ci, Step::Answer, answers, bis)
+            }
+            Step::Answer => {
+                let gates = &s.cfg.gates;
+                for ((bi, instruction, used), a) in
+                    std::mem::take(&mut st.kept).into_iter().zip(results)
+                {
+                    match answer_gate(
+                        &a.text,
+                        a.finish_reason,
+                        &c.text,
+                        &instruction,
+                        gates.min_answer_words,
+                        gates.max_ungrounded_names,
+                    ) {
+                        Some(reason) => reject(&mut self.stats, reason),
+                        None => st.passed.push(Passed {
+                            blueprint: st.chosen[bi],
+                            instruction,
+                            used,
+                            answer: a,
+                        }),
+                    }
+                }
+                if gates.closed_book_max_f1.is_none() {
+                    return self.finish(ci);
+                }
+                // The closed-book check: the same instruction without the documents.
+                let items: Vec<Item> = st
+                    .passed
+                    .iter()
+                    .map(|p| {
+                        let b = p.blueprint;
+                        let params = s.params(p.answer.tokens.max(32), s.seed(c, b), None);
+                        s.item("closed_book", c, b, p.instruction.clone(), params)
+                    })
+                    .collect();
+                let n = items.len();
+                self.enter(ci, Step::ClosedBook, items, (0..n).collect())
+            }
+            Step::ClosedBook => {
+                st.closed = results
+                    .iter()
+                    .zip(&st.passed)
+                    .map(|(cb, p)| Some(crate::text::token_f1(&cb.text, &p.answer.text)))
+                    .collect();
+                self.finish(ci)
+            }
+            Step::Done => Ok(()),
+        }
+    }
+
+    fn finish(&mut self, ci: usize) -> Result<()> {
+        let st = &mut self.states[ci];
+        st.step = Step::Done;
+        if let (Llm::Local(_), Some(&first)) = (self.synth.llm, st.document_hits.iter().min()) {
+            let n = st.document_hits.len() as u64;
+            self.stats
+                .document_cache
+                .get_or_insert_with(Default::default)
+                .add(&crate::engine::blocks::CacheUse {
+                    prompt_tokens: (n - 1) * st.prefix_tokens.len() as u64,
+                    cached_tokens: st.document_hits.iter().sum::<usize>() as u64 - first as u64,
+                    ..Default::default()
+                });
+        }
+        self.active -= 1;
+        Ok(())
+    }
+
+    /// Request `slot` of context `ci` for the local engine: over the documents it is the
+    /// documents' tokens (computed once by the prefix cache) and the request's.
+    fn local_request(&self, engine: &Engine, ci: usize, slot: usize) -> Result<Request> {
+        let st = &self.states[ci];
+        let it = &st.items[slot];
+        let prompt = match st.step {
+            Step::ClosedBook => engine.chat_prompt(&closed_book_turn(&it.request))?,
+            _ => {
+                let mut prompt = st.prefix_tokens.clone();
+                prompt.extend(
+                    engine
+                        .tokenizer
+                        .encode(&format!("{}{}", it.request, st.tail), false)?,
+                );
+                prompt
+            }
+        };
+        Ok(Request {
+            prompt,
+            params: it.params.clone(),
+        })
+    }
+
+    /// Request `slot` of context `ci` as chat messages (a server).
+    fn messages(&self, ci: usize, slot: usize) -> (Vec<Message>, GenerationParams) {
+        let st = &self.states[ci];
+        let it = &st.items[slot];
+        let messages = match st.step {
+            Step::ClosedBook => closed_book_turn(&it.request),
+            _ => user_turn(&st.context.text, &it.request),
+        };
+        (messages, it.params.clone())
     }
 }

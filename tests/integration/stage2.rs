@@ -542,6 +542,32 @@ fn synthesis_pairs_fit_their_bucket_and_resume_from_the_store() {
     }
     let written = std::fs::read_to_string(d.path().join("data.jsonl")).unwrap();
     assert_eq!(written.lines().count(), pairs.len());
+    // Each context's answer took its documents from the prefix cache its rewrite filled
+    // (the two contexts ran side by side).
+    let docs = stats.document_cache.unwrap();
+    assert!(docs.prompt_tokens > 1000, "{docs:?}");
+    assert!(docs.hit_rate >= 0.9, "{docs:?}");
+    // One row at a time (the contexts' requests finish in another order): the same pairs.
+    let one_row = Llm::Local(Box::new(load(
+        &default_model_path(),
+        wildlong::engine::config::EngineConfig {
+            max_batch: 1,
+            ..Default::default()
+        },
+    )));
+    std::fs::create_dir_all(d.path().join("one-row")).unwrap();
+    let (sequential, _) = Synth {
+        llm: &one_row,
+        ..synth(&d.path().join("store-one-row"))
+    }
+    .run(
+        &ctx,
+        &blueprints,
+        Shard::default(),
+        &d.path().join("one-row"),
+    )
+    .unwrap();
+    assert_eq!(sequential, pairs);
     // A second run reads every result from the store: nothing generated, same pairs.
     let (again, stats2) = synth(&d.path().join("store"))
         .run(&ctx, &blueprints, Shard::default(), d.path())
