@@ -275,6 +275,28 @@ impl CustomOp3 for PagedDecode {
     }
 }
 
+/// Calls `f(j - lo, row offset)` for each key position `j` in `lo..hi`, in order, block by
+/// block: `first(j)` is the pool offset of position `j`, and a block's rows are `d` apart.
+#[inline(always)]
+fn each_row(
+    lo: usize,
+    hi: usize,
+    bs: usize,
+    d: usize,
+    first: impl Fn(usize) -> usize,
+    mut f: impl FnMut(usize, usize),
+) {
+    let mut j = lo;
+    while j < hi {
+        let end = ((j / bs + 1) * bs).min(hi);
+        let first = first(j);
+        for r in 0..end - j {
+            f(j - lo + r, first + r * d);
+        }
+        j = end;
+    }
+}
+
 /// Sizes the fused decode items share.
 #[derive(Clone, Copy)]
 struct Dims {
@@ -321,21 +343,12 @@ impl PagedDecode {
         let (lo, hi) = (*keys.start(), keys.end() + 1);
         let n = hi - lo;
         let bs = self.block_size;
-        // Each visible key's row offset in the pool, in position order, block by block.
-        let each_row = |f: &mut dyn FnMut(usize, usize)| {
-            let mut j = lo;
-            while j < hi {
-                let end = ((j / bs + 1) * bs).min(hi);
-                let first = ((tok.table[j / bs] as usize * kvh + kh) * bs + j % bs) * d;
-                for r in 0..end - j {
-                    f(j - lo + r, first + r * d);
-                }
-                j = end;
-            }
-        };
+        // Each visible key's row offset in the pool, in position order, block by block
+        // (generic, not `dyn`: the loop bodies inline into the AVX-512 wrapper).
+        let row_of = |j: usize| ((tok.table[j / bs] as usize * kvh + kh) * bs + j % bs) * d;
         let qrow = |qi: usize| &q[((qh0 + qi) * t_all + tok.index) * d..][..d];
         let mut scores = vec![0f32; g * n];
-        each_row(&mut |j, r| {
+        each_row(lo, hi, bs, d, row_of, |j, r| {
             let kr = &k[r..r + d];
             for qi in 0..g {
                 scores[qi * n + j] = dot_lanes::<16>(qrow(qi), kr) * self.scale;
@@ -348,7 +361,7 @@ impl PagedDecode {
                 *p *= inv;
             }
         }
-        each_row(&mut |j, r| {
+        each_row(lo, hi, bs, d, row_of, |j, r| {
             let vr = &v[r..r + d];
             for (qi, oh) in o.chunks_exact_mut(d).enumerate() {
                 let w = scores[qi * n + j];
