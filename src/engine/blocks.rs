@@ -91,6 +91,11 @@ pub struct CacheUse {
 }
 
 impl CacheUse {
+    /// Adds `o` to `total`, which starts at zero when it is `None`.
+    pub fn add_to(total: &mut Option<CacheUse>, o: &CacheUse) {
+        total.get_or_insert_with(Default::default).add(o);
+    }
+
     /// Adds another run's (or shard's) use.
     pub fn add(&mut self, o: &CacheUse) {
         self.prompt_tokens += o.prompt_tokens;

@@ -327,7 +327,7 @@ impl Engine {
                     seq.counted = true;
                     seq.cached = seq.computed.min(seq.prompt_len);
                     st.blocks.stats.prompt_tokens += seq.prompt_len as u64;
-                    st.blocks.stats.cached_tokens += seq.computed.min(seq.prompt_len) as u64;
+                    st.blocks.stats.cached_tokens += seq.cached as u64;
                 }
                 running.push(seq);
             }

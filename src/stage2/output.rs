@@ -2,6 +2,7 @@
 //! and pandas read: `messages` as a list of `{role, content}`, the main metadata as columns,
 //! the full metadata as a JSON string), and the merge of sharded outputs into one dataset.
 
+use crate::engine::blocks::CacheUse;
 use crate::records::{read_jsonl_resumable, write_atomic, write_jsonl_atomic, Pair};
 use crate::stage2::assemble::Context;
 use crate::stage2::config::Stage2Config;
@@ -178,16 +179,10 @@ pub fn merge(
         stats.reused += s.reused;
         stats.generated += s.generated;
         if let Some(c) = s.prefix_cache {
-            stats
-                .prefix_cache
-                .get_or_insert_with(Default::default)
-                .add(&c);
+            CacheUse::add_to(&mut stats.prefix_cache, &c);
         }
         if let Some(c) = s.document_cache {
-            stats
-                .document_cache
-                .get_or_insert_with(Default::default)
-                .add(&c);
+            CacheUse::add_to(&mut stats.document_cache, &c);
         }
         for (r, c) in s.rejected {
             *stats.rejected.entry(r).or_default() += c;

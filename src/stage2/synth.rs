@@ -8,6 +8,7 @@
 //! applied in a fixed order (answer, grounding, closed-book, decontamination, then
 //! near-duplicate instructions in context order), so the same store gives the same data.
 
+use crate::engine::blocks::CacheUse;
 use crate::engine::chat::{ChatTemplate, Message};
 use crate::engine::config::{GenerationParams, SamplingParams};
 use crate::engine::generate::{Completion, Engine, FinishReason, Request};
@@ -47,12 +48,12 @@ pub struct SynthStats {
     /// The local engine's prefix cache (each document is computed once for all its
     /// requests).
     #[serde(default)]
-    pub prefix_cache: Option<crate::engine::blocks::CacheUse>,
+    pub prefix_cache: Option<CacheUse>,
     /// The documents' share of it: over each context, the requests after the one that
     /// computed the documents (`prompt_tokens`: their document tokens; `cached_tokens`:
     /// those the cache served). Local engine only.
     #[serde(default)]
-    pub document_cache: Option<crate::engine::blocks::CacheUse>,
+    pub document_cache: Option<CacheUse>,
 }
 
 pub struct Synth<'a> {
@@ -135,8 +136,15 @@ impl Synth<'_> {
                 None => reject(&mut stats, "no_blueprint_of_type"),
             }
         }
+        let g = &self.cfg.generate;
         let flow = Flow {
             synth: self,
+            rewrite_schema: serde_json::json!({
+                "type": "object",
+                "properties": {"instruction": {"type": "string", "minLength": 20, "maxLength": g.max_instruction_chars}},
+                "required": ["instruction"], "additionalProperties": false,
+                "x-guidance": {"whitespace_flexible": false, "json_allowed_escapes": "\"\\"}
+            }),
             contexts: owned,
             states: Vec::new(),
             queue: VecDeque::new(),
@@ -172,7 +180,8 @@ impl Synth<'_> {
             Llm::Remote(_) => {
                 let mut flow = flow;
                 loop {
-                    flow.start_up_to_cap()?;
+                    // Every ready request of up to `cap` contexts (each started as the queue
+                    // empties).
                     let mut round = Vec::new();
                     while let Some(r) = flow.next_ready()? {
                         round.push(r);
@@ -358,11 +367,10 @@ struct State<'a> {
     prefix_tokens: Vec<u32>,
     tail: String,
     step: Step,
-    /// This step's requests, which blueprint each is for, and their results.
+    /// This step's requests (the rewrites: one per chosen blueprint, in order) and their
+    /// results; the step is complete when every result is in.
     items: Vec<Item>,
-    for_blueprint: Vec<usize>,
     results: Vec<Option<Generated>>,
-    outstanding: usize,
     /// After the rewrites: (blueprint, instruction, prompt tokens) of each answer request.
     kept: Vec<(usize, String, usize)>,
     passed: Vec<Passed<'a>>,
@@ -375,6 +383,8 @@ struct State<'a> {
 /// The contexts of one run moving through their steps; requests ready to send are queued.
 struct Flow<'s, 'a> {
     synth: &'s Synth<'a>,
+    /// The JSON a rewrite must be: one instruction of bounded length.
+    rewrite_schema: serde_json::Value,
     contexts: Vec<(&'s Context, &'s [&'s Blueprint])>,
     states: Vec<State<'s>>,
     /// (context, slot) of requests ready to send, oldest first.
@@ -398,14 +408,6 @@ impl<'s> Flow<'s, '_> {
         Ok(self.queue.pop_front())
     }
 
-    /// Starts contexts until `cap` are in flight (a server's round takes every ready one).
-    fn start_up_to_cap(&mut self) -> Result<()> {
-        while self.active < self.cap && self.states.len() < self.contexts.len() {
-            self.start()?;
-        }
-        Ok(())
-    }
-
     /// Every context has been started and has finished.
     fn finished(&self) -> bool {
         self.active == 0 && self.queue.is_empty() && self.states.len() == self.contexts.len()
@@ -426,12 +428,6 @@ impl<'s> Flow<'s, '_> {
             .split_once(MARK)
             .context("the chat template dropped the user message")?;
         let prefix_tokens = s.tokenizer.encode(head, false)?;
-        let schema = serde_json::json!({
-            "type": "object",
-            "properties": {"instruction": {"type": "string", "minLength": 20, "maxLength": g.max_instruction_chars}},
-            "required": ["instruction"], "additionalProperties": false,
-            "x-guidance": {"whitespace_flexible": false, "json_allowed_escapes": "\"\\"}
-        });
         let items: Vec<Item> = chosen
             .iter()
             .map(|b| {
@@ -444,13 +440,12 @@ impl<'s> Flow<'s, '_> {
                 let p = s.params(
                     16 + 2 * g.max_instruction_chars,
                     s.seed(c, b),
-                    Some(schema.clone()),
+                    Some(self.rewrite_schema.clone()),
                 );
                 s.item("rewrite", c, b, request, p)
             })
             .collect();
         let ci = self.states.len();
-        let n = items.len();
         self.states.push(State {
             context: c,
             chosen,
@@ -458,27 +453,19 @@ impl<'s> Flow<'s, '_> {
             tail: tail.to_string(),
             step: Step::Rewrite,
             items: Vec::new(),
-            for_blueprint: Vec::new(),
             results: Vec::new(),
-            outstanding: 0,
             kept: Vec::new(),
             passed: Vec::new(),
             closed: Vec::new(),
             document_hits: Vec::new(),
         });
         self.active += 1;
-        self.enter(ci, Step::Rewrite, items, (0..n).collect())
+        self.enter(ci, Step::Rewrite, items)
     }
 
     /// Puts context `ci` at `step` with these requests: those in the store are read, the
     /// rest queued; a step with nothing to send is finished at once.
-    fn enter(
-        &mut self,
-        ci: usize,
-        step: Step,
-        items: Vec<Item>,
-        for_blueprint: Vec<usize>,
-    ) -> Result<()> {
+    fn enter(&mut self, ci: usize, step: Step, items: Vec<Item>) -> Result<()> {
         let mut results = Vec::with_capacity(items.len());
         for (slot, it) in items.iter().enumerate() {
             let got = self.synth.store.get::<Generated>(&it.key)?;
@@ -489,12 +476,10 @@ impl<'s> Flow<'s, '_> {
             results.push(got);
         }
         let st = &mut self.states[ci];
-        st.outstanding = results.iter().filter(|r| r.is_none()).count();
         st.step = step;
         st.items = items;
-        st.for_blueprint = for_blueprint;
         st.results = results;
-        if st.outstanding == 0 {
+        if st.results.iter().all(Option::is_some) {
             self.advance(ci)?;
         }
         Ok(())
@@ -520,8 +505,7 @@ impl<'s> Flow<'s, '_> {
         s.store.put(&st.items[slot].key, &g)?;
         self.stats.generated += 1;
         st.results[slot] = Some(g);
-        st.outstanding -= 1;
-        if st.outstanding == 0 {
+        if st.results.iter().all(Option::is_some) {
             self.advance(ci)?;
         }
         Ok(())
@@ -537,13 +521,12 @@ impl<'s> Flow<'s, '_> {
             .into_iter()
             .map(|r| r.context("a request got no result"))
             .collect::<Result<_>>()?;
-        let for_blueprint = std::mem::take(&mut st.for_blueprint);
         st.items.clear();
         match st.step {
             Step::Rewrite => {
                 let mut answers = Vec::new();
                 let mut kept = Vec::new();
-                for (bi, r) in for_blueprint.into_iter().zip(results) {
+                for (bi, r) in results.into_iter().enumerate() {
                     let b = st.chosen[bi];
                     let instruction = serde_json::from_str::<serde_json::Value>(&r.text)
                         .ok()
@@ -566,9 +549,8 @@ impl<'s> Flow<'s, '_> {
                     answers.push(s.item("answer", c, b, instruction.clone(), p));
                     kept.push((bi, instruction, used));
                 }
-                let bis = kept.iter().map(|k| k.0).collect();
                 st.kept = kept;
-                self.enter(ci, Step::Answer, answers, bis)
+                self.enter(ci, Step::Answer, answers)
             }
             Step::Answer => {
                 let gates = &s.cfg.gates;
@@ -605,8 +587,7 @@ impl<'s> Flow<'s, '_> {
                         s.item("closed_book", c, b, p.instruction.clone(), params)
                     })
                     .collect();
-                let n = items.len();
-                self.enter(ci, Step::ClosedBook, items, (0..n).collect())
+                self.enter(ci, Step::ClosedBook, items)
             }
             Step::ClosedBook => {
                 st.closed = results
@@ -625,14 +606,14 @@ impl<'s> Flow<'s, '_> {
         st.step = Step::Done;
         if let (Llm::Local(_), Some(&first)) = (self.synth.llm, st.document_hits.iter().min()) {
             let n = st.document_hits.len() as u64;
-            self.stats
-                .document_cache
-                .get_or_insert_with(Default::default)
-                .add(&crate::engine::blocks::CacheUse {
+            CacheUse::add_to(
+                &mut self.stats.document_cache,
+                &CacheUse {
                     prompt_tokens: (n - 1) * st.prefix_tokens.len() as u64,
                     cached_tokens: st.document_hits.iter().sum::<usize>() as u64 - first as u64,
                     ..Default::default()
-                });
+                },
+            );
         }
         self.active -= 1;
         Ok(())
