@@ -39,6 +39,44 @@ fn packed_vs_dense(c: &mut Criterion) {
     g.finish();
 }
 
+/// Each K-quant / 5-bit type held as stored × f32 activations (decode, 1 row; prefill, 512
+/// rows through slabs) against candle's QMatMul on the same blocks (8-bit activations) and f32.
+fn k_quants_vs_candle(c: &mut Criterion) {
+    use wildlong::engine::kquants::{self, RawWeight};
+    let mut g = c.benchmark_group("k_quant_matmul");
+    let (n, k) = (1536usize, 768usize);
+    let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+    for t in [
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+    ] {
+        let q = QTensor::quantize(&w, t).unwrap();
+        let raw = RawWeight::from_qtensor(&q).unwrap().unwrap();
+        let dense = q.dequantize(&Device::Cpu).unwrap();
+        let qm = QMatMul::from_qtensor(q).unwrap();
+        for m in [1usize, 512] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+            let id = format!("{t:?}/{m}x{k}x{n}");
+            g.bench_with_input(
+                BenchmarkId::new("wildlong_f32_activations", &id),
+                &(),
+                |b, _| b.iter(|| kquants::matmul(&x, m, &raw).unwrap()),
+            );
+            g.bench_with_input(BenchmarkId::new("candle_qmatmul", &id), &(), |b, _| {
+                b.iter(|| qm.forward(&xt).unwrap())
+            });
+            g.bench_with_input(BenchmarkId::new("dense_f32_gemm", &id), &(), |b, _| {
+                b.iter(|| xt.matmul(&dense.t().unwrap()).unwrap())
+            });
+        }
+    }
+    g.finish();
+}
+
 fn fused_vs_reference_attention(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode_attention");
     let (b, kvh, gq, d) = (1, 3, 3, 64);
@@ -62,6 +100,6 @@ fn fused_vs_reference_attention(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(3));
-    targets = packed_vs_dense, fused_vs_reference_attention
+    targets = packed_vs_dense, k_quants_vs_candle, fused_vs_reference_attention
 }
 criterion_main!(benches);

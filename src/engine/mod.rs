@@ -8,6 +8,7 @@ pub mod chat;
 pub mod config;
 pub mod constrained;
 pub mod generate;
+pub mod kquants;
 pub mod llama;
 pub mod lora;
 pub mod packed;

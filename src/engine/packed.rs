@@ -182,26 +182,39 @@ impl PackedWeight {
 
     /// Dequantized weights `(n, k)`, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = Vec::with_capacity(self.n * self.k);
-        for r in 0..self.n {
-            for b in 0..self.nb {
+        let mut out = vec![0f32; self.n * self.k];
+        self.dequantize_rows(0, &mut out);
+        out
+    }
+
+    /// Rows `r0..r0 + out.len() / k` dequantized into `out`, row-major.
+    pub fn dequantize_rows(&self, r0: usize, out: &mut [f32]) {
+        for (i, row) in out.chunks_exact_mut(self.k).enumerate() {
+            let r = r0 + i;
+            for (b, o) in row.chunks_exact_mut(QK).enumerate() {
                 let (d, m) = (self.scales[r * self.nb + b], self.offsets[r * self.nb + b]);
-                out.extend(self.block_values(r, b).iter().map(|q| q * d + m));
+                for (o, q) in o.iter_mut().zip(self.block_values(r, b)) {
+                    *o = q * d + m;
+                }
             }
         }
-        out
     }
 }
 
 /// Plain reference: `out (m, n) = x (m, k) · dequantize(W)ᵀ`.
 pub fn matmul_reference(x: &[f32], m: usize, w: &PackedWeight) -> Vec<f32> {
-    let deq = w.dequantize();
-    let mut out = vec![0f32; m * w.n];
+    dense_reference(x, m, &w.dequantize(), w.n, w.k)
+}
+
+/// `out (m, n) = x (m, k) · Wᵀ` for a row-major f32 `w (n, k)`, by plain loops: the reference
+/// every block kernel is tested against.
+pub(crate) fn dense_reference(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
     for i in 0..m {
-        for r in 0..w.n {
-            out[i * w.n + r] = x[i * w.k..(i + 1) * w.k]
+        for r in 0..n {
+            out[i * n + r] = x[i * k..(i + 1) * k]
                 .iter()
-                .zip(&deq[r * w.k..(r + 1) * w.k])
+                .zip(&w[r * k..(r + 1) * k])
                 .map(|(a, b)| a * b)
                 .sum();
         }

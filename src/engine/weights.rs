@@ -5,6 +5,7 @@
 //! know the model's structure; `llama/` does (its GGUF config gives the head size that
 //! LoRA deltas on permuted q/k rows are permuted with).
 
+use crate::engine::kquants::{self, RawWeight};
 use crate::engine::lora::LoraAdapter;
 use crate::engine::packed::PackedWeight;
 use crate::engine::packed_int8::{self, Int8Weight};
@@ -22,11 +23,12 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum WeightFormat {
-    /// f32 for many-row matmuls (prefill) and the file's Q4_0/Q4_1/Q8_0 blocks × f32
-    /// activations for few-row ones (decode); both exact w.r.t. the dequantized file.
+    /// The file's blocks × f32 activations, exact w.r.t. the dequantized file, memory ≈ the
+    /// file: few-row matmuls (decode) through block kernels (Q4_0/Q4_1/Q8_0, the K-quants,
+    /// Q5_0/Q5_1), many-row ones (prefill) through gemm over slabs of rows dequantized per call.
     #[default]
     Exact,
-    /// Only the file's blocks × f32 activations (least memory; slower prefill).
+    /// The block kernels for every row count (no prefill slabs; slower prefill).
     Packed,
     /// Dequantized to f32: gemm-backed, the fastest prefill on CPU, and exact w.r.t. the file.
     F32,
@@ -54,6 +56,10 @@ pub struct Linear {
     quant: Option<Arc<QMatMul>>,
     packed: Option<Arc<PackedWeight>>,
     int8: Option<Arc<Int8Weight>>,
+    raw: Option<Arc<RawWeight>>,
+    /// Many-row matmuls of a block-only `packed` weight go through dequantized slabs and gemm
+    /// (else through the block kernels).
+    slabs: bool,
     bias: Option<Tensor>,
     out_dim: usize,
     in_dim: usize,
@@ -67,6 +73,8 @@ impl Linear {
             quant: None,
             packed: None,
             int8: None,
+            raw: None,
+            slabs: false,
             bias,
             out_dim,
             in_dim,
@@ -80,6 +88,23 @@ impl Linear {
             quant: None,
             packed: None,
             int8: Some(Arc::new(w)),
+            raw: None,
+            slabs: false,
+            bias: None,
+            out_dim,
+            in_dim,
+        }
+    }
+
+    fn from_raw(w: RawWeight) -> Self {
+        let (out_dim, in_dim) = w.dims();
+        Self {
+            dense: None,
+            quant: None,
+            packed: None,
+            int8: None,
+            raw: Some(Arc::new(w)),
+            slabs: false,
             bias: None,
             out_dim,
             in_dim,
@@ -98,6 +123,8 @@ impl Linear {
             quant: quant.map(Arc::new),
             packed: packed.map(Arc::new),
             int8: None,
+            raw: None,
+            slabs: false,
             bias: None,
             out_dim,
             in_dim,
@@ -129,9 +156,20 @@ impl Linear {
                 .and_then(|p| Int8Weight::stack(&p))
                 .map(Linear::from_int8));
         }
+        if first.raw.is_some() {
+            let raw = parts
+                .iter()
+                .map(|l| match (&l.raw, &l.bias) {
+                    (Some(w), None) => Some(w.as_ref()),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>();
+            return Ok(raw.and_then(|p| RawWeight::stack(&p)).map(Linear::from_raw));
+        }
         let same = |l: &&Linear| {
             l.quant.is_none()
                 && l.int8.is_none()
+                && l.raw.is_none()
                 && l.bias.is_none()
                 && l.in_dim == first.in_dim
                 && l.dense.is_some() == first.dense.is_some()
@@ -163,13 +201,9 @@ impl Linear {
             None => None,
         };
         let out_dim = parts.iter().map(|l| l.out_dim).sum();
-        Ok(Some(Linear::from_parts(
-            dense,
-            None,
-            packed,
-            out_dim,
-            first.in_dim,
-        )))
+        let mut l = Linear::from_parts(dense, None, packed, out_dim, first.in_dim);
+        l.slabs = first.slabs;
+        Ok(Some(l))
     }
 
     /// The dense copy `(out, in)`, when this linear holds one.
@@ -177,8 +211,46 @@ impl Linear {
         self.dense.as_ref()
     }
 
+    /// Whether the weight is held only as blocks that [`Linear::block_rows`] reads.
+    pub fn holds_blocks(&self) -> bool {
+        self.dense.is_none() && (self.raw.is_some() || self.packed.is_some())
+    }
+
+    /// Rows `ids` of the weight dequantized, `(ids.len(), in)` f32 on the CPU, when it is held
+    /// only as blocks (an embedding table looked up without an f32 copy); `None` otherwise.
+    pub fn block_rows(&self, ids: &[u32]) -> Result<Option<Tensor>> {
+        if self.dense.is_some() {
+            return Ok(None);
+        }
+        let k = self.in_dim;
+        let mut out = vec![0f32; ids.len() * k];
+        let check = |id: u32| -> Result<usize> {
+            let r = id as usize;
+            if r >= self.out_dim {
+                bail!("token id {id} is outside the vocabulary ({})", self.out_dim);
+            }
+            Ok(r)
+        };
+        if let Some(w) = &self.raw {
+            for (&id, row) in ids.iter().zip(out.chunks_exact_mut(k)) {
+                w.dequantize_rows(check(id)?, row);
+            }
+        } else if let Some(p) = &self.packed {
+            for (&id, row) in ids.iter().zip(out.chunks_exact_mut(k)) {
+                p.dequantize_rows(check(id)?, row);
+            }
+        } else {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?))
+    }
+
     /// The dense weight `(out, in)`, dequantizing when only a quantized copy is held.
     pub fn weight(&self) -> Result<Tensor> {
+        if let (None, Some(w)) = (&self.dense, &self.raw) {
+            let (n, k) = w.dims();
+            return Ok(Tensor::from_vec(w.dequantize(), (n, k), &Device::Cpu)?);
+        }
         if let (None, Some(w)) = (&self.dense, &self.int8) {
             let (n, k) = w.dims();
             return Ok(Tensor::from_vec(w.dequantize(), (n, k), &Device::Cpu)?);
@@ -209,9 +281,25 @@ impl Linear {
                 packed_int8::matmul(xs, rows, w)
             })?);
         }
+        if let Some(w) = &self.raw {
+            return self.add_bias(on_host(x, rows, self.out_dim, |xs| {
+                kquants::matmul(xs, rows, w)
+            })?);
+        }
         if let Some(p) = &self.packed {
-            if self.dense.is_none() || rows <= QUANT_MAX_ROWS {
+            if rows <= QUANT_MAX_ROWS || (self.dense.is_none() && !self.slabs) {
                 return self.add_bias(forward_packed(p, x, rows, self.out_dim)?);
+            }
+            if self.dense.is_none() && rows <= kquants::KERNEL_MAX_ROWS {
+                return self.add_bias(forward_packed(p, x, rows, self.out_dim)?);
+            }
+            if self.dense.is_none() {
+                let (n, k) = p.dims();
+                return self.add_bias(on_host(x, rows, self.out_dim, |xs| {
+                    Ok(kquants::slab_matmul(xs, rows, n, k, &|r0, out| {
+                        p.dequantize_rows(r0, out)
+                    }))
+                })?);
             }
         }
         let y = match (&self.dense, &self.quant) {
@@ -566,12 +654,22 @@ pub fn quantized_linear(
             return Ok(Linear::from_int8(Int8Weight::from_packed(&p)));
         }
     }
+    // K-quants and 5-bit types are held as stored on the CPU in every format that keeps the
+    // file's blocks (the integer-activation kernels cover only Q4_0/Q4_1/Q8_0: these run exact).
+    if matches!(
+        format,
+        WeightFormat::Exact | WeightFormat::Packed | WeightFormat::Int8Activations
+    ) && device.is_cpu()
+    {
+        if let Some(w) = RawWeight::from_qtensor(&q)? {
+            return Ok(Linear::from_raw(w));
+        }
+    }
     if matches!(format, WeightFormat::Exact | WeightFormat::Packed) && device.is_cpu() {
         if let Some(p) = PackedWeight::from_qtensor(&q)? {
-            let dense = (format == WeightFormat::Exact)
-                .then(|| q.dequantize(device))
-                .transpose()?;
-            return Ok(Linear::from_parts(dense, None, Some(p), out_dim, in_dim));
+            let mut l = Linear::from_parts(None, None, Some(p), out_dim, in_dim);
+            l.slabs = format == WeightFormat::Exact;
+            return Ok(l);
         }
     }
     // Block types the packed kernels do not cover run as f32 in the exact formats.

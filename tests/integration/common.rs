@@ -513,3 +513,16 @@ fn a_hung_test_fails_by_its_own_time_limit_and_names_itself() {
     });
     assert!(gone, "the hung test's child {pid} is still running");
 }
+
+/// The Python with llama-cpp-python that scripts/test.sh installs (`WILDLONG_LLAMA_PYTHON`).
+pub fn llama_python() -> PathBuf {
+    let p = std::env::var_os("WILDLONG_LLAMA_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/pyenv/bin/python"));
+    assert!(
+        p.is_file(),
+        "{} is missing: scripts/test.sh installs llama-cpp-python[server] there (or set WILDLONG_LLAMA_PYTHON)",
+        p.display()
+    );
+    p
+}

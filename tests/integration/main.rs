@@ -8,6 +8,7 @@ mod common;
 mod cuda;
 mod engine;
 mod kernels;
+mod kquants;
 mod lora;
 mod model;
 mod openai;

@@ -341,9 +341,113 @@ fn permute_for_gguf(w: &Tensor, heads: usize) -> Tensor {
         .unwrap()
 }
 
+/// The tiny checkpoint in `dir` (made by `tiny_random`, rope_theta 500000) as llama.cpp's
+/// converter would write it: an f32 GGUF with GGUF names, permuted q/k, the byte-level
+/// vocabulary and, where given, llama3 scaling baked into per-frequency divisors
+/// (`rope_freqs.weight`).
+pub fn write_gguf(
+    hf: &wildlong::engine::generate::Engine,
+    dir: &std::path::Path,
+    spec: &TinySpec,
+    rope_freqs: Option<&[f32]>,
+    for_llama_cpp: bool,
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let w = load_tensors(&dir.join("model.safetensors"));
+    let hd = spec.hidden / spec.heads;
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut put = |name: String, t: Tensor| {
+        tensors.push((name, QTensor::quantize(&t, GgmlDType::F32).unwrap()))
+    };
+    put(
+        "token_embd.weight".into(),
+        w["model.embed_tokens.weight"].clone(),
+    );
+    put("output_norm.weight".into(), w["model.norm.weight"].clone());
+    if let Some(t) = w.get("lm_head.weight") {
+        put("output.weight".into(), t.clone());
+    }
+    if let Some(factors) = rope_freqs {
+        put(
+            "rope_freqs.weight".into(),
+            Tensor::new(factors, &Device::Cpu).unwrap(),
+        );
+    }
+    for i in 0..spec.layers {
+        let g = |n: &str| w[&format!("model.layers.{i}.{n}.weight")].clone();
+        put(
+            format!("blk.{i}.attn_q.weight"),
+            permute_for_gguf(&g("self_attn.q_proj"), spec.heads),
+        );
+        put(
+            format!("blk.{i}.attn_k.weight"),
+            permute_for_gguf(&g("self_attn.k_proj"), spec.kv_heads),
+        );
+        put(format!("blk.{i}.attn_v.weight"), g("self_attn.v_proj"));
+        put(format!("blk.{i}.attn_output.weight"), g("self_attn.o_proj"));
+        put(format!("blk.{i}.ffn_gate.weight"), g("mlp.gate_proj"));
+        put(format!("blk.{i}.ffn_up.weight"), g("mlp.up_proj"));
+        put(format!("blk.{i}.ffn_down.weight"), g("mlp.down_proj"));
+        put(format!("blk.{i}.attn_norm.weight"), g("input_layernorm"));
+        put(
+            format!("blk.{i}.ffn_norm.weight"),
+            g("post_attention_layernorm"),
+        );
+    }
+    use gguf_file::Value as V;
+    let mut vocab: Vec<String> = hf.tokenizer.inner().get_vocab(false).into_iter().fold(
+        vec![String::new(); 256],
+        |mut v, (t, id)| {
+            v[id as usize] = t;
+            v
+        },
+    );
+    // llama.cpp refuses an empty merges list (written as an empty u32 array): a file for it
+    // gets one merge of the first two tokens, whose result replaces the last token.
+    let merges: Vec<V> = if for_llama_cpp {
+        let m = format!("{} {}", vocab[0], vocab[1]);
+        vocab[255] = format!("{}{}", vocab[0], vocab[1]);
+        vec![V::String(m)]
+    } else {
+        vec![]
+    };
+    let md: Vec<(&str, V)> = vec![
+        ("general.architecture", V::String("llama".into())),
+        ("llama.embedding_length", V::U32(spec.hidden as u32)),
+        (
+            "llama.feed_forward_length",
+            V::U32(spec.intermediate as u32),
+        ),
+        ("llama.block_count", V::U32(spec.layers as u32)),
+        ("llama.attention.head_count", V::U32(spec.heads as u32)),
+        (
+            "llama.attention.head_count_kv",
+            V::U32(spec.kv_heads as u32),
+        ),
+        ("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
+        ("llama.rope.freq_base", V::F32(500000.0)),
+        ("llama.rope.dimension_count", V::U32(hd as u32)),
+        ("llama.context_length", V::U32(64)),
+        ("tokenizer.ggml.model", V::String("gpt2".into())),
+        ("tokenizer.ggml.pre", V::String("gpt-2".into())),
+        (
+            "tokenizer.ggml.tokens",
+            V::Array(vocab.into_iter().map(V::String).collect()),
+        ),
+        ("tokenizer.ggml.merges", V::Array(merges)),
+    ];
+    let gguf = tempdir();
+    let path = gguf.path().join("tiny.gguf");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let md_refs: Vec<(&str, &V)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
+    drop(f);
+    (gguf, path)
+}
+
 #[test]
 fn gguf_with_interleaved_rope_and_rope_freqs_matches_the_hf_checkpoint() {
-    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
     use wildlong::engine::rope::{RopeConfig, RopeLayout, RopeScaling};
     let extra = serde_json::json!({"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8}});
     let spec = TinySpec {
@@ -378,81 +482,7 @@ fn gguf_with_interleaved_rope_and_rope_freqs_matches_the_hf_checkpoint() {
         .zip(scaled.inv_freq(1).0)
         .map(|(a, b)| a / b)
         .collect();
-    let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    let mut put = |name: String, t: Tensor| {
-        tensors.push((name, QTensor::quantize(&t, GgmlDType::F32).unwrap()))
-    };
-    put(
-        "token_embd.weight".into(),
-        w["model.embed_tokens.weight"].clone(),
-    );
-    put("output_norm.weight".into(), w["model.norm.weight"].clone());
-    put("output.weight".into(), w["lm_head.weight"].clone());
-    put(
-        "rope_freqs.weight".into(),
-        Tensor::new(factors.as_slice(), &Device::Cpu).unwrap(),
-    );
-    for i in 0..spec.layers {
-        let g = |n: &str| w[&format!("model.layers.{i}.{n}.weight")].clone();
-        put(
-            format!("blk.{i}.attn_q.weight"),
-            permute_for_gguf(&g("self_attn.q_proj"), spec.heads),
-        );
-        put(
-            format!("blk.{i}.attn_k.weight"),
-            permute_for_gguf(&g("self_attn.k_proj"), spec.kv_heads),
-        );
-        put(format!("blk.{i}.attn_v.weight"), g("self_attn.v_proj"));
-        put(format!("blk.{i}.attn_output.weight"), g("self_attn.o_proj"));
-        put(format!("blk.{i}.ffn_gate.weight"), g("mlp.gate_proj"));
-        put(format!("blk.{i}.ffn_up.weight"), g("mlp.up_proj"));
-        put(format!("blk.{i}.ffn_down.weight"), g("mlp.down_proj"));
-        put(format!("blk.{i}.attn_norm.weight"), g("input_layernorm"));
-        put(
-            format!("blk.{i}.ffn_norm.weight"),
-            g("post_attention_layernorm"),
-        );
-    }
-    use gguf_file::Value as V;
-    let vocab: Vec<String> = hf.tokenizer.inner().get_vocab(false).into_iter().fold(
-        vec![String::new(); 256],
-        |mut v, (t, id)| {
-            v[id as usize] = t;
-            v
-        },
-    );
-    let md: Vec<(&str, V)> = vec![
-        ("general.architecture", V::String("llama".into())),
-        ("llama.embedding_length", V::U32(spec.hidden as u32)),
-        (
-            "llama.feed_forward_length",
-            V::U32(spec.intermediate as u32),
-        ),
-        ("llama.block_count", V::U32(spec.layers as u32)),
-        ("llama.attention.head_count", V::U32(spec.heads as u32)),
-        (
-            "llama.attention.head_count_kv",
-            V::U32(spec.kv_heads as u32),
-        ),
-        ("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
-        ("llama.rope.freq_base", V::F32(500000.0)),
-        ("llama.rope.dimension_count", V::U32(hd as u32)),
-        ("llama.context_length", V::U32(64)),
-        ("tokenizer.ggml.model", V::String("gpt2".into())),
-        ("tokenizer.ggml.pre", V::String("gpt-2".into())),
-        (
-            "tokenizer.ggml.tokens",
-            V::Array(vocab.into_iter().map(V::String).collect()),
-        ),
-        ("tokenizer.ggml.merges", V::Array(vec![])),
-    ];
-    let gguf = tempdir();
-    let path = gguf.path().join("tiny.gguf");
-    let mut f = std::fs::File::create(&path).unwrap();
-    let md_refs: Vec<(&str, &V)> = md.iter().map(|(k, v)| (*k, v)).collect();
-    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
-    drop(f);
+    let (_gguf, path) = write_gguf(&hf, dir.path(), &spec, Some(&factors), false);
     let g = load(
         &path,
         EngineConfig {

@@ -402,18 +402,6 @@ struct LlamaServer {
 }
 
 impl LlamaServer {
-    fn python() -> PathBuf {
-        let p = std::env::var_os("WILDLONG_LLAMA_PYTHON")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root().join("target/pyenv/bin/python"));
-        assert!(
-            p.is_file(),
-            "{} is missing: scripts/test.sh installs llama-cpp-python[server] there (or set WILDLONG_LLAMA_PYTHON)",
-            p.display()
-        );
-        p
-    }
-
     fn free_port() -> u16 {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -427,8 +415,9 @@ impl LlamaServer {
         let dir = tempdir();
         let log = dir.path().join("server.log");
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(Self::python())
-            .args(["-m", "llama_cpp.server", "--model"])
+        let child = Command::new(llama_python())
+            .arg(root().join("scripts/llamacpp_plain.py"))
+            .args(["llama_cpp.server", "--model"])
             .arg(default_model_path())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--n_ctx", "4096", "--n_threads", "1", "--verbose", "false"])

@@ -335,9 +335,31 @@ struct Pass<'a> {
     mask: Mask,
 }
 
+/// The token embedding table `(vocab, hidden)`: dense, or the file's blocks whose rows are
+/// dequantized as they are looked up (no f32 copy of the table).
+enum Embedding {
+    Dense(Tensor),
+    Blocks(Linear),
+}
+
+impl Embedding {
+    /// `ids` (n) → `(n, hidden)`.
+    fn lookup(&self, ids: &[u32], dtype: DType, device: &Device) -> Result<Tensor> {
+        match self {
+            Self::Dense(t) => {
+                Ok(t.index_select(&Tensor::from_vec(ids.to_vec(), ids.len(), device)?, 0)?)
+            }
+            Self::Blocks(l) => match l.block_rows(ids)? {
+                Some(rows) => Ok(rows.to_device(device)?.to_dtype(dtype)?),
+                None => bail!("embedding table without block rows"),
+            },
+        }
+    }
+}
+
 /// The decoder with its LM head.
 pub struct Llama {
-    embed_tokens: Tensor, // (vocab, hidden)
+    embed_tokens: Embedding,
     layers: Vec<Block>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -356,27 +378,43 @@ impl Llama {
         tensors::load_rope_freqs(&mut w, &mut cfg.rope)?;
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed_name = tensors::EMBED;
+        // GGUF tables held as blocks on the CPU are looked up row by row; others as f32.
+        let gguf_table = |w: &mut WeightSource, l: Linear| -> Result<Embedding> {
+            Ok(if device.is_cpu() && l.holds_blocks() {
+                Embedding::Blocks(l)
+            } else {
+                Embedding::Dense(match l.dense() {
+                    Some(t) => t.clone(),
+                    None => w.tensor(embed_name, &[v, h])?,
+                })
+            })
+        };
         let (embed_tokens, lm_head) = if w.has(tensors::LM_HEAD) {
-            (
-                w.tensor(embed_name, &[v, h])?,
-                w.linear("lm_head", v, h, false)?,
-            )
+            let embed = if w.gguf_content().is_some() {
+                let l = w.linear("model.embed_tokens", v, h, false)?;
+                gguf_table(&mut w, l)?
+            } else {
+                Embedding::Dense(w.tensor(embed_name, &[v, h])?)
+            };
+            (embed, w.linear("lm_head", v, h, false)?)
         } else if !cfg.tie_word_embeddings {
             bail!("checkpoint has no `lm_head.weight` and does not tie word embeddings");
         } else if w.gguf_content().is_some() {
-            // Tied GGUF: the head keeps the file's blocks; the embedding table shares its dense
-            // copy when the format holds one (read and dequantized once).
+            // Tied GGUF: the head keeps the file's blocks and the table shares them (or the
+            // head's dense copy, when the format holds one).
             let head = w.linear("model.embed_tokens", v, h, false)?;
-            let embed = match head.dense() {
-                Some(t) => t.clone(),
-                None => w.tensor(embed_name, &[v, h])?,
-            };
-            (embed, head)
+            (gguf_table(&mut w, head.clone())?, head)
         } else {
             let embed = w.tensor(embed_name, &[v, h])?;
-            (embed.clone(), Linear::from_dense(embed, None)?)
+            (
+                Embedding::Dense(embed.clone()),
+                Linear::from_dense(embed, None)?,
+            )
         };
-        let embed_tokens = embed_tokens.to_dtype(dtype)?;
+        let embed_tokens = match embed_tokens {
+            Embedding::Dense(t) => Embedding::Dense(t.to_dtype(dtype)?),
+            b => b,
+        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             layers.push(Block::load(&mut w, i, &cfg)?);
@@ -474,7 +512,11 @@ impl Llama {
         };
         let mut x = self
             .embed_tokens
-            .index_select(&tokens.flatten_all()?, 0)?
+            .lookup(
+                &tokens.flatten_all()?.to_vec1::<u32>()?,
+                self.dtype,
+                &self.device,
+            )?
             .reshape((b, t, self.cfg.hidden_size))?;
         let pass = Pass { rope: rot, mask };
         for (i, layer) in self.layers.iter().enumerate() {
@@ -519,11 +561,10 @@ impl Llama {
             rows,
             window: self.cfg.sliding_window,
         };
-        let ids = Tensor::from_vec(tokens.to_vec(), t, &self.device)?;
-        let mut x =
-            self.embed_tokens
-                .index_select(&ids, 0)?
-                .reshape((1, t, self.cfg.hidden_size))?;
+        let mut x = self
+            .embed_tokens
+            .lookup(tokens, self.dtype, &self.device)?
+            .reshape((1, t, self.cfg.hidden_size))?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward_paged(&x, &rope, kv, &paged, i)?;
         }
