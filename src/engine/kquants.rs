@@ -352,14 +352,10 @@ fn simd() -> bool {
     }
 }
 
-/// Below this many multiply-adds a call runs on the calling thread.
-const PARALLEL_MIN_MACS: usize = 1 << 18;
-
-/// Tasks own ranges of weight rows; each unpacks a block once per tile of activation rows.
+/// Each weight row's dot products, a tile of activation rows at a time (each block unpacked
+/// once per tile); `by_weight_rows` splits the rows into tasks and lays out the output.
 fn matmul_kernel(x: &[f32], m: usize, w: &RawWeight, simd: bool) -> Vec<f32> {
-    // Computed n-major into `out_t` (n, m), then transposed.
-    let mut out_t = vec![0f32; w.n * m];
-    let task = |r0: usize, chunk: &mut [f32]| {
+    let work = |r0: usize, chunk: &mut [f32]| {
         for (ri, dst) in chunk.chunks_exact_mut(m).enumerate() {
             let mut i0 = 0;
             while i0 < m {
@@ -371,25 +367,7 @@ fn matmul_kernel(x: &[f32], m: usize, w: &RawWeight, simd: bool) -> Vec<f32> {
             }
         }
     };
-    if w.n * w.k * m < PARALLEL_MIN_MACS {
-        task(0, &mut out_t);
-    } else {
-        let rows = w.n.div_ceil(rayon::current_num_threads().max(1) * 4).max(8);
-        out_t
-            .par_chunks_mut(rows * m)
-            .enumerate()
-            .for_each(|(i, c)| task(i * rows, c));
-    }
-    if m == 1 {
-        return out_t;
-    }
-    let mut out = vec![0f32; m * w.n];
-    for (r, col) in out_t.chunks_exact(m).enumerate() {
-        for (i, v) in col.iter().enumerate() {
-            out[i * w.n + r] = *v;
-        }
-    }
-    out
+    crate::engine::packed::by_weight_rows(w.n, w.k, m, &work)
 }
 
 fn row_tile(
@@ -675,7 +653,7 @@ mod tests {
     }
 
     #[test]
-    fn a_row_not_a_multiple_of_the_block_is_not_taken() {
+    fn only_the_types_held_here_are_taken() {
         let q = QTensor::quantize(
             &Tensor::zeros((2, 64), candle_core::DType::F32, &Device::Cpu).unwrap(),
             GgmlDType::Q5_0,

@@ -313,8 +313,7 @@ fn matmul_with(x: &[f32], m: usize, w: &PackedWeight, isa: Isa) -> Result<Vec<f3
             w.k
         );
     }
-    // Tasks own ranges of weight rows; each computes its rows n-major into `out_t` (n, m).
-    let mut out_t = vec![0f32; w.n * m];
+    // Each task computes its weight rows n-major (`by_weight_rows` scatters them).
     let work = |r0: usize, chunk: &mut [f32]| {
         let rows = chunk.len() / m;
         let mut ri = 0;
@@ -341,15 +340,28 @@ fn matmul_with(x: &[f32], m: usize, w: &PackedWeight, isa: Isa) -> Result<Vec<f3
             row_tiles(w, isa, r0 + rj, x, 0, dst);
         }
     };
+    Ok(by_weight_rows(w.n, w.k, m, &work))
+}
+
+/// `out (m, n)` of a matmul against a weight `(n, k)` whose `work(r0, chunk)` computes weight
+/// rows `r0..r0 + chunk.len() / m` n-major (each row's m outputs side by side): tasks own
+/// ranges of weight rows (run in parallel above a size), and each scatters its results into
+/// the output while they are cache-hot.
+pub(crate) fn by_weight_rows(
+    n: usize,
+    k: usize,
+    m: usize,
+    work: &(dyn Fn(usize, &mut [f32]) + Sync),
+) -> Vec<f32> {
+    let mut out_t = vec![0f32; n * m];
     // (n, 1) is already (1, n); for more rows each task scatters its rows into the disjoint
-    // columns r0..r0+rows of the (m, n) output while they are cache-hot.
+    // columns r0..r0+rows of the (m, n) output.
     let mut out = if m == 1 {
         Vec::new()
     } else {
-        vec![0f32; m * w.n]
+        vec![0f32; m * n]
     };
     let dst = OutPtr(out.as_mut_ptr());
-    let n = w.n;
     let task = |r0: usize, chunk: &mut [f32]| {
         work(r0, chunk);
         if m > 1 {
@@ -367,16 +379,20 @@ fn matmul_with(x: &[f32], m: usize, w: &PackedWeight, isa: Isa) -> Result<Vec<f3
             }
         }
     };
-    if w.n * w.k * m < PARALLEL_MIN_MACS {
+    if n * k * m < PARALLEL_MIN_MACS {
         task(0, &mut out_t);
     } else {
-        let rows = w.n.div_ceil(rayon::current_num_threads().max(1) * 4).max(8);
+        let rows = n.div_ceil(rayon::current_num_threads().max(1) * 4).max(8);
         out_t
             .par_chunks_mut(rows * m)
             .enumerate()
             .for_each(|(i, c)| task(i * rows, c));
     }
-    Ok(if m == 1 { out_t } else { out })
+    if m == 1 {
+        out_t
+    } else {
+        out
+    }
 }
 
 /// Fills `dst[from..]` (one output per activation row) for weight row `r`, tile by tile.

@@ -28,7 +28,8 @@ pub enum WeightFormat {
     /// Q5_0/Q5_1), many-row ones (prefill) through gemm over slabs of rows dequantized per call.
     #[default]
     Exact,
-    /// The block kernels for every row count (no prefill slabs; slower prefill).
+    /// As `exact`, but Q4_0/Q4_1/Q8_0 run the block kernels at every row count (no prefill
+    /// slabs; slower prefill).
     Packed,
     /// Dequantized to f32: gemm-backed, the fastest prefill on CPU, and exact w.r.t. the file.
     F32,
@@ -44,6 +45,22 @@ pub enum WeightFormat {
     /// fastest batched decode and prefill, memory ≈ the file, but not exact (near-tied greedy
     /// choices can flip). CPUs without AVX512-VNNI load `exact` instead.
     Int8Activations,
+}
+
+/// A weight held as GGUF blocks (no dense copy).
+enum Blocks<'a> {
+    Raw(&'a RawWeight),
+    Packed(&'a PackedWeight),
+}
+
+impl Blocks<'_> {
+    /// Rows `r0..r0 + out.len() / k` as f32.
+    fn dequantize_rows(&self, r0: usize, out: &mut [f32]) {
+        match self {
+            Self::Raw(w) => w.dequantize_rows(r0, out),
+            Self::Packed(p) => p.dequantize_rows(r0, out),
+        }
+    }
 }
 
 /// Row count at or below which a linear holding several copies uses its quantized one.
@@ -211,36 +228,33 @@ impl Linear {
         self.dense.as_ref()
     }
 
+    /// The blocks the weight is held as, when it has no dense copy.
+    fn blocks(&self) -> Option<Blocks<'_>> {
+        match (&self.dense, &self.raw, &self.packed) {
+            (None, Some(w), _) => Some(Blocks::Raw(w)),
+            (None, None, Some(p)) => Some(Blocks::Packed(p)),
+            _ => None,
+        }
+    }
+
     /// Whether the weight is held only as blocks that [`Linear::block_rows`] reads.
     pub fn holds_blocks(&self) -> bool {
-        self.dense.is_none() && (self.raw.is_some() || self.packed.is_some())
+        self.blocks().is_some()
     }
 
     /// Rows `ids` of the weight dequantized, `(ids.len(), in)` f32 on the CPU, when it is held
     /// only as blocks (an embedding table looked up without an f32 copy); `None` otherwise.
     pub fn block_rows(&self, ids: &[u32]) -> Result<Option<Tensor>> {
-        if self.dense.is_some() {
+        let Some(blocks) = self.blocks() else {
             return Ok(None);
-        }
+        };
         let k = self.in_dim;
         let mut out = vec![0f32; ids.len() * k];
-        let check = |id: u32| -> Result<usize> {
-            let r = id as usize;
-            if r >= self.out_dim {
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(k)) {
+            if id as usize >= self.out_dim {
                 bail!("token id {id} is outside the vocabulary ({})", self.out_dim);
             }
-            Ok(r)
-        };
-        if let Some(w) = &self.raw {
-            for (&id, row) in ids.iter().zip(out.chunks_exact_mut(k)) {
-                w.dequantize_rows(check(id)?, row);
-            }
-        } else if let Some(p) = &self.packed {
-            for (&id, row) in ids.iter().zip(out.chunks_exact_mut(k)) {
-                p.dequantize_rows(check(id)?, row);
-            }
-        } else {
-            return Ok(None);
+            blocks.dequantize_rows(id as usize, row);
         }
         Ok(Some(Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?))
     }
@@ -286,21 +300,17 @@ impl Linear {
                 kquants::matmul(xs, rows, w)
             })?);
         }
+        // A packed weight is held without a dense copy.
         if let Some(p) = &self.packed {
-            if rows <= QUANT_MAX_ROWS || (self.dense.is_none() && !self.slabs) {
+            if !self.slabs || rows <= kquants::KERNEL_MAX_ROWS {
                 return self.add_bias(forward_packed(p, x, rows, self.out_dim)?);
             }
-            if self.dense.is_none() && rows <= kquants::KERNEL_MAX_ROWS {
-                return self.add_bias(forward_packed(p, x, rows, self.out_dim)?);
-            }
-            if self.dense.is_none() {
-                let (n, k) = p.dims();
-                return self.add_bias(on_host(x, rows, self.out_dim, |xs| {
-                    Ok(kquants::slab_matmul(xs, rows, n, k, &|r0, out| {
-                        p.dequantize_rows(r0, out)
-                    }))
-                })?);
-            }
+            let (n, k) = p.dims();
+            return self.add_bias(on_host(x, rows, self.out_dim, |xs| {
+                Ok(kquants::slab_matmul(xs, rows, n, k, &|r0, out| {
+                    p.dequantize_rows(r0, out)
+                }))
+            })?);
         }
         let y = match (&self.dense, &self.quant) {
             (Some(w), Some(q)) if rows <= QUANT_MAX_ROWS => forward_quant(q, x, w.dtype())?,

@@ -131,6 +131,38 @@ fn assert_greedy_matches(
     );
 }
 
+/// One file llama.cpp wrote (`files[name]`, from [`llama_cpp_quantize`]): it holds each of
+/// `types`, our `exact` logits over `tokens` match the `f32` reference, and our greedy
+/// continuations of `prompts` (`n` tokens, decoded one row at a time through the block
+/// kernels) match llama.cpp's.
+fn check_quantized_file(
+    files: &serde_json::Value,
+    name: &str,
+    types: &[GgmlDType],
+    tokens: &[u32],
+    prompts: &[Vec<u32>],
+    n: usize,
+) {
+    let path = PathBuf::from(files[name]["path"].as_str().unwrap());
+    let held = tensor_types(&path);
+    for t in types {
+        assert!(
+            held.contains(&format!("{t:?}")),
+            "{name}: llama.cpp wrote {held:?}, no {t:?}"
+        );
+    }
+    let exact = exact_engine_matching_f32(&path, tokens, name);
+    let want: Vec<Vec<u32>> = serde_json::from_value(files[name]["greedy"].clone()).unwrap();
+    assert_greedy_matches(
+        &exact,
+        prompts,
+        &greedy(&exact, prompts, n),
+        &want,
+        0.75,
+        name,
+    );
+}
+
 #[test]
 fn k_quants_of_a_model_with_256_wide_rows_match_the_reference_and_llama_cpps_tokens() {
     // Rows of 256 and 512 values, so that llama.cpp keeps its K types for every matrix.
@@ -167,25 +199,7 @@ fn k_quants_of_a_model_with_256_wide_rows_match_the_reference_and_llama_cpps_tok
     ];
     let tokens: Vec<u32> = (0..40).map(|i| (i * 13 + 7) % 256).collect();
     for (name, types) in expect {
-        let path = PathBuf::from(files[name]["path"].as_str().unwrap());
-        let held = tensor_types(&path);
-        for t in types {
-            assert!(
-                held.contains(&format!("{t:?}")),
-                "{name}: llama.cpp wrote {held:?}, no {t:?}"
-            );
-        }
-        let exact = exact_engine_matching_f32(&path, &tokens, name);
-        // Decode (one row at a time, the block kernels) gives llama.cpp's tokens.
-        let want: Vec<Vec<u32>> = serde_json::from_value(files[name]["greedy"].clone()).unwrap();
-        assert_greedy_matches(
-            &exact,
-            &prompts,
-            &greedy(&exact, &prompts, n),
-            &want,
-            0.75,
-            name,
-        );
+        check_quantized_file(&files, name, types, &tokens, &prompts, n);
     }
 }
 
@@ -199,28 +213,12 @@ fn the_default_model_as_q4_k_m_falls_back_where_rows_are_576_wide_and_gives_llam
     let n = 8;
     let out = tempdir();
     let files = llama_cpp_quantize(&default_model_path(), out.path(), &prompts, n, &["Q4_K_M"]);
-    let path = PathBuf::from(files["Q4_K_M"]["path"].as_str().unwrap());
     // 576-wide rows take Q5_0 (for Q4_K) and Q8_0 (for Q6_K); ffn_down (1536 wide) keeps K types.
-    let held = tensor_types(&path);
-    for t in [
+    let types = [
         GgmlDType::Q4K,
         GgmlDType::Q6K,
         GgmlDType::Q5_0,
         GgmlDType::Q8_0,
-    ] {
-        assert!(
-            held.contains(&format!("{t:?}")),
-            "llama.cpp wrote {held:?}, no {t:?}"
-        );
-    }
-    let exact = exact_engine_matching_f32(&path, &prompts.concat(), "Q4_K_M");
-    let want: Vec<Vec<u32>> = serde_json::from_value(files["Q4_K_M"]["greedy"].clone()).unwrap();
-    assert_greedy_matches(
-        &exact,
-        &prompts,
-        &greedy(&exact, &prompts, n),
-        &want,
-        0.75,
-        "Q4_K_M",
-    );
+    ];
+    check_quantized_file(&files, "Q4_K_M", &types, &prompts.concat(), &prompts, n);
 }

@@ -343,14 +343,12 @@ enum Embedding {
 }
 
 impl Embedding {
-    /// `ids` (n) → `(n, hidden)`.
-    fn lookup(&self, ids: &[u32], dtype: DType, device: &Device) -> Result<Tensor> {
+    /// `ids` (n) u32 → `(n, hidden)`.
+    fn lookup(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
         match self {
-            Self::Dense(t) => {
-                Ok(t.index_select(&Tensor::from_vec(ids.to_vec(), ids.len(), device)?, 0)?)
-            }
-            Self::Blocks(l) => match l.block_rows(ids)? {
-                Some(rows) => Ok(rows.to_device(device)?.to_dtype(dtype)?),
+            Self::Dense(t) => Ok(t.index_select(ids, 0)?),
+            Self::Blocks(l) => match l.block_rows(&ids.to_vec1::<u32>()?)? {
+                Some(rows) => Ok(rows.to_device(ids.device())?.to_dtype(dtype)?),
                 None => bail!("embedding table without block rows"),
             },
         }
@@ -512,11 +510,7 @@ impl Llama {
         };
         let mut x = self
             .embed_tokens
-            .lookup(
-                &tokens.flatten_all()?.to_vec1::<u32>()?,
-                self.dtype,
-                &self.device,
-            )?
+            .lookup(&tokens.flatten_all()?, self.dtype)?
             .reshape((b, t, self.cfg.hidden_size))?;
         let pass = Pass { rope: rot, mask };
         for (i, layer) in self.layers.iter().enumerate() {
@@ -561,10 +555,11 @@ impl Llama {
             rows,
             window: self.cfg.sliding_window,
         };
-        let mut x = self
-            .embed_tokens
-            .lookup(tokens, self.dtype, &self.device)?
-            .reshape((1, t, self.cfg.hidden_size))?;
+        let ids = Tensor::from_vec(tokens.to_vec(), t, &self.device)?;
+        let mut x =
+            self.embed_tokens
+                .lookup(&ids, self.dtype)?
+                .reshape((1, t, self.cfg.hidden_size))?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward_paged(&x, &rope, kv, &paged, i)?;
         }
