@@ -402,13 +402,29 @@ pub enum ModelsCommand {
         #[arg(default_value = "default")]
         model: String,
     },
-    /// Print architecture, sizes, context length, RoPE, tokenizer and chat template of a model.
+    /// Print architecture, sizes, context length, RoPE, tokenizer and chat template of a model,
+    /// and the memory its weights take in each format on each device.
     #[command(
-        after_help = "Examples:\n  wildlong models info default\n  wildlong models info path/to/model-folder\n  wildlong models info meta-llama/Llama-3.1-8B-Instruct"
+        after_help = "Examples:\n  wildlong models info default\n  wildlong models info path/to/model-folder\n  wildlong models info meta-llama/Llama-3.1-8B-Instruct\n  wildlong models info model-Q4_K_M.gguf --load --memory-gib 8\n\nWith --load, the weights are loaded (after the memory check every command makes) and the\nmemory they took is printed beside the prediction, then one JSON line."
     )]
     Info {
         #[arg(default_value = "default")]
         model: String,
+        /// In-memory format of GGUF weights for the check and --load [default: exact].
+        #[arg(long, value_enum)]
+        weights: Option<WeightFormat>,
+        /// Compute dtype of safetensors models: f32, f16, bf16 [default: f32].
+        #[arg(long)]
+        dtype: Option<String>,
+        /// cpu, cuda[:N] or metal[:N] [default: cpu].
+        #[arg(long)]
+        device: Option<String>,
+        /// Memory the load may use, GiB [default: what the device has free].
+        #[arg(long)]
+        memory_gib: Option<f64>,
+        /// Load the weights and print the memory they took.
+        #[arg(long)]
+        load: bool,
     },
 }
 
@@ -441,6 +457,10 @@ pub struct EngineArgs {
     /// cpu, cuda[:N] or metal[:N] [default: cpu].
     #[arg(long)]
     pub device: Option<String>,
+    /// Memory the model may use (weights, KV cache, working memory), GiB; a model that will
+    /// not fit is refused before loading [default: what the device has free].
+    #[arg(long)]
+    pub memory_gib: Option<f64>,
 }
 
 impl EngineArgs {
@@ -455,6 +475,7 @@ impl EngineArgs {
             .set("rope_theta", self.rope_theta)?
             .set("max_context", self.max_context)?
             .set("device", self.device.as_ref())?
+            .set("memory_gib", self.memory_gib)?
             .set("threads", (threads > 0).then_some(threads))?;
         EngineConfig::load(self.engine_config.as_deref(), &sets.0)
     }
@@ -605,11 +626,21 @@ fn run_command(cli: Cli, pipeline: Option<PipelineConfig>) -> Result<()> {
         Command::Models(ModelsCommand::Fetch { model }) => {
             models::fetch_command(&model, models_dir)
         }
-        Command::Models(ModelsCommand::Info { model }) => {
-            let files = models::resolve(&model, models_dir)?;
-            let located = models::locate(files, &EngineConfig::default())?;
-            print!("{}", located.describe());
-            Ok(())
+        Command::Models(ModelsCommand::Info {
+            model,
+            weights,
+            dtype,
+            device,
+            memory_gib,
+            load,
+        }) => {
+            let sets = Overrides::default()
+                .set("weight_format", weights)?
+                .set("dtype", dtype.as_ref())?
+                .set("device", device.as_ref())?
+                .set("memory_gib", memory_gib)?;
+            let cfg = EngineConfig::load(None, &sets.0)?;
+            models::info_command(&model, models_dir, &cfg, load)
         }
         Command::Generate(a) => {
             crate::generator::command::generate(&a.command(threads, models_dir)?)

@@ -7,6 +7,7 @@ use crate::engine::chat::ChatTemplate;
 use crate::engine::config::EngineConfig;
 use crate::engine::generate::Engine;
 use crate::engine::llama::{Config, Llama, LlamaConfig};
+use crate::engine::memory;
 use crate::engine::tokenizer::Tokenizer;
 use crate::engine::weights::WeightSource;
 use anyhow::{bail, Context, Result};
@@ -139,6 +140,16 @@ pub enum ModelFiles {
         dir: PathBuf,
         weights: Vec<PathBuf>,
     },
+}
+
+impl ModelFiles {
+    /// The file or folder, for messages.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Gguf(p) => p.display().to_string(),
+            Self::HfFolder { dir, .. } => dir.display().to_string(),
+        }
+    }
 }
 
 fn looks_like_hub_id(s: &str) -> bool {
@@ -495,10 +506,7 @@ pub fn load_engine_with_adapter(
 ) -> Result<Engine> {
     let files = resolve(spec, models_dir)?;
     let mut located = locate(files, cfg)?;
-    let dtype = match &located.files {
-        ModelFiles::Gguf(_) => DType::F32,
-        ModelFiles::HfFolder { .. } => parse_dtype(&cfg.dtype)?,
-    };
+    let dtype = located.dtype(cfg)?;
     if let Some(dir) = adapter {
         located
             .source
@@ -518,6 +526,7 @@ pub fn load_engine_with_adapter(
             located.config.validate()?;
         }
     }
+    located.check_fits(cfg)?;
     let model = Llama::load(located.source, located.config, &located.device, dtype)?;
     Ok(Engine::new(
         model,
@@ -525,6 +534,63 @@ pub fn load_engine_with_adapter(
         located.chat_template,
         cfg.clone(),
     ))
+}
+
+/// `wildlong models info`: the model's description and memory table; with `load`, loads
+/// it as `cfg` holds it and prints the bytes held and the process's memory growth beside the
+/// prediction, then the same as one JSON line.
+pub fn info_command(spec: &str, models_dir: &Path, cfg: &EngineConfig, load: bool) -> Result<()> {
+    let located = locate(resolve(spec, models_dir)?, cfg)?;
+    print!("{}", located.describe());
+    print!("{}", located.memory_report(cfg)?);
+    if !load {
+        return Ok(());
+    }
+    let file_bytes = match &located.files {
+        ModelFiles::Gguf(p) => std::fs::metadata(p)?.len(),
+        ModelFiles::HfFolder { weights, .. } => weights
+            .iter()
+            .map(|w| std::fs::metadata(w).map(|m| m.len()))
+            .sum::<std::io::Result<u64>>()?,
+    };
+    let predicted = located.weight_bytes(cfg)?;
+    let before = memory::process_memory();
+    let model = located.load(cfg)?;
+    let after = memory::process_memory();
+    let held = model.bytes();
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    println!(
+        "{:<22}{:.1} MiB held (predicted {:.1} MiB), file {:.1} MiB",
+        "loaded",
+        mib(held),
+        mib(predicted),
+        mib(file_bytes)
+    );
+    let rss = match (before, after) {
+        (Some(b), Some(a)) => {
+            println!(
+                "{:<22}RSS {:.1} -> {:.1} MiB (+{:.1} MiB, {:.2}x the file), peak {:.1} MiB",
+                "process memory",
+                mib(b.rss),
+                mib(a.rss),
+                mib(a.rss.saturating_sub(b.rss)),
+                a.rss.saturating_sub(b.rss) as f64 / file_bytes.max(1) as f64,
+                mib(a.peak)
+            );
+            serde_json::json!({"rss_before": b.rss, "rss_after": a.rss, "rss_peak": a.peak})
+        }
+        _ => serde_json::Value::Null,
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "file_bytes": file_bytes,
+            "predicted_bytes": predicted,
+            "held_bytes": held,
+            "process": rss,
+        })
+    );
+    Ok(())
 }
 
 /// A data file named by a local path or `hf://datasets/OWNER/NAME/PATH` (`hf://OWNER/NAME/PATH`
@@ -569,6 +635,59 @@ fn download_file(_repo: hf_hub::Repo, _file: &str) -> Result<PathBuf> {
 }
 
 impl Located {
+    /// How `cfg` holds these weights on this device.
+    pub fn target(&self, cfg: &EngineConfig) -> Result<memory::Target> {
+        Ok(memory::Target {
+            format: cfg.weight_format,
+            dtype: self.dtype(cfg)?,
+            cpu: self.device.is_cpu(),
+        })
+    }
+
+    /// The compute dtype: f32 for GGUF, `cfg.dtype` for safetensors.
+    pub fn dtype(&self, cfg: &EngineConfig) -> Result<DType> {
+        match &self.files {
+            ModelFiles::Gguf(_) => Ok(DType::F32),
+            ModelFiles::HfFolder { .. } => parse_dtype(&cfg.dtype),
+        }
+    }
+
+    /// Refuses, before reading a weight, a model `cfg` would not fit in memory
+    /// ([`memory::check_fits`]), naming the file.
+    pub fn check_fits(&self, cfg: &EngineConfig) -> Result<()> {
+        memory::check_fits(
+            &self.source,
+            &self.config,
+            cfg,
+            self.target(cfg)?,
+            &self.device,
+        )
+        .with_context(|| self.files.name())
+    }
+
+    /// Bytes the weights will hold loaded as `cfg` says ([`memory::weight_bytes`]).
+    pub fn weight_bytes(&self, cfg: &EngineConfig) -> Result<u64> {
+        memory::weight_bytes(&self.source, &self.config, self.target(cfg)?)
+    }
+
+    /// `models info`'s memory table for `cfg`.
+    pub fn memory_report(&self, cfg: &EngineConfig) -> Result<String> {
+        memory::report(
+            &self.source,
+            &self.config,
+            cfg,
+            self.dtype(cfg)?,
+            &self.device,
+        )
+    }
+
+    /// Loads the weights as `cfg` holds them, after the memory check.
+    pub fn load(self, cfg: &EngineConfig) -> Result<Llama> {
+        self.check_fits(cfg)?;
+        let dtype = self.dtype(cfg)?;
+        Llama::load(self.source, self.config, &self.device, dtype)
+    }
+
     /// Human-readable summary for `models info`.
     pub fn describe(&self) -> String {
         let c = &self.config;

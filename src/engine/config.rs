@@ -99,6 +99,9 @@ pub struct EngineConfig {
     /// Memory for the paged KV cache, GiB; default: what `max_batch` rows of the full context
     /// need, at most half the host's available memory (90% of free device memory on CUDA).
     pub kv_cache_gib: Option<f64>,
+    /// Memory a load may use (weights, KV cache, working memory), GiB; default: what the
+    /// device has free. A model that will not fit is refused before loading.
+    pub memory_gib: Option<f64>,
     /// Tokens per KV-cache block (the unit of allocation and of prefix caching).
     pub block_size: usize,
     /// In-memory format of GGUF weights.
@@ -147,6 +150,13 @@ impl EngineConfig {
                 anyhow::bail!("kv_cache_gib must be a positive number of GiB, got {g}");
             }
         }
+        if let Some(g) = self.memory_gib {
+            if !(g.is_finite() && g > 0.0) {
+                anyhow::bail!(
+                    "memory_gib (--memory-gib) must be a positive number of GiB, got {g}"
+                );
+            }
+        }
         check_threads(self.threads).context("threads")?;
         Ok(())
     }
@@ -175,6 +185,7 @@ impl Default for EngineConfig {
             prefill_chunk: 512,
             max_batch: 16,
             kv_cache_gib: None,
+            memory_gib: None,
             block_size: 16,
             weight_format: WeightFormat::default(),
             dtype: "f32".into(),

@@ -215,13 +215,10 @@ fn unpack_q5<const OFFSET: bool>(blk: &[u8], out: &mut [f32; 32]) {
 impl RawWeight {
     /// Takes a GGUF tensor of a type held here; `None` for other types.
     pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
-        let Some(kind) = RawKind::from_ggml(q.dtype()) else {
+        let (n, k) = q.shape().dims2()?;
+        let Some(kind) = RawKind::from_ggml(q.dtype()).filter(|_| Self::takes(q.dtype(), k)) else {
             return Ok(None);
         };
-        let (n, k) = q.shape().dims2()?;
-        if !k.is_multiple_of(kind.block_len()) {
-            return Ok(None);
-        }
         let bytes = q.data()?.into_owned();
         if bytes.len() != n * k / kind.block_len() * kind.block_bytes() {
             bail!(
@@ -245,6 +242,11 @@ impl RawWeight {
             k: first.k,
             bytes: parts.iter().flat_map(|p| p.bytes.iter().copied()).collect(),
         })
+    }
+
+    /// Whether a weight of `dtype` with rows of `k` is held as stored here.
+    pub fn takes(dtype: GgmlDType, k: usize) -> bool {
+        RawKind::from_ggml(dtype).is_some_and(|t| k.is_multiple_of(t.block_len()))
     }
 
     pub fn kind(&self) -> RawKind {

@@ -151,6 +151,12 @@ impl LoraAdapter {
         Ok(Some((b.matmul(a)? * self.scale)?))
     }
 
+    /// Whether the adapter adapts module `prefix` (HF name, e.g.
+    /// `model.layers.0.self_attn.q_proj`): its weight is merged and held dense.
+    pub fn adapts(&self, prefix: &str) -> bool {
+        self.modules.contains_key(prefix)
+    }
+
     /// Modules of the adapter the model never asked for (a name mismatch).
     pub fn unused(&self) -> Vec<String> {
         self.modules

@@ -11,6 +11,7 @@ pub mod generate;
 pub mod kquants;
 pub mod llama;
 pub mod lora;
+pub mod memory;
 pub mod packed;
 pub mod packed_int8;
 pub mod paged_attention;

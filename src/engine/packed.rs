@@ -7,7 +7,7 @@
 //! `x · dequantize(W)ᵀ` up to f32 summation order. [`matmul_reference`] is the plain
 //! version every fast path is tested against; the AVX2+FMA path is chosen at run time.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
@@ -52,8 +52,17 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 }
 
 impl BlockKind {
+    pub fn from_ggml(t: GgmlDType) -> Option<Self> {
+        Some(match t {
+            GgmlDType::Q4_0 => Self::Q4_0,
+            GgmlDType::Q4_1 => Self::Q4_1,
+            GgmlDType::Q8_0 => Self::Q8_0,
+            _ => return None,
+        })
+    }
+
     /// Bytes of quantized values per block after repacking.
-    fn qbytes(self) -> usize {
+    pub fn qbytes(self) -> usize {
         match self {
             Self::Q4_0 | Self::Q4_1 => 16,
             Self::Q8_0 => 32,
@@ -64,16 +73,11 @@ impl BlockKind {
 impl PackedWeight {
     /// Takes a GGUF tensor of a supported block type; `None` for other types.
     pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
-        let kind = match q.dtype() {
-            GgmlDType::Q4_0 => BlockKind::Q4_0,
-            GgmlDType::Q4_1 => BlockKind::Q4_1,
-            GgmlDType::Q8_0 => BlockKind::Q8_0,
-            _ => return Ok(None),
-        };
         let (n, k) = q.shape().dims2()?;
-        if k % QK != 0 {
+        if !Self::takes(q.dtype(), k) {
             return Ok(None);
         }
+        let kind = BlockKind::from_ggml(q.dtype()).context("packed block type")?;
         let data = q.data()?;
         let nb = k / QK;
         if data.len() != n * nb * kind.bytes() {
@@ -137,6 +141,21 @@ impl PackedWeight {
             offsets: cat(&|p| &p.offsets),
             qs: parts.iter().flat_map(|p| p.qs.iter().copied()).collect(),
         }))
+    }
+
+    /// Whether a weight of `dtype` with rows of `k` is held packed.
+    pub fn takes(dtype: GgmlDType, k: usize) -> bool {
+        BlockKind::from_ggml(dtype).is_some() && k.is_multiple_of(QK)
+    }
+
+    /// Bytes a packed `(n, k)` weight holds: per block an f32 scale and offset and the values.
+    pub fn bytes_for(kind: BlockKind, n: usize, k: usize) -> usize {
+        n * (k / QK) * (8 + kind.qbytes())
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.qs.len() + 4 * (self.scales.len() + self.offsets.len())
     }
 
     pub fn kind(&self) -> BlockKind {

@@ -113,6 +113,13 @@ impl Int8Weight {
         (self.n, self.k)
     }
 
+    /// Bytes an `(n, k)` weight of `kind` holds: rows padded to whole lane groups, per block
+    /// an f32 scale and offset, the values, and for Q8_0 an i32 correction.
+    pub fn bytes_for(kind: BlockKind, n: usize, k: usize) -> usize {
+        let per_block = 8 + kind.qbytes() + if kind == BlockKind::Q8_0 { 4 } else { 0 };
+        n.div_ceil(LANES) * LANES * (k / QK) * per_block
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.qs.len() + 4 * (self.scales.len() + self.offsets.len() + self.corr.len())

@@ -13,10 +13,9 @@
 use crate::engine::blocks::{block_hash, BlockHash, BlockManager};
 use crate::engine::generate::{Completion, Engine, Request, Row};
 use crate::engine::llama::{PagedBatch, PagedKv, SeqChunk};
+use crate::engine::memory::{self, GIB};
 use anyhow::{bail, Context, Result};
 use std::collections::VecDeque;
-
-const GIB: f64 = (1u64 << 30) as f64;
 
 /// What a request source answers when the batch has room.
 pub enum Pull {
@@ -57,12 +56,7 @@ impl KvPlan {
 
 /// The host's available memory in bytes (`MemAvailable`), when it can be read.
 fn host_available_bytes() -> Option<f64> {
-    std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        m.lines()
-            .find_map(|l| l.strip_prefix("MemAvailable:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .map(|kb| kb * 1024.0)
-    })
+    memory::free_bytes(&candle_core::Device::Cpu).map(|b| b as f64)
 }
 
 /// Memory the cache may take by default: half of what the host has available on the CPU
@@ -70,11 +64,7 @@ fn host_available_bytes() -> Option<f64> {
 fn default_budget_bytes(device: &candle_core::Device) -> f64 {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
-        use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
-        if let Ok((free, _)) = mem_get_info() {
-            return free as f64 * 0.9;
-        }
-        return 8.0 * GIB;
+        return memory::free_bytes(device).map_or(8.0 * GIB, |free| free as f64 * 0.9);
     }
     let _ = device;
     host_available_bytes().map_or(4.0 * GIB, |b| b * 0.5)
@@ -138,7 +128,14 @@ impl Engine {
             }
             None => {
                 let full = self.max_context().div_ceil(block_size) * self.config.max_batch;
-                full.min((default_budget_bytes(self.model.device()) / block_bytes as f64) as usize)
+                let mut budget = default_budget_bytes(self.model.device());
+                // Under a memory limit, the cache takes at most what the weights and one
+                // pass leave of it.
+                if let Some(g) = self.config.memory_gib {
+                    let used = self.model.bytes() + memory::working_bytes(cfg, &self.config);
+                    budget = budget.min(g * GIB - used as f64);
+                }
+                full.min((budget.max(0.0) / block_bytes as f64) as usize)
             }
         };
         if num_blocks == 0 {

@@ -7,7 +7,7 @@
 
 use crate::engine::kquants::{self, RawWeight};
 use crate::engine::lora::LoraAdapter;
-use crate::engine::packed::PackedWeight;
+use crate::engine::packed::{BlockKind, PackedWeight};
 use crate::engine::packed_int8::{self, Int8Weight};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
@@ -221,6 +221,39 @@ impl Linear {
         let mut l = Linear::from_parts(dense, None, packed, out_dim, first.in_dim);
         l.slabs = first.slabs;
         Ok(Some(l))
+    }
+
+    /// Bytes this linear holds (weights in every copy, and the bias).
+    pub fn bytes(&self) -> u64 {
+        let tensor = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        let quant = self.quant.as_deref().map_or(0, |q| match q {
+            QMatMul::QTensor(t) => t.storage_size_in_bytes() as u64,
+            // A copy sharing the dense tensor's storage is counted once.
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t)
+                if self.dense.as_ref().is_some_and(|d| d.id() == t.id()) =>
+            {
+                0
+            }
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => tensor(t),
+        });
+        self.dense.as_ref().map_or(0, tensor)
+            + quant
+            + self.packed.as_ref().map_or(0, |p| p.bytes() as u64)
+            + self.int8.as_ref().map_or(0, |w| w.bytes() as u64)
+            + self.raw.as_ref().map_or(0, |w| w.bytes_held() as u64)
+            + self.bias.as_ref().map_or(0, tensor)
+    }
+
+    /// Whether `other` holds the very same weights (a tied head and table).
+    pub fn shares(&self, other: &Linear) -> bool {
+        fn same<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+            matches!((a, b), (Some(a), Some(b)) if Arc::ptr_eq(a, b))
+        }
+        same(&self.raw, &other.raw)
+            || same(&self.packed, &other.packed)
+            || same(&self.int8, &other.int8)
+            || same(&self.quant, &other.quant)
+            || matches!((&self.dense, &other.dense), (Some(a), Some(b)) if a.id() == b.id())
     }
 
     /// The dense copy `(out, in)`, when this linear holds one.
@@ -644,6 +677,126 @@ fn swap_row_axes(w: &Tensor, head_dim: usize, a: usize, b: usize) -> Result<Tens
         .reshape((rows, cols))?)
 }
 
+/// What a GGUF weight is held as in memory: the one decision the loader
+/// ([`quantized_linear`]) and the memory plan ([`Holding::bytes`]) both follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holding {
+    /// Q4_0/Q4_1/Q8_0 blocks repacked for 8-bit activations ([`Int8Weight`]).
+    Int8,
+    /// K-quant and 5-bit blocks as stored ([`RawWeight`]).
+    Raw,
+    /// Q4_0/Q4_1/Q8_0 blocks repacked with f32 scales ([`PackedWeight`]); `slabs`: many-row
+    /// matmuls through dequantized slabs and gemm.
+    Packed { slabs: bool },
+    /// An f32 copy only.
+    Dense,
+    /// A candle quantized matmul only.
+    Quant(QuantCopy),
+    /// An f32 copy for many rows and a candle quantized matmul for few.
+    DenseAndQuant(QuantCopy),
+}
+
+/// The copy a candle quantized matmul holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantCopy {
+    /// The file's blocks (float types: candle dequantizes them to f32).
+    AsStored,
+    /// Re-quantized to Q8_0.
+    Q8_0,
+    /// Rows Q8_0 cannot block: f32.
+    F32,
+}
+
+impl Holding {
+    /// How a weight of `dtype` with rows of `k` is held in `format`, on the CPU or not.
+    pub fn of(dtype: GgmlDType, k: usize, format: WeightFormat, cpu: bool) -> Self {
+        // Without VNNI the integer path would be the scalar reference: load `exact` instead.
+        let format = match format {
+            WeightFormat::Int8Activations if !(cpu && packed_int8::has_vnni()) => {
+                WeightFormat::Exact
+            }
+            f => f,
+        };
+        let packs = PackedWeight::takes(dtype, k);
+        if format == WeightFormat::Int8Activations && packs {
+            return Self::Int8;
+        }
+        let keeps_blocks = matches!(
+            format,
+            WeightFormat::Exact | WeightFormat::Packed | WeightFormat::Int8Activations
+        );
+        // K-quants and 5-bit types are held as stored on the CPU in every format that keeps
+        // the file's blocks (the integer-activation kernels cover only Q4_0/Q4_1/Q8_0: these
+        // run exact).
+        if keeps_blocks && cpu && RawWeight::takes(dtype, k) {
+            return Self::Raw;
+        }
+        if keeps_blocks && format != WeightFormat::Int8Activations && cpu && packs {
+            return Self::Packed {
+                slabs: format == WeightFormat::Exact,
+            };
+        }
+        let q8 = || {
+            if dtype == GgmlDType::Q8_0 {
+                QuantCopy::AsStored
+            } else if k.is_multiple_of(GgmlDType::Q8_0.block_size()) {
+                QuantCopy::Q8_0
+            } else {
+                QuantCopy::F32
+            }
+        };
+        match format {
+            // Block types the packed kernels do not cover run as f32 in the exact formats.
+            WeightFormat::F32
+            | WeightFormat::Exact
+            | WeightFormat::Packed
+            | WeightFormat::Int8Activations => Self::Dense,
+            WeightFormat::Native => Self::Quant(QuantCopy::AsStored),
+            WeightFormat::Q8_0 => Self::Quant(q8()),
+            WeightFormat::Hybrid => Self::DenseAndQuant(q8()),
+        }
+    }
+
+    /// Bytes an `(n, k)` weight of `dtype` held this way takes.
+    pub fn bytes(self, dtype: GgmlDType, n: usize, k: usize) -> u64 {
+        let f32s = (n * k * 4) as u64;
+        let stored = (n * k / dtype.block_size() * dtype.type_size()) as u64;
+        let quant = |c: QuantCopy| match c {
+            QuantCopy::AsStored if is_float(dtype) => f32s,
+            QuantCopy::AsStored => stored,
+            QuantCopy::Q8_0 => {
+                (n * k / GgmlDType::Q8_0.block_size() * GgmlDType::Q8_0.type_size()) as u64
+            }
+            QuantCopy::F32 => f32s,
+        };
+        let kind = || BlockKind::from_ggml(dtype).expect("a packed holding has a packed type");
+        match self {
+            Self::Int8 => Int8Weight::bytes_for(kind(), n, k) as u64,
+            Self::Raw => stored,
+            Self::Packed { .. } => PackedWeight::bytes_for(kind(), n, k) as u64,
+            Self::Dense => f32s,
+            Self::Quant(c) => quant(c),
+            // An f32 fallback shares the dense copy.
+            Self::DenseAndQuant(QuantCopy::F32) => f32s,
+            Self::DenseAndQuant(c) => f32s + quant(c),
+        }
+    }
+
+    /// Whether the weight is held only as blocks an embedding lookup reads row by row.
+    pub fn is_blocks(self) -> bool {
+        matches!(self, Self::Raw | Self::Packed { .. })
+    }
+
+    /// Whether an f32 copy is held (an embedding table shares it).
+    pub fn has_dense(self) -> bool {
+        matches!(self, Self::Dense | Self::DenseAndQuant(_))
+    }
+}
+
+fn is_float(t: GgmlDType) -> bool {
+    matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
 /// Builds a linear from a GGUF tensor in the requested in-memory format.
 pub fn quantized_linear(
     q: QTensor,
@@ -652,64 +805,45 @@ pub fn quantized_linear(
     out_dim: usize,
     in_dim: usize,
 ) -> Result<Linear> {
-    // Without VNNI the integer path would be the scalar reference: load `exact` instead.
-    let format = match format {
-        WeightFormat::Int8Activations if !(device.is_cpu() && packed_int8::has_vnni()) => {
-            WeightFormat::Exact
-        }
-        f => f,
+    let holding = Holding::of(q.dtype(), in_dim, format, device.is_cpu());
+    let what = || format!("{:?} weight held as {holding:?}", q.dtype());
+    let q8 = |q: QTensor, c: QuantCopy| -> Result<QMatMul> {
+        Ok(match c {
+            QuantCopy::AsStored => QMatMul::from_qtensor(q)?,
+            QuantCopy::Q8_0 => {
+                QMatMul::from_qtensor(QTensor::quantize(&q.dequantize(device)?, GgmlDType::Q8_0)?)?
+            }
+            QuantCopy::F32 => QMatMul::Tensor(q.dequantize(device)?),
+        })
     };
-    if format == WeightFormat::Int8Activations {
-        if let Some(p) = PackedWeight::from_qtensor(&q)? {
-            return Ok(Linear::from_int8(Int8Weight::from_packed(&p)));
+    Ok(match holding {
+        Holding::Int8 => {
+            let p = PackedWeight::from_qtensor(&q)?.with_context(what)?;
+            Linear::from_int8(Int8Weight::from_packed(&p))
         }
-    }
-    // K-quants and 5-bit types are held as stored on the CPU in every format that keeps the
-    // file's blocks (the integer-activation kernels cover only Q4_0/Q4_1/Q8_0: these run exact).
-    if matches!(
-        format,
-        WeightFormat::Exact | WeightFormat::Packed | WeightFormat::Int8Activations
-    ) && device.is_cpu()
-    {
-        if let Some(w) = RawWeight::from_qtensor(&q)? {
-            return Ok(Linear::from_raw(w));
-        }
-    }
-    if matches!(format, WeightFormat::Exact | WeightFormat::Packed) && device.is_cpu() {
-        if let Some(p) = PackedWeight::from_qtensor(&q)? {
+        Holding::Raw => Linear::from_raw(RawWeight::from_qtensor(&q)?.with_context(what)?),
+        Holding::Packed { slabs } => {
+            let p = PackedWeight::from_qtensor(&q)?.with_context(what)?;
             let mut l = Linear::from_parts(None, None, Some(p), out_dim, in_dim);
-            l.slabs = format == WeightFormat::Exact;
-            return Ok(l);
+            l.slabs = slabs;
+            l
         }
-    }
-    // Block types the packed kernels do not cover run as f32 in the exact formats.
-    let dense = match format {
-        WeightFormat::F32
-        | WeightFormat::Hybrid
-        | WeightFormat::Exact
-        | WeightFormat::Packed
-        | WeightFormat::Int8Activations => Some(q.dequantize(device)?),
-        WeightFormat::Q8_0 | WeightFormat::Native => None,
-    };
-    let quant = match format {
-        WeightFormat::F32
-        | WeightFormat::Exact
-        | WeightFormat::Packed
-        | WeightFormat::Int8Activations => None,
-        WeightFormat::Native => Some(QMatMul::from_qtensor(q)?),
-        WeightFormat::Q8_0 | WeightFormat::Hybrid => Some(if q.dtype() == GgmlDType::Q8_0 {
-            QMatMul::from_qtensor(q)?
-        } else if in_dim.is_multiple_of(GgmlDType::Q8_0.block_size()) {
-            let w = match &dense {
-                Some(w) => w.clone(),
-                None => q.dequantize(device)?,
+        Holding::Dense => {
+            Linear::from_parts(Some(q.dequantize(device)?), None, None, out_dim, in_dim)
+        }
+        Holding::Quant(c) => Linear::from_parts(None, Some(q8(q, c)?), None, out_dim, in_dim),
+        Holding::DenseAndQuant(c) => {
+            let dense = q.dequantize(device)?;
+            let quant = match c {
+                QuantCopy::AsStored => QMatMul::from_qtensor(q)?,
+                QuantCopy::Q8_0 => {
+                    QMatMul::from_qtensor(QTensor::quantize(&dense, GgmlDType::Q8_0)?)?
+                }
+                QuantCopy::F32 => QMatMul::Tensor(dense.clone()),
             };
-            QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?
-        } else {
-            QMatMul::Tensor(q.dequantize(device)?)
-        }),
-    };
-    Ok(Linear::from_parts(dense, quant, None, out_dim, in_dim))
+            Linear::from_parts(Some(dense), Some(quant), None, out_dim, in_dim)
+        }
+    })
 }
 
 /// Reads a GGUF header and validates tensor extents against the file size.

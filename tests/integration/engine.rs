@@ -201,18 +201,19 @@ fn a_small_kv_cache_preempts_and_recomputes_without_changing_outputs() {
     };
     let err = format!("{:#}", e.generate(&[long], |_, _| {}).unwrap_err());
     assert!(err.contains("kv_cache_gib"), "{err}");
-    // A budget beyond the machine's memory is refused before allocating.
-    let huge = engine_with(EngineConfig {
+    // A budget beyond the machine's memory is refused before the model loads.
+    let huge = EngineConfig {
         kv_cache_gib: Some(1.0e6),
         ..Default::default()
-    });
-    let req = Request {
-        prompt: chat("Hi"),
-        params: greedy(2),
     };
-    let err = format!("{:#}", huge.generate(&[req], |_, _| {}).unwrap_err());
+    let m = default_model_path();
+    let Err(err) = wildlong::models::load_engine(m.to_str().unwrap(), &root(), &huge) else {
+        panic!("a 1e6 GiB KV cache was accepted");
+    };
+    let err = format!("{err:#}");
     assert!(
-        err.contains("kv_cache_gib") && err.contains("available memory"),
+        err.contains("1000000.00 GiB of KV cache (engine.kv_cache_gib)")
+            && err.contains("available on this machine; set kv_cache_gib to at most"),
         "{err}"
     );
 }

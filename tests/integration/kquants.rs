@@ -221,4 +221,19 @@ fn the_default_model_as_q4_k_m_falls_back_where_rows_are_576_wide_and_gives_llam
         GgmlDType::Q8_0,
     ];
     check_quantized_file(&files, "Q4_K_M", &types, &prompts.concat(), &prompts, n);
+    // Held in its own size: loading raises the process's memory by at most 1.3x the file,
+    // and the weights hold what the header predicts.
+    let path = files["Q4_K_M"]["path"].as_str().unwrap();
+    let out = ok(&wildlong(&["models", "info", path, "--load"])
+        .output()
+        .unwrap());
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["predicted_bytes"], last["held_bytes"], "{out}");
+    let p = &last["process"];
+    let grew = p["rss_after"].as_u64().unwrap() - p["rss_before"].as_u64().unwrap();
+    let file = last["file_bytes"].as_u64().unwrap();
+    assert!(
+        grew as f64 <= 1.3 * file as f64,
+        "RSS grew by {grew} bytes loading a {file}-byte Q4_K_M\n{out}"
+    );
 }

@@ -10,6 +10,7 @@ mod engine;
 mod kernels;
 mod kquants;
 mod lora;
+mod memory;
 mod model;
 mod openai;
 mod pipeline;

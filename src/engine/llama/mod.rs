@@ -37,6 +37,13 @@ enum Projections {
 }
 
 impl Projections {
+    fn bytes(&self) -> u64 {
+        match self {
+            Self::Separate(parts) => parts.iter().map(Linear::bytes).sum(),
+            Self::Stacked { linear, .. } => linear.bytes(),
+        }
+    }
+
     fn new(parts: Vec<Linear>) -> Result<Self> {
         let refs: Vec<&Linear> = parts.iter().collect();
         Ok(match Linear::stack(&refs)? {
@@ -238,6 +245,10 @@ impl RmsNorm {
         })
     }
 
+    fn bytes(&self) -> u64 {
+        tensor_bytes(&self.weight)
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(
             &x.contiguous()?,
@@ -355,6 +366,10 @@ impl Embedding {
     }
 }
 
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as u64
+}
+
 /// The decoder with its LM head.
 pub struct Llama {
     embed_tokens: Embedding,
@@ -441,6 +456,30 @@ impl Llama {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Bytes the weights hold, every copy counted once (a tied table sharing the head's
+    /// blocks or dense copy adds nothing): what [`crate::engine::memory`] predicts.
+    pub fn bytes(&self) -> u64 {
+        let layers: u64 = self
+            .layers
+            .iter()
+            .map(|b| {
+                b.input_layernorm.bytes()
+                    + b.self_attn.qkv.bytes()
+                    + b.self_attn.o_proj.bytes()
+                    + b.post_attention_layernorm.bytes()
+                    + b.mlp.gate_up.bytes()
+                    + b.mlp.down_proj.bytes()
+            })
+            .sum();
+        let table = match &self.embed_tokens {
+            Embedding::Blocks(l) if l.shares(&self.lm_head) => 0,
+            Embedding::Blocks(l) => l.bytes(),
+            Embedding::Dense(t) if self.lm_head.dense().is_some_and(|d| d.id() == t.id()) => 0,
+            Embedding::Dense(t) => tensor_bytes(t),
+        };
+        layers + self.norm.bytes() + self.lm_head.bytes() + table
     }
 
     pub fn device(&self) -> &Device {
