@@ -435,7 +435,8 @@ pub fn locate(files: ModelFiles, cfg: &EngineConfig) -> Result<Located> {
                 &t,
                 tokenizer.bos_token.as_deref(),
                 tokenizer.eos_token.as_deref(),
-            )
+            )?
+            .with_kwargs(&cfg.chat_template_kwargs)
         })
         .transpose()?;
     Ok(Located {

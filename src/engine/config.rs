@@ -120,6 +120,9 @@ pub struct EngineConfig {
     /// Feed the tokens a JSON schema forces (keys, punctuation) in one forward pass; false
     /// runs one pass per forced token (the reference the fast path is tested against).
     pub fast_forward: bool,
+    /// Extra variables every chat-template rendering sees, as HF's `apply_chat_template`
+    /// kwargs and vLLM's `chat_template_kwargs` (Qwen3: `enable_thinking = false`).
+    pub chat_template_kwargs: toml::Table,
 }
 
 impl EngineConfig {
@@ -194,6 +197,7 @@ impl Default for EngineConfig {
             threads: 0,
             device: "cpu".into(),
             fast_forward: true,
+            chat_template_kwargs: toml::Table::new(),
         }
     }
 }

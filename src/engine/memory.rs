@@ -106,14 +106,12 @@ fn each_layer_tensor(
             let (n, k) = p.shape(cfg);
             let prefix = l.projection(p);
             sum += f(&prefix, n, k)?;
-            let bias = match p {
-                Projection::Q | Projection::K | Projection::V => cfg.attention_bias,
-                Projection::O => false,
-                Projection::Gate | Projection::Up | Projection::Down => cfg.mlp_bias,
-            };
-            if bias {
+            if p.has_bias(cfg) {
                 sum += f(&format!("{prefix}.bias"), n, 0)?;
             }
+        }
+        if cfg.qk_norm {
+            sum += f(&l.q_norm(), cfg.head_dim, 0)? + f(&l.k_norm(), cfg.head_dim, 0)?;
         }
     }
     Ok(sum)

@@ -436,6 +436,8 @@ pub fn gguf_name(hf: &str) -> Result<String> {
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "input_layernorm" => "attn_norm",
         "post_attention_layernorm" => "ffn_norm",
         _ => bail!("no GGUF name for `{hf}`"),
@@ -636,10 +638,13 @@ impl WeightSource {
         } {
             // PEFT deltas are in HF row order; llama.cpp permuted the q/k rows of GGUF
             // weights (interleaved RoPE pairs), so the delta's rows move the same way.
+            // (Qwen's GGUFs keep HF's order: their RoPE runs on halves.)
             if prefix.ends_with("self_attn.q_proj") || prefix.ends_with("self_attn.k_proj") {
                 if let Some(content) = self.gguf_content() {
-                    let hd = crate::engine::llama::Config::from_gguf(content, None)?.head_dim;
-                    delta = permute_rows_for_gguf(&delta, hd)?;
+                    let c = crate::engine::llama::Config::from_gguf(content, None)?;
+                    if c.rope.layout == crate::engine::rope::RopeLayout::Interleaved {
+                        delta = permute_rows_for_gguf(&delta, c.head_dim)?;
+                    }
                 }
             }
             // W' = W + scale · B A, in f32, back in the weight's dtype.

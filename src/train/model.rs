@@ -83,6 +83,8 @@ pub struct TrainLinear {
     /// HF module name, e.g. `model.layers.0.self_attn.q_proj`.
     pub name: String,
     weight: Param,
+    /// `(out)`: Qwen2's q/k/v biases (frozen under LoRA, as PEFT's `bias = "none"`).
+    bias: Option<Param>,
     /// `A` `(r, in)`, `B` `(out, r)`.
     pub lora: Option<(Var, Var)>,
     pub scale: f64,
@@ -95,7 +97,7 @@ impl TrainLinear {
         let dropout = mask_seed
             .filter(|_| self.dropout > 0.0)
             .map(|s| (s, self.dropout));
-        Ok(match (&self.weight, &self.lora) {
+        let y = match (&self.weight, &self.lora) {
             (Param::Frozen(w), Some((a, b))) => ops::lora_linear(
                 x,
                 w,
@@ -109,6 +111,10 @@ impl TrainLinear {
             (Param::Frozen(w), None) => ops::frozen_matmul(x, w)?,
             (Param::Trained(w), None) => x.matmul(&w.t()?)?,
             (Param::Trained(_), Some(_)) => bail!("{}: adapters on a trained weight", self.name),
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b.tensor())?,
+            None => y,
         })
     }
 
@@ -129,6 +135,8 @@ impl TrainLinear {
 
 struct Block {
     input_layernorm: Param,
+    /// Qwen3's per-head query and key norms `(head_dim)`.
+    qk_norm: Option<(Param, Param)>,
     q: TrainLinear,
     k: TrainLinear,
     v: TrainLinear,
@@ -173,7 +181,7 @@ pub struct TrainModel {
     norm: Param,
     lm_head: Param,
     device: Device,
-    /// Set for GGUF sources: their q/k rows are in llama.cpp's permuted order.
+    /// Set for GGUF sources whose q/k rows llama.cpp permuted (interleaved RoPE: Llama).
     gguf_head_dim: Option<usize>,
     options: TrainOptions,
     /// Query rows per attention block, and rows per cross-entropy chunk.
@@ -192,8 +200,8 @@ impl TrainModel {
 
     /// Reads the weights for training as `opts` says.
     pub fn load_with(w: &mut WeightSource, mut cfg: Config, opts: &TrainOptions) -> Result<Self> {
-        if cfg.attention_bias || cfg.mlp_bias || cfg.sliding_window.is_some() {
-            bail!("training does not support attention/MLP biases or sliding-window attention yet");
+        if cfg.sliding_window.is_some() {
+            bail!("training does not support sliding-window attention yet (Mistral's window)");
         }
         if !matches!(opts.base_dtype, DType::F32 | DType::BF16) {
             bail!("base weights must be f32 or bf16");
@@ -232,6 +240,10 @@ impl TrainModel {
             |w: &mut WeightSource, layer: Layer, p: Projection| -> Result<TrainLinear> {
                 let (name, (out, inp)) = (layer.projection(p), p.shape(&cfg));
                 let weight = param(w.tensor(&format!("{name}.weight"), &[out, inp])?, true)?;
+                let bias = match p.has_bias(&cfg) {
+                    true => Some(param(w.tensor(&format!("{name}.bias"), &[out])?, false)?),
+                    false => None,
+                };
                 let short = name.rsplit('.').next().unwrap_or("");
                 let adapter = lora.filter(|l| l.targets.iter().any(|t| t == short));
                 let (lora, scale, dropout) = match adapter {
@@ -250,6 +262,7 @@ impl TrainModel {
                 Ok(TrainLinear {
                     name,
                     weight,
+                    bias,
                     lora,
                     scale,
                     dropout,
@@ -258,8 +271,17 @@ impl TrainModel {
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let l = Layer(l);
+            let hd = cfg.head_dim;
+            let qk_norm = match cfg.qk_norm {
+                true => Some((
+                    param(w.tensor(&l.q_norm(), &[hd])?, false)?,
+                    param(w.tensor(&l.k_norm(), &[hd])?, false)?,
+                )),
+                false => None,
+            };
             blocks.push(Block {
                 input_layernorm: param(w.tensor(&l.input_norm(), &[h])?, false)?,
+                qk_norm,
                 q: linear(w, l, Projection::Q)?,
                 k: linear(w, l, Projection::K)?,
                 v: linear(w, l, Projection::V)?,
@@ -285,7 +307,9 @@ impl TrainModel {
         };
         Ok(Self {
             norm: param(w.tensor(names::NORM, &[h])?, false)?,
-            gguf_head_dim: w.gguf_content().is_some().then_some(cfg.head_dim),
+            gguf_head_dim: (w.gguf_content().is_some()
+                && cfg.rope.layout == crate::engine::rope::RopeLayout::Interleaved)
+                .then_some(cfg.head_dim),
             cfg,
             embed_tokens,
             blocks,
@@ -328,8 +352,15 @@ impl TrainModel {
         for (l, b) in self.blocks.iter().enumerate() {
             push(Layer(l).input_norm(), &b.input_layernorm);
             push(Layer(l).post_attention_norm(), &b.post_attention_layernorm);
+            if let Some((q, k)) = &b.qk_norm {
+                push(Layer(l).q_norm(), q);
+                push(Layer(l).k_norm(), k);
+            }
             for lin in b.linears() {
                 push(format!("{}.weight", lin.name), &lin.weight);
+                if let Some(bias) = &lin.bias {
+                    push(format!("{}.bias", lin.name), bias);
+                }
             }
         }
         push(names::NORM.into(), &self.norm);
@@ -406,11 +437,24 @@ impl TrainModel {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) // (b, n, t, hd)
         };
         let h1 = ops::rms_norm(x, blk.input_layernorm.tensor(), c.rms_norm_eps)?;
-        let rotated = |y: Tensor, n: usize| -> Result<Tensor> {
+        // Qwen3 normalizes each head's queries and keys `(b·t·n, hd)` before RoPE.
+        let normed = |y: Tensor, n: usize, norm: Option<&Param>| -> Result<Tensor> {
+            Ok(match norm {
+                Some(w) => ops::rms_norm(&y.reshape((b * t * n, hd))?, w.tensor(), c.rms_norm_eps)?
+                    .reshape((b * t, n * hd))?,
+                None => y,
+            })
+        };
+        let rotated = |y: Tensor, n: usize, norm: Option<&Param>| -> Result<Tensor> {
+            let y = normed(y, n, norm)?;
             Ok(ops::rope(&heads(y, n)?, &p.cos, &p.sin, c.rope.layout)?)
         };
-        let q = rotated(blk.q.forward(&h1, seed(0))?, nh)?;
-        let k = rotated(blk.k.forward(&h1, seed(1))?, kvh)?;
+        let (qn, kn) = match &blk.qk_norm {
+            Some((q, k)) => (Some(q), Some(k)),
+            None => (None, None),
+        };
+        let q = rotated(blk.q.forward(&h1, seed(0))?, nh, qn)?;
+        let k = rotated(blk.k.forward(&h1, seed(1))?, kvh, kn)?;
         let v = heads(blk.v.forward(&h1, seed(2))?, kvh)?;
         let att = ops::chunked_attention(&q, &k, &v, p.segments, self.attention_block)?;
         let att = att.transpose(1, 2)?.reshape((b * t, nh * hd))?;
@@ -592,11 +636,18 @@ impl TrainModel {
                 Layer(l).post_attention_norm(),
                 plain(&b.post_attention_layernorm)?,
             );
+            if let Some((q, k)) = &b.qk_norm {
+                tensors.insert(Layer(l).q_norm(), plain(q)?);
+                tensors.insert(Layer(l).k_norm(), plain(k)?);
+            }
             for lin in b.linears() {
                 tensors.insert(
                     format!("{}.weight", lin.name),
                     self.hf_rows(&lin.name, lin.merged()?)?,
                 );
+                if let Some(bias) = &lin.bias {
+                    tensors.insert(format!("{}.bias", lin.name), plain(bias)?);
+                }
             }
         }
         tensors.insert(names::NORM.to_string(), plain(&self.norm)?);

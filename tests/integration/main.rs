@@ -1,6 +1,7 @@
 //! The integration-test crate: one binary, topic modules, shared helpers in `common`.
 //! Tests that need the default model expect `wildlong models fetch` to have run (CI does it).
 
+mod arch;
 mod bench;
 mod cli;
 mod common;

@@ -15,7 +15,7 @@ use wildlong::engine::weights::WeightFormat;
 use wildlong::models;
 
 /// Predicted weight bytes == the bytes the loaded model holds.
-fn assert_prediction_holds(path: &Path, cfg: &EngineConfig, what: &str) {
+pub fn assert_prediction_holds(path: &Path, cfg: &EngineConfig, what: &str) {
     let located = models::locate(
         models::resolve(&path.display().to_string(), &root()).unwrap(),
         cfg,

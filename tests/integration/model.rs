@@ -328,7 +328,7 @@ fn safetensors_half_precision_loads_and_tracks_f32() {
 
 /// llama.cpp's converter permutation of q/k rows (`permute()` in convert_hf_to_gguf.py):
 /// within each head, row i goes to 2i and row i + d/2 to 2i + 1.
-fn permute_for_gguf(w: &Tensor, heads: usize) -> Tensor {
+pub fn permute_for_gguf(w: &Tensor, heads: usize) -> Tensor {
     let (rows, cols) = w.dims2().unwrap();
     let hd = rows / heads;
     w.reshape((heads, 2, hd / 2, cols))

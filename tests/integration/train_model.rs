@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use wildlong::train::model::{self, LoraSpec, Rows, TrainModel, PROJECTIONS};
 use wildlong::train::ops::IGNORE;
 
-fn lora(targets: &[&str]) -> LoraSpec {
+pub fn lora(targets: &[&str]) -> LoraSpec {
     LoraSpec {
         rank: 4,
         alpha: 8.0,
@@ -34,7 +34,7 @@ fn one_row(tokens: &[u32]) -> Batch {
     )
 }
 
-fn logits_of(m: &TrainModel, tokens: &[u32]) -> Tensor {
+pub fn logits_of(m: &TrainModel, tokens: &[u32]) -> Tensor {
     let (t, p, s) = one_row(tokens);
     let h = m
         .hidden(&Rows {
@@ -54,7 +54,7 @@ fn reference(dir: &std::path::Path, tokens: &[u32]) -> Tensor {
 }
 
 /// Sets every adapter's B to small random values (PEFT starts at 0, which gives A no gradient).
-fn randomise_b(m: &TrainModel) {
+pub fn randomise_b(m: &TrainModel) {
     for (i, (name, var)) in m.trainable().into_iter().enumerate() {
         if name.ends_with("lora_B.weight") {
             let n = var.elem_count();
@@ -345,7 +345,7 @@ fn packing_restarts_positions_and_separates_conversations() {
 }
 
 /// Logits of the engine with a PEFT adapter folder merged in as it loads.
-fn engine_with_adapter(
+pub fn engine_with_adapter(
     model: &std::path::Path,
     adapter: &std::path::Path,
     tokens: &[u32],
@@ -411,7 +411,7 @@ fn the_exported_peft_adapter_gives_the_engine_the_trained_model() {
     assert!(d < 2e-3, "engine with the exported adapter differs by {d}");
 }
 
-fn overfit_batch() -> wildlong::train::data::Batch {
+pub fn overfit_batch() -> wildlong::train::data::Batch {
     use wildlong::train::data::{pack, Example};
     let ex = |seed: u64, n: usize| {
         let tokens: Vec<u32> = lcg_values(seed, n, 1.0)
@@ -497,7 +497,7 @@ fn a_step_with_non_finite_gradients_is_skipped() {
     assert_eq!(vars[0].as_tensor().to_vec2::<f32>().unwrap(), a_before);
 }
 
-fn opts(lora: Option<LoraSpec>, full: bool, base: DType) -> model::TrainOptions {
+pub fn opts(lora: Option<LoraSpec>, full: bool, base: DType) -> model::TrainOptions {
     model::TrainOptions {
         lora,
         full,
@@ -523,7 +523,7 @@ fn tiny_with(o: &model::TrainOptions, tie: bool) -> (tempfile::TempDir, TrainMod
 }
 
 /// Loss and every trained tensor's gradient (in `trainable()` order) of the overfit batch.
-fn grads_of(m: &TrainModel) -> (f64, Vec<Tensor>) {
+pub fn grads_of(m: &TrainModel) -> (f64, Vec<Tensor>) {
     let b = overfit_batch();
     let rows = Rows {
         tokens: &b.tokens,
@@ -610,31 +610,44 @@ fn full_fine_tuning_gradients_match_finite_differences() {
         "model.layers.1.mlp.down_proj.weight",
         "lm_head.weight",
     ] {
-        let i = vars.iter().position(|(n, _)| n == name).unwrap();
-        let var = &vars[i].1;
-        let flat = var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let g = grads[i].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        // The entry with the largest gradient (a used embedding row, for the embeddings).
-        let j = (0..g.len())
-            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
-            .unwrap();
-        let eps = 1e-2f32;
-        let at = |delta: f32| {
-            let mut w = flat.clone();
-            w[j] += delta;
-            var.set(&Tensor::from_vec(w, var.dims(), &Device::Cpu).unwrap())
-                .unwrap();
-            grads_of(&m).0
-        };
-        let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
-        at(0.0);
-        let rel = (fd - g[j] as f64).abs() / (g[j] as f64).abs().max(1e-3);
-        assert!(
-            rel < 2e-2,
-            "{name}[{j}]: finite difference {fd} vs gradient {}",
-            g[j]
-        );
+        assert_gradient_is_the_finite_difference(&m, &vars, &grads, name);
     }
+}
+
+/// Nudges the entry of trained tensor `name` with the largest gradient (a used embedding
+/// row, for the embeddings) both ways: the loss moves as its gradient says.
+pub fn assert_gradient_is_the_finite_difference(
+    m: &TrainModel,
+    vars: &[(String, candle_core::Var)],
+    grads: &[Tensor],
+    name: &str,
+) {
+    let i = vars
+        .iter()
+        .position(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("{name} is not trained"));
+    let var = &vars[i].1;
+    let flat = var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let g = grads[i].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let j = (0..g.len())
+        .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+        .unwrap();
+    let eps = 1e-2f32;
+    let at = |delta: f32| {
+        let mut w = flat.clone();
+        w[j] += delta;
+        var.set(&Tensor::from_vec(w, var.dims(), &Device::Cpu).unwrap())
+            .unwrap();
+        grads_of(m).0
+    };
+    let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+    at(0.0);
+    let rel = (fd - g[j] as f64).abs() / (g[j] as f64).abs().max(1e-3);
+    assert!(
+        rel < 2e-2,
+        "{name}[{j}]: finite difference {fd} vs gradient {}",
+        g[j]
+    );
 }
 
 #[test]
@@ -833,6 +846,29 @@ fn the_peft_fixtures_hold_the_engines_logits() {
         &[8, 1, 77, 140, 2, 61, 9, 33],
         256,
     );
+
+    // Qwen2 (frozen q/k/v biases) and Qwen3 (q/k norms) bases, adapters on all seven.
+    for name in ["qwen2", "qwen3"] {
+        let base = fixture(&format!("arch/{name}"));
+        let adapter = dir.join(name).join("adapter");
+        if write {
+            let (m, _, _) = model::load(
+                base.to_str().unwrap(),
+                &root().join("models"),
+                Some(&lora(&PROJECTIONS)),
+            )
+            .unwrap();
+            randomise_b(&m);
+            m.save_peft(&adapter, name).unwrap();
+        }
+        check(
+            name,
+            &base,
+            &adapter,
+            &[8, 1, 77, 140, 2, 61, 9, 33, 500, 404],
+            507,
+        );
+    }
 
     // The default GGUF model, rank-2 adapters on q, k, v (q/k rows in HF order in the file).
     let tok = wildlong::models::locate(

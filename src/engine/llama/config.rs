@@ -33,8 +33,13 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     #[serde(default)]
     pub sliding_window: Option<usize>,
+    /// Qwen2/Qwen3: the window applies only when this is true (their configs carry a
+    /// `sliding_window` that is otherwise unused).
     #[serde(default)]
-    pub attention_bias: bool,
+    pub use_sliding_window: Option<bool>,
+    /// Llama/Mistral: biases on q/k/v/o. Absent from Qwen2 configs (q/k/v biases implied).
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
     #[serde(default)]
     pub mlp_bias: bool,
     #[serde(default)]
@@ -57,6 +62,20 @@ fn default_max_pos() -> usize {
 
 /// Model types that are the Llama architecture under another name.
 const LLAMA_FAMILY: &[&str] = &["llama", "mistral"];
+/// Every architecture the decoder runs: the Llama family and Qwen2/Qwen3 (the same decoder
+/// with q/k/v biases, or with per-head q/k RMSNorm).
+pub const ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+
+/// `model_type` → HF `architectures` entry.
+fn hf_class(model_type: &str) -> Option<&'static str> {
+    Some(match model_type {
+        "llama" => "LlamaForCausalLM",
+        "mistral" => "MistralForCausalLM",
+        "qwen2" => "Qwen2ForCausalLM",
+        "qwen3" => "Qwen3ForCausalLM",
+        _ => return None,
+    })
+}
 
 /// Runtime configuration, from `config.json` or GGUF metadata.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,8 +94,15 @@ pub struct Config {
     pub context_length: usize,
     pub sliding_window: Option<usize>,
     pub tie_word_embeddings: bool,
+    /// Biases on the q/k/v projections (Qwen2; Llama's `attention_bias`).
     pub attention_bias: bool,
+    /// A bias on o_proj (Llama's `attention_bias`; never Qwen's).
+    #[serde(default)]
+    pub o_proj_bias: bool,
     pub mlp_bias: bool,
+    /// Qwen3: RMSNorm over each head's queries and keys before RoPE.
+    #[serde(default)]
+    pub qk_norm: bool,
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
 }
@@ -95,18 +121,43 @@ pub(crate) fn ids_from_value(v: &Option<Value>) -> Vec<u32> {
 
 impl Config {
     pub fn from_hf(cfg: &LlamaConfig, rope_theta_override: Option<f64>) -> Result<Self> {
-        let arch = cfg.model_type.clone().unwrap_or_else(|| "llama".into());
-        let arch_ok = LLAMA_FAMILY.contains(&arch.as_str())
-            || cfg
-                .architectures
+        let arch = match &cfg.model_type {
+            Some(t) => t.clone(),
+            // Without a model_type, the class names it.
+            None => ARCHITECTURES
                 .iter()
-                .any(|a| a == "LlamaForCausalLM" || a == "MistralForCausalLM");
-        if !arch_ok {
+                .find(|t| {
+                    cfg.architectures
+                        .iter()
+                        .any(|a| Some(a.as_str()) == hf_class(t))
+                })
+                .map_or("llama", |t| *t)
+                .to_string(),
+        };
+        if !ARCHITECTURES.contains(&arch.as_str()) {
             bail!(
-                "unsupported architecture `{arch}` ({}); wildlong runs Llama-family models (llama, mistral)",
-                cfg.architectures.join(", ")
+                "unsupported architecture `{arch}` ({}); wildlong runs {}",
+                cfg.architectures.join(", "),
+                ARCHITECTURES.join(", ")
             );
         }
+        let qwen = arch.starts_with("qwen");
+        let sliding_window = match (qwen, cfg.use_sliding_window) {
+            (false, _) => cfg.sliding_window,
+            (true, Some(true)) => bail!(
+                "use_sliding_window: Qwen's per-layer sliding window (max_window_layers) is not supported; \
+                 the published Qwen2.5/Qwen3 checkpoints leave it off"
+            ),
+            (true, _) => None,
+        };
+        // Qwen2 always has q/k/v biases and none on o_proj (its config has no key for
+        // them); Llama's and Qwen3's attention_bias puts one on all four.
+        let qkv_bias = match arch.as_str() {
+            "qwen2" => true,
+            _ => cfg.attention_bias.unwrap_or(false),
+        };
+        let o_proj_bias = arch != "qwen2" && cfg.attention_bias.unwrap_or(false);
+        let qk_norm = arch == "qwen3";
         if let Some(act) = &cfg.hidden_act {
             if act != "silu" {
                 bail!("unsupported hidden_act `{act}` (Llama-family models use silu)");
@@ -146,10 +197,12 @@ impl Config {
             rms_norm_eps: cfg.rms_norm_eps,
             rope,
             context_length: cfg.max_position_embeddings,
-            sliding_window: cfg.sliding_window,
+            sliding_window,
             tie_word_embeddings: cfg.tie_word_embeddings,
-            attention_bias: cfg.attention_bias,
+            attention_bias: qkv_bias,
+            o_proj_bias,
             mlp_bias: cfg.mlp_bias,
+            qk_norm,
             eos_token_ids: ids_from_value(&cfg.eos_token_id),
             bos_token_id: ids_from_value(&cfg.bos_token_id).first().copied(),
         };
@@ -164,8 +217,11 @@ impl Config {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .context("GGUF metadata has no `general.architecture`")?;
-        if !LLAMA_FAMILY.contains(&arch.as_str()) {
-            bail!("unsupported architecture `{arch}`; wildlong runs Llama-family models (llama, mistral)");
+        if !ARCHITECTURES.contains(&arch.as_str()) {
+            bail!(
+                "unsupported architecture `{arch}`; wildlong runs {}",
+                ARCHITECTURES.join(", ")
+            );
         }
         let get = |k: &str| md.get(&format!("{arch}.{k}"));
         let req_u = |k: &str| -> Result<usize> {
@@ -223,7 +279,12 @@ impl Config {
             dim: head_dim,
             max_position_embeddings: orig_ctx.unwrap_or(context),
             scaling,
-            layout: RopeLayout::Interleaved,
+            // llama.cpp's converter permutes Llama's q/k rows for its interleaved RoPE; Qwen's
+            // run NEOX-style (halves), as in HF.
+            layout: match LLAMA_FAMILY.contains(&arch.as_str()) {
+                true => RopeLayout::Interleaved,
+                false => RopeLayout::HalfSplit,
+            },
             freq_factors: None,
         };
         let c = Self {
@@ -241,7 +302,9 @@ impl Config {
             sliding_window: opt_u("attention.sliding_window"),
             tie_word_embeddings: !ct.tensor_infos.contains_key("output.weight"),
             attention_bias: ct.tensor_infos.contains_key("blk.0.attn_q.bias"),
+            o_proj_bias: ct.tensor_infos.contains_key("blk.0.attn_output.bias"),
             mlp_bias: false,
+            qk_norm: ct.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
             eos_token_ids: tok_u32("tokenizer.ggml.eos_token_id").into_iter().collect(),
             bos_token_id: tok_u32("tokenizer.ggml.bos_token_id"),
         };
@@ -269,10 +332,11 @@ impl Config {
         if self.rope.freq_factors.is_some() {
             bail!("this model's RoPE has per-frequency factors from GGUF (`rope_freqs`) that config.json cannot express; train from the HF checkpoint to export a merged model");
         }
-        let (model_type, arch) = match self.architecture.as_str() {
-            "mistral" => ("mistral", "MistralForCausalLM"),
-            _ => ("llama", "LlamaForCausalLM"),
+        let model_type = match self.architecture.as_str() {
+            t @ ("mistral" | "qwen2" | "qwen3") => t,
+            _ => "llama",
         };
+        let arch = hf_class(model_type).unwrap_or("LlamaForCausalLM");
         let scaling = match &self.rope.scaling {
             RopeScaling::Default => Value::Null,
             s => serde_json::to_value(s)?,
@@ -303,7 +367,8 @@ impl Config {
             "rope_scaling": scaling,
             "max_position_embeddings": self.rope.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": self.attention_bias,
+            "attention_bias": self.attention_bias || self.o_proj_bias,
+            "sliding_window": self.sliding_window,
             "mlp_bias": self.mlp_bias,
             "hidden_act": "silu",
             "bos_token_id": self.bos_token_id,
@@ -317,7 +382,12 @@ impl Config {
         let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
         let attn = h * hd * (self.num_heads * 2 + self.num_kv_heads * 2);
         let mlp = 3 * h * i;
-        let per_layer = attn + mlp + 2 * h;
+        let biases = match self.attention_bias {
+            true => hd * (self.num_heads + 2 * self.num_kv_heads),
+            false => 0,
+        } + if self.o_proj_bias { h } else { 0 }
+            + if self.qk_norm { 2 * hd } else { 0 };
+        let per_layer = attn + mlp + 2 * h + biases;
         let emb = self.vocab_size * h * if self.tie_word_embeddings { 1 } else { 2 };
         self.num_layers * per_layer + emb + h
     }

@@ -77,6 +77,8 @@ impl Projections {
 struct Attention {
     qkv: Projections,
     o_proj: Linear,
+    /// Qwen3: RMSNorm over each head's queries and keys `(head_dim)`, before RoPE.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -84,21 +86,57 @@ struct Attention {
 
 impl Attention {
     fn load(w: &mut WeightSource, layer: Layer, cfg: &Config) -> Result<Self> {
-        let bias = cfg.attention_bias;
-        let mut proj = |p: Projection, bias: bool| {
+        let mut proj = |p: Projection| {
             let (out, inp) = p.shape(cfg);
-            w.linear(&layer.projection(p), out, inp, bias)
+            w.linear(&layer.projection(p), out, inp, p.has_bias(cfg))
+        };
+        let qkv = Projections::new(vec![
+            proj(Projection::Q)?,
+            proj(Projection::K)?,
+            proj(Projection::V)?,
+        ])?;
+        let o_proj = proj(Projection::O)?;
+        let qk_norm = match cfg.qk_norm {
+            true => Some((
+                RmsNorm::load(w, &layer.q_norm(), cfg.head_dim, cfg.rms_norm_eps)?,
+                RmsNorm::load(w, &layer.k_norm(), cfg.head_dim, cfg.rms_norm_eps)?,
+            )),
+            false => None,
         };
         Ok(Self {
-            qkv: Projections::new(vec![
-                proj(Projection::Q, bias)?,
-                proj(Projection::K, bias)?,
-                proj(Projection::V, bias)?,
-            ])?,
-            o_proj: proj(Projection::O, false)?,
+            qkv,
+            o_proj,
+            qk_norm,
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
+        })
+    }
+
+    fn bytes(&self) -> u64 {
+        let norms = self
+            .qk_norm
+            .as_ref()
+            .map_or(0, |(q, k)| q.bytes() + k.bytes());
+        self.qkv.bytes() + self.o_proj.bytes() + norms
+    }
+
+    /// The q/k/v projections of x `(b, t, hidden)`, as `(b, t, heads, d)` each, Qwen3's
+    /// per-head norms applied.
+    fn project(&self, x: &Tensor) -> Result<[Tensor; 3]> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let [q, k, v]: [Tensor; 3] = self
+            .qkv
+            .forward(x)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("qkv projections"))?;
+        let q = q.reshape((b, t, h, hd))?;
+        let k = k.reshape((b, t, kvh, hd))?;
+        let v = v.reshape((b, t, kvh, hd))?;
+        Ok(match &self.qk_norm {
+            Some((qn, kn)) => [qn.forward(&q)?, kn.forward(&k)?, v],
+            None => [q, k, v],
         })
     }
 
@@ -108,14 +146,10 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let g = h / kvh;
-        let [q, k, v]: [Tensor; 3] = self
-            .qkv
-            .forward(x)?
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("qkv projections"))?;
-        let q = q.reshape((b, t, h, hd))?.transpose(1, 2)?; // (b, h, t, d)
-        let k = k.reshape((b, t, kvh, hd))?.transpose(1, 2)?; // (b, kvh, t, d)
-        let v = v.reshape((b, t, kvh, hd))?.transpose(1, 2)?;
+        let [q, k, v] = self.project(x)?;
+        let q = q.transpose(1, 2)?; // (b, h, t, d)
+        let k = k.transpose(1, 2)?; // (b, kvh, t, d)
+        let v = v.transpose(1, 2)?;
         #[cfg(feature = "cuda")]
         if let Some(m) = &mask.flash {
             // wildlong's flash-attention kernel over the cache in place (bf16, f32 accumulation).
@@ -172,13 +206,9 @@ impl Attention {
     ) -> Result<Tensor> {
         let (_, t, _) = x.dims3()?;
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let [q, k, v]: [Tensor; 3] = self
-            .qkv
-            .forward(x)?
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("qkv projections"))?;
-        let q = q.reshape((1, t, h, hd))?.transpose(1, 2)?; // (1, h, T, d)
-        let k = k.reshape((1, t, kvh, hd))?.transpose(1, 2)?; // (1, kvh, T, d)
+        let [q, k, v] = self.project(x)?;
+        let q = q.transpose(1, 2)?; // (1, h, T, d)
+        let k = k.transpose(1, 2)?; // (1, kvh, T, d)
         let q = rope.cfg.apply(&q, &rope.cos, &rope.sin)?;
         let k = rope.cfg.apply(&k, &rope.cos, &rope.sin)?;
         let (k_pool, v_pool) = &kv.layers[layer];
@@ -466,8 +496,7 @@ impl Llama {
             .iter()
             .map(|b| {
                 b.input_layernorm.bytes()
-                    + b.self_attn.qkv.bytes()
-                    + b.self_attn.o_proj.bytes()
+                    + b.self_attn.bytes()
                     + b.post_attention_layernorm.bytes()
                     + b.mlp.gate_up.bytes()
                     + b.mlp.down_proj.bytes()

@@ -61,6 +61,15 @@ impl Projection {
         }
     }
 
+    /// Whether the checkpoint holds a bias for it.
+    pub fn has_bias(self, c: &Config) -> bool {
+        match self {
+            Self::Q | Self::K | Self::V => c.attention_bias,
+            Self::O => c.o_proj_bias,
+            Self::Gate | Self::Up | Self::Down => c.mlp_bias,
+        }
+    }
+
     /// `(out, in)` of its weight.
     pub fn shape(self, c: &Config) -> (usize, usize) {
         let (h, i) = (c.hidden_size, c.intermediate_size);
@@ -102,9 +111,19 @@ impl Layer {
     pub fn post_attention_norm(self) -> String {
         format!("{}.post_attention_layernorm.weight", self.prefix())
     }
+
+    /// Qwen3's per-head query norm `(head_dim)`.
+    pub fn q_norm(self) -> String {
+        format!("{}.self_attn.q_norm.weight", self.prefix())
+    }
+
+    /// Qwen3's per-head key norm `(head_dim)`.
+    pub fn k_norm(self) -> String {
+        format!("{}.self_attn.k_norm.weight", self.prefix())
+    }
 }
 
-/// Every tensor of a checkpoint of this shape with its dims, in HF order (no biases).
+/// Every tensor of a checkpoint of this shape with its dims, in HF order.
 pub fn checkpoint_tensors(c: &Config) -> Vec<(String, Vec<usize>)> {
     let (v, h) = (c.vocab_size, c.hidden_size);
     let mut out = vec![(EMBED.to_string(), vec![v, h])];
@@ -116,6 +135,13 @@ pub fn checkpoint_tensors(c: &Config) -> Vec<(String, Vec<usize>)> {
         for p in Projection::ALL {
             let (o, i) = p.shape(c);
             out.push((format!("{}.weight", l.projection(p)), vec![o, i]));
+            if p.has_bias(c) {
+                out.push((format!("{}.bias", l.projection(p)), vec![o]));
+            }
+        }
+        if c.qk_norm {
+            out.push((l.q_norm(), vec![c.head_dim]));
+            out.push((l.k_norm(), vec![c.head_dim]));
         }
         out.push((l.input_norm(), vec![h]));
         out.push((l.post_attention_norm(), vec![h]));
