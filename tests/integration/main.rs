@@ -10,6 +10,7 @@ mod cuda;
 mod engine;
 mod kernels;
 mod kquants;
+mod learning;
 mod lora;
 mod memory;
 mod model;
