@@ -417,7 +417,7 @@ fn lora_on_qwen2_qwen3_and_llama32_trains_from_transformers_logits_and_exports_w
         let (_keep, gguf) = write_gguf(name);
         for base in [folder(name), gguf] {
             let what = format!("{name} ({})", base.display());
-            let (m, _, _) = model::load(
+            let (m, tok, template) = model::load(
                 base.to_str().unwrap(),
                 &root().join("models"),
                 Some(&lora(&PROJECTIONS)),
@@ -450,6 +450,18 @@ fn lora_on_qwen2_qwen3_and_llama32_trains_from_transformers_logits_and_exports_w
                 d < 1e-4,
                 "{what}: the engine with the exported adapter differs by {d}"
             );
+            // The merged HF export (biases, q/k norms, its model_type) is the same model
+            // (from the HF base: a GGUF's rope_freqs cannot be written to config.json).
+            if base != folder(name) {
+                continue;
+            }
+            let merged = tempdir();
+            let dir = merged.path().join("merged");
+            m.save_merged(&dir, &tok, template.as_ref()).unwrap();
+            let e = load(&dir, EngineConfig::default());
+            assert_eq!(e.model.config().architecture, m.cfg.architecture, "{what}");
+            let d = max_abs_diff(&full_logits(&e.model, &ids).unwrap(), &ours);
+            assert!(d < 1e-4, "{what}: the merged export differs by {d}");
         }
     }
 }
@@ -475,4 +487,33 @@ fn full_fine_tuning_gradients_of_qwen_biases_and_qk_norms_match_finite_differenc
         let (_, grads) = grads_of(&m);
         assert_gradient_is_the_finite_difference(&m, &m.trainable(), &grads, tensor);
     }
+}
+
+#[test]
+fn qwen_sliding_window_is_ignored_when_off_and_refused_by_name_when_on() {
+    use wildlong::engine::llama::{Config, LlamaConfig};
+    let mut cfg = read_json(&folder("qwen2").join("config.json"));
+    assert_eq!(
+        cfg["sliding_window"], 32,
+        "the fixture carries an unused window"
+    );
+    let parse = |v: &Json| {
+        Config::from_hf(
+            &serde_json::from_value::<LlamaConfig>(v.clone()).unwrap(),
+            None,
+        )
+    };
+    assert_eq!(parse(&cfg).unwrap().sliding_window, None);
+    cfg["use_sliding_window"] = true.into();
+    let err = format!("{:#}", parse(&cfg).unwrap_err());
+    assert!(err.contains("use_sliding_window"), "{err}");
+    // Mistral's window applies as its config says.
+    cfg["model_type"] = "mistral".into();
+    assert_eq!(parse(&cfg).unwrap().sliding_window, Some(32));
+    cfg["model_type"] = "qwen2_moe".into();
+    let err = format!("{:#}", parse(&cfg).unwrap_err());
+    assert!(
+        err.contains("unsupported architecture `qwen2_moe`"),
+        "{err}"
+    );
 }
