@@ -339,13 +339,16 @@ THINKING = {
 }
 
 
-def render_cases(tok, names, extra_cases):
+def render_cases(tok, names, extra_cases, kwargs):
     cases = []
     for name in names:
         for agp in (True, False):
-            cases.append(dict(name=name, messages=CHATS[name], tools=None, kwargs={}, add_generation_prompt=agp))
-    cases.append(dict(name="single+tools", messages=CHATS["single"], tools=TOOLS, kwargs={}, add_generation_prompt=True))
-    cases.append(dict(name="tools+tools", messages=CHATS["tools"], tools=TOOLS, kwargs={}, add_generation_prompt=True))
+            cases.append(dict(name=name, messages=CHATS[name], tools=None, kwargs=dict(kwargs),
+                              add_generation_prompt=agp))
+    cases.append(dict(name="single+tools", messages=CHATS["single"], tools=TOOLS, kwargs=dict(kwargs),
+                      add_generation_prompt=True))
+    cases.append(dict(name="tools+tools", messages=CHATS["tools"], tools=TOOLS, kwargs=dict(kwargs),
+                      add_generation_prompt=True))
     cases += extra_cases
     for c in cases:
         c["text"] = tok.apply_chat_template(c["messages"], tools=c["tools"], tokenize=False,
@@ -363,7 +366,7 @@ STRINGS = [
 ]
 
 
-def write_model(name, cfg_json, tok, template, special_map, extra_cases, chat_names, gen):
+def write_model(name, cfg_json, tok, template, extra_cases, chat_names, gen, kwargs={}):
     d = f"{OUT}/{name}"
     os.makedirs(d, exist_ok=True)
     cfg_json["vocab_size"] = tok.vocab_size + len(tok.added_tokens_decoder) - len(
@@ -391,7 +394,7 @@ def write_model(name, cfg_json, tok, template, special_map, extra_cases, chat_na
     loaded = AutoTokenizer.from_pretrained(d)
     strings = [dict(text=s, ids=loaded(s, add_special_tokens=False)["input_ids"],
                     ids_special=loaded(s)["input_ids"]) for s in STRINGS]
-    cases = render_cases(loaded, chat_names, extra_cases)
+    cases = render_cases(loaded, chat_names, extra_cases, kwargs)
     json.dump(dict(strings=strings, chats=cases), open(f"{d}/hf.json", "w"), indent=1, ensure_ascii=False)
     print(name, "vocab", cfg_json["vocab_size"], "params", sum(p.numel() for p in model.parameters()))
 
@@ -416,7 +419,7 @@ def main():
                               eos_token_id=None, max_position_embeddings=64, max_window_layers=2,
                               rope_theta=1000000.0, sliding_window=32, use_sliding_window=False,
                               tie_word_embeddings=True, **common),
-                qwen(), QWEN25_TEMPLATE, None, [], base_chats, gen)
+                qwen(), QWEN25_TEMPLATE, [], base_chats, gen)
     thinking = []
     for name in THINKING:
         CHATS[name] = THINKING[name]
@@ -430,38 +433,19 @@ def main():
                               eos_token_id=None, head_dim=16, attention_bias=False, max_position_embeddings=64,
                               max_window_layers=2, rope_theta=1000000.0, rope_scaling=None, sliding_window=None,
                               use_sliding_window=False, tie_word_embeddings=False, **common),
-                qwen(), QWEN3_TEMPLATE, None, thinking, base_chats, gen)
+                qwen(), QWEN3_TEMPLATE, thinking, base_chats, gen)
     date = dict(date_string="03 Dec 2026")
     llama_cases = [dict(name="single+tools+system_tools", messages=CHATS["system"], tools=TOOLS,
                         kwargs=dict(tools_in_user_message=False, **date), add_generation_prompt=True)]
-    # Llama 3.2's template allows one tool call per message; its case list differs.
+    # Llama 3.2's template allows one tool call per message (no `tool_last`), and every case
+    # is rendered with a fixed date (its template otherwise stamps today's).
     write_model("llama32", dict(architectures=["LlamaForCausalLM"], model_type="llama", bos_token_id=None,
                                 eos_token_id=None, head_dim=8, attention_bias=False, mlp_bias=False,
                                 max_position_embeddings=64, rope_theta=500000.0,
                                 rope_scaling=dict(factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
                                                   original_max_position_embeddings=8, rope_type="llama3"),
                                 tie_word_embeddings=True, pretraining_tp=1, **common),
-                llama, LLAMA32_TEMPLATE, None, llama_cases, [], gen)
-    # The Llama cases are rendered with a fixed date (its template otherwise stamps today's).
-    d = f"{OUT}/llama32"
-    hf = json.load(open(f"{d}/hf.json"))
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(d)
-    cases = []
-    for name in ["single", "system", "tools"]:
-        for agp in (True, False):
-            cases.append(dict(name=name, messages=CHATS[name], tools=None, kwargs=dict(date), add_generation_prompt=agp))
-    cases.append(dict(name="single+tools", messages=CHATS["single"], tools=TOOLS, kwargs=dict(date),
-                      add_generation_prompt=True))
-    cases.append(dict(name="tools+tools", messages=CHATS["tools"], tools=TOOLS, kwargs=dict(date),
-                      add_generation_prompt=True))
-    cases += llama_cases
-    for c in cases:
-        c["text"] = tok.apply_chat_template(c["messages"], tools=c["tools"], tokenize=False,
-                                            add_generation_prompt=c["add_generation_prompt"], **c["kwargs"])
-        c["ids"] = tok(c["text"], add_special_tokens=False)["input_ids"]
-    hf["chats"] = cases
-    json.dump(hf, open(f"{d}/hf.json", "w"), indent=1, ensure_ascii=False)
+                llama, LLAMA32_TEMPLATE, llama_cases, ["single", "system", "tools"], gen, kwargs=date)
     json.dump(dict(transformers=transformers.__version__, torch=torch.__version__,
                    tokenizers=tokenizers.__version__), open(f"{OUT}/versions.json", "w"), indent=1)
     print("transformers", transformers.__version__, "torch", torch.__version__, "tokenizers", tokenizers.__version__)

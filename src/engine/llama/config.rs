@@ -382,11 +382,12 @@ impl Config {
         let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
         let attn = h * hd * (self.num_heads * 2 + self.num_kv_heads * 2);
         let mlp = 3 * h * i;
-        let biases = match self.attention_bias {
-            true => hd * (self.num_heads + 2 * self.num_kv_heads),
-            false => 0,
-        } + if self.o_proj_bias { h } else { 0 }
-            + if self.qk_norm { 2 * hd } else { 0 };
+        let biases: usize = super::tensors::Projection::ALL
+            .iter()
+            .filter(|p| p.has_bias(self))
+            .map(|p| p.shape(self).0)
+            .sum();
+        let biases = biases + if self.qk_norm { 2 * hd } else { 0 };
         let per_layer = attn + mlp + 2 * h + biases;
         let emb = self.vocab_size * h * if self.tie_word_embeddings { 1 } else { 2 };
         self.num_layers * per_layer + emb + h
