@@ -10,7 +10,7 @@ use std::path::Path;
 fn fine_tuning_the_default_model_teaches_it_a_retrieval_task() {
     let _limit = time_limit(12);
     // Records of eight word = number pairs; the question names one word. The base model
-    // answers with prose; 20 LoRA steps on 120 conversations teach it to retrieve.
+    // answers with prose; 12 LoRA steps (lr 2e-3) on 120 conversations teach it to retrieve.
     use rand::{seq::IndexedRandom, Rng, SeedableRng};
     let words = [
         "apple", "river", "stone", "cloud", "maple", "tiger", "lemon", "violet", "copper",
@@ -104,11 +104,11 @@ fn fine_tuning_the_default_model_teaches_it_a_retrieval_task() {
             "--set",
             "lora.alpha=16.0",
             "--set",
-            "optim.lr=1e-3",
+            "optim.lr=2e-3",
             "--set",
-            "optim.warmup_steps=3",
+            "optim.warmup_steps=2",
             "--set",
-            "schedule.steps=20",
+            "schedule.steps=12",
             "--set",
             "schedule.grad_accum=1",
         ])
