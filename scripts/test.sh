@@ -16,7 +16,11 @@ fi
 # llama.cpp's OpenAI-compatible server (llama-cpp-python[server]) for the backend tests: a
 # virtual environment in the user's cache, keyed by the versions, so that later runs and other
 # clones on the machine reuse it. The first install builds llama.cpp (without its multimodal
-# library, which the server tests do not use) beside the cargo build. llama.cpp is built for
+# library, which the server tests do not use) beside the cargo build, at -O1: the tests run
+# llama.cpp on tiny inputs only, and -O1 compiles its files in 0.5-0.7x the time of -O3
+# (ggml-cpu/ops.cpp 6.0 vs 11.4 s, llama-model.cpp 8.7 vs 12.7 s; the whole install 6.6
+# minutes beside a cargo build on the 2-core machine). The peers in benches/ build their own,
+# at -O3. llama.cpp is built for
 # the CPU it is built on, so the name carries a hash of the CPU's instruction-set flags: a
 # cache carried to another CPU is not run there (it could die of an illegal instruction).
 LLAMA_CPP_PYTHON=0.3.36
@@ -29,7 +33,7 @@ install_llama_cpp() {
   mkdir -p "$(dirname "$LLAMA_ENV")"
   rm -rf "$tmp"
   if ! { python3 -m venv "$tmp" &&
-         CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+         CMAKE_ARGS="-DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS_RELEASE=-O1 -DCMAKE_CXX_FLAGS_RELEASE=-O1" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
            "$tmp/bin/python" -m pip install --quiet --no-cache-dir \
            "llama-cpp-python[server]==$LLAMA_CPP_PYTHON"; } > "$log" 2>&1; then
     echo "installing llama-cpp-python failed; the end of $log:" >&2
