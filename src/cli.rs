@@ -112,7 +112,7 @@ pub struct PipelineArgs {
 pub enum EvalCommand {
     /// RULER: 13 synthetic long-context tasks at each length, scored as RULER scores them.
     #[command(
-        after_help = "Examples:\n  wildlong eval ruler --model default --lengths 1024,2048,4096 --samples 5\n  wildlong eval ruler --model meta-llama/Llama-3.1-8B-Instruct --lengths 4096,8192,16384,32768 --tasks all --samples 100 --out runs/llama/eval-before\n  wildlong eval ruler --model meta-llama/Llama-3.1-8B-Instruct --adapter runs/llama/train/adapter --baseline runs/llama/eval-before/report.json --out runs/llama/eval-after\n\nWrites <out>/<length>/<task>/{data,pred}.jsonl and <out>/report.{json,md,csv,svg}. A rerun with the same\nsettings reuses the samples (hashed cache) and the predictions already made; a killed run resumes."
+        after_help = "Examples:\n  wildlong eval ruler --model default --lengths 1024,2048,4096 --samples 5\n  wildlong eval ruler --model meta-llama/Llama-3.1-8B-Instruct --lengths 4096,8192,16384,32768 --tasks all --samples 100 --out runs/llama/eval-before\n  wildlong eval ruler --model meta-llama/Llama-3.1-8B-Instruct --adapter runs/llama/train/adapter --baseline runs/llama/eval-before/report.json --out runs/llama/eval-after\n\n  wildlong eval ruler --server http://127.0.0.1:8000/v1 --model meta-llama/Llama-3.1-8B-Instruct --tokenizer meta-llama/Llama-3.1-8B-Instruct --lengths 32768\n  wildlong eval ruler --model default --out runs/r --shard 2/4    (then, once all four are done: --merge)\n\nWrites <out>/<length>/<task>/{data,pred}.jsonl and <out>/report.{json,md,csv,svg}. A rerun with the same\nsettings reuses the samples (hashed cache) and the predictions already made; a killed run resumes."
     )]
     Ruler(Box<RulerArgs>),
     /// Print the delta table of two RULER reports (after versus before).
@@ -169,6 +169,20 @@ pub struct RulerArgs {
     /// Write the samples (<out>/<length>/<task>/data.jsonl) and stop.
     #[arg(long, conflicts_with = "baseline")]
     pub prepare_only: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// With --server: the model whose tokenizer and chat template fit the samples and render
+    /// the prompts (the served model's own, as a models spec) [default: default].
+    #[arg(long, default_value = "default")]
+    pub tokenizer: String,
+    /// This worker's share of the samples (k/n, 1-based): predictions go to
+    /// pred.shard-k-of-n.jsonl and no report is written.
+    #[arg(long, default_value = "1/1", conflicts_with = "merge")]
+    pub shard: Shard,
+    /// Score every shard's predictions in --out and write the report; fails, naming them, if
+    /// any sample has none (nothing is generated).
+    #[arg(long, conflicts_with_all = ["prepare_only"])]
+    pub merge: bool,
 }
 
 /// The run folder and the stage's settings, shared by the stage commands.
@@ -716,10 +730,14 @@ fn run_command(cli: Cli, pipeline: Option<PipelineConfig>) -> Result<()> {
                 chat: !a.no_chat_template,
                 progress: !a.no_progress,
                 prepare_only: a.prepare_only,
+                shard: a.shard,
+                merge: a.merge,
             },
             engine: a.engine.engine_config(threads)?,
             models_dir: models_dir.to_path_buf(),
             baseline: a.baseline.clone(),
+            server: generator(&a.engine, &a.server, threads, models_dir)?.server,
+            tokenizer: a.tokenizer.clone(),
         }),
         Command::Eval(EvalCommand::Compare { report, baseline }) => {
             crate::eval::ruler::command::compare(&report, &baseline)

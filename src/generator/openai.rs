@@ -3,7 +3,8 @@
 //! at a time, the number in flight adapted to the server ([`Pacer`]: halved on 429/503 or
 //! when latency climbs without more throughput, raised by one while throughput grows);
 //! timeouts, connection errors, 429 and 5xx are retried with exponential backoff; other
-//! errors fail with the server's message. It does not tokenize: prompts are messages.
+//! errors fail with the server's message. It does not tokenize: prompts are messages, or
+//! (`/v1/completions`, for evaluation) text the caller rendered with the model's template.
 
 use crate::engine::chat::Message;
 use crate::engine::config::GenerationParams;
@@ -195,18 +196,33 @@ impl OpenAiClient {
         })
     }
 
-    fn url(&self) -> String {
-        format!(
-            "{}/chat/completions",
-            self.config.base_url.trim_end_matches('/')
-        )
+    /// `chat/completions` or `completions` under the base URL.
+    fn url(&self, endpoint: &str) -> String {
+        format!("{}/{endpoint}", self.config.base_url.trim_end_matches('/'))
     }
 
     /// The request body for one chat.
     pub fn body(&self, messages: &[Message], p: &GenerationParams) -> serde_json::Value {
+        let mut b = self.params_body(p);
+        b["messages"] = messages
+            .iter()
+            .map(|m| json!({"role": m.role, "content": m.content}))
+            .collect();
+        b
+    }
+
+    /// The request body for one text completion (`/v1/completions`): a prompt already
+    /// rendered, template and all, sent as text.
+    pub fn completion_body(&self, prompt: &str, p: &GenerationParams) -> serde_json::Value {
+        let mut b = self.params_body(p);
+        b["prompt"] = json!(prompt);
+        b
+    }
+
+    /// Model and generation parameters, common to both endpoints.
+    fn params_body(&self, p: &GenerationParams) -> serde_json::Value {
         let mut b = json!({
             "model": self.config.model,
-            "messages": messages.iter().map(|m| json!({"role": m.role, "content": m.content})).collect::<Vec<_>>(),
             "max_tokens": p.max_tokens,
             "temperature": p.sampling.temperature,
             "seed": p.sampling.seed,
@@ -235,8 +251,12 @@ impl OpenAiClient {
         b
     }
 
-    fn attempt(&self, body: &serde_json::Value) -> std::result::Result<Completion, Failure> {
-        let mut req = self.agent.post(&self.url());
+    fn attempt(
+        &self,
+        url: &str,
+        body: &serde_json::Value,
+    ) -> std::result::Result<Completion, Failure> {
+        let mut req = self.agent.post(url);
         if let Some(k) = &self.api_key {
             req = req.set("Authorization", &format!("Bearer {k}"));
         }
@@ -269,9 +289,15 @@ impl OpenAiClient {
             overloaded: false,
         })?;
         let choice = &v["choices"][0];
+        // A chat completion's message, or a text completion's text.
         let text = choice["message"]["content"]
             .as_str()
-            .ok_or_else(|| Failure::Fatal(format!("no choices[0].message.content in {v}")))?
+            .or_else(|| choice["text"].as_str())
+            .ok_or_else(|| {
+                Failure::Fatal(format!(
+                    "no choices[0].message.content or choices[0].text in {v}"
+                ))
+            })?
             .to_string();
         let finish_reason = match choice["finish_reason"].as_str() {
             Some("length") => FinishReason::Length,
@@ -291,18 +317,27 @@ impl OpenAiClient {
 
     /// One chat completion, retried as configured.
     pub fn chat(&self, messages: &[Message], params: &GenerationParams) -> Result<Completion> {
-        let body = self.body(messages, params);
+        self.request("chat/completions", &self.body(messages, params))
+    }
+
+    /// One text completion of a rendered prompt, retried as configured.
+    pub fn complete(&self, prompt: &str, params: &GenerationParams) -> Result<Completion> {
+        self.request("completions", &self.completion_body(prompt, params))
+    }
+
+    fn request(&self, endpoint: &str, body: &serde_json::Value) -> Result<Completion> {
+        let url = self.url(endpoint);
         let mut wait = self.config.retry_backoff_s;
         let mut last = String::new();
         for attempt in 0..=self.config.max_retries {
             if attempt > 0 {
-                tracing::warn!("{}: {last}; retry {attempt} in {wait:.1} s", self.url());
+                tracing::warn!("{url}: {last}; retry {attempt} in {wait:.1} s");
                 std::thread::sleep(Duration::from_secs_f64(wait));
                 wait *= 2.0;
             }
             self.pacer.acquire();
             let t0 = std::time::Instant::now();
-            let r = self.attempt(&body);
+            let r = self.attempt(&url, body);
             let overloaded = matches!(
                 r,
                 Err(Failure::Retry {
@@ -313,13 +348,12 @@ impl OpenAiClient {
             self.pacer.release(t0.elapsed().as_secs_f64(), overloaded);
             match r {
                 Ok(c) => return Ok(c),
-                Err(Failure::Fatal(m)) => bail!("{}: {m}", self.url()),
+                Err(Failure::Fatal(m)) => bail!("{url}: {m}"),
                 Err(Failure::Retry { msg, .. }) => last = msg,
             }
         }
         bail!(
-            "{}: gave up after {} attempts: {last}",
-            self.url(),
+            "{url}: gave up after {} attempts: {last}",
             self.config.max_retries + 1
         )
     }
@@ -327,6 +361,52 @@ impl OpenAiClient {
     /// Requests the client allows in flight now.
     pub fn concurrency_now(&self) -> usize {
         self.pacer.limit()
+    }
+
+    /// `run` over every item, up to `concurrency` in flight (as the pacer allows);
+    /// `on_done(index, completion)` on the calling thread as each finishes. The first error
+    /// (of a request, or of `on_done`) stops new requests and is returned once those in
+    /// flight end.
+    pub fn each<T: Sync>(
+        &self,
+        items: &[T],
+        run: impl Fn(&T) -> Result<Completion> + Sync,
+        mut on_done: impl FnMut(usize, Completion) -> Result<()>,
+    ) -> Result<()> {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<Completion>)>();
+        std::thread::scope(|s| {
+            for _ in 0..self.config.concurrency.min(items.len()) {
+                let tx = tx.clone();
+                let (next, stop, run) = (&next, &stop, &run);
+                s.spawn(move || loop {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    if tx.send((i, run(item))).is_err() {
+                        break;
+                    }
+                });
+            }
+            drop(tx);
+            let mut first_err = None;
+            for (i, r) in rx {
+                if first_err.is_some() {
+                    continue;
+                }
+                if let Err(e) = r
+                    .with_context(|| format!("request {i}"))
+                    .and_then(|c| on_done(i, c))
+                {
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    first_err = Some(e);
+                }
+            }
+            first_err.map_or(Ok(()), Err)
+        })
     }
 
     /// Chat completions for every request, up to `concurrency` in flight (as the pacer

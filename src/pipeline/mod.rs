@@ -424,8 +424,10 @@ pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
                     chat: cfg.eval.chat,
                     progress: opts.progress,
                     prepare_only: false,
+                    shard: crate::shard::Shard::whole(),
+                    merge: false,
                 }
-                .run(&engine, &assets)?
+                .run(&crate::eval::ruler::run::Answerer::Local(&engine), &assets)?
                 .context("the evaluation wrote no report")?;
                 format!("RULER average {:.2}", report.average)
             }

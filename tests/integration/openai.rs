@@ -576,3 +576,238 @@ fn llama_cpp_server_serves_the_backend_and_stage2() {
         assert!(p.metadata.prompt_tokens <= 2048);
     }
 }
+
+/// `eval ruler --server` on the stub's `/v1/completions`, whole and in two shards.
+fn ruler_on(
+    url: &str,
+    out: &std::path::Path,
+    cache: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut args = vec![
+        "eval",
+        "ruler",
+        "--server",
+        url,
+        "--model",
+        "stub-model",
+        "--tokenizer",
+        "default",
+        "--lengths",
+        "512",
+        "--tasks",
+        "niah_single_1,qa_1",
+        "--samples",
+        "3",
+        "--no-progress",
+        "--out",
+        out.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    wildlong(&args).output().unwrap()
+}
+
+#[test]
+fn ruler_runs_on_a_server_resumes_and_its_shards_merge_to_the_whole_run() {
+    use wildlong::eval::ruler::report::Report;
+    use wildlong::eval::ruler::run::Prediction;
+    use wildlong::eval::ruler::synth::Sample;
+    use wildlong::records::read_jsonl_resumable;
+    let _limit = time_limit(3);
+    let stub = Stub::start();
+    let url = stub.url("ok");
+    let d = tempdir();
+    let cache = d.path().join("cache");
+    let whole = d.path().join("whole");
+    ok(&ruler_on(&url, &whole, &cache, &[]));
+    let reqs = stub.requests("ok");
+    assert_eq!(reqs.len(), 6, "one text completion per sample");
+    for (task, max_tokens) in [("niah_single_1", 128), ("qa_1", 32)] {
+        let dir = whole.join("512").join(task);
+        let samples: Vec<Sample> = read_jsonl_resumable(&dir.join("data.jsonl")).unwrap();
+        let preds: Vec<Prediction> = read_jsonl_resumable(&dir.join("pred.jsonl")).unwrap();
+        assert_eq!((samples.len(), preds.len()), (3, 3), "{task}");
+        for s in &samples {
+            // The prompt is rendered here, template, input and answer prefix, as text; the
+            // generation settings are RULER's (greedy, its tokens to generate).
+            let body = reqs
+                .iter()
+                .find(|b| b["prompt"].as_str().unwrap().contains(&s.input))
+                .unwrap_or_else(|| panic!("{task} sample {} was not sent", s.index));
+            let prompt = body["prompt"].as_str().unwrap();
+            assert!(prompt.ends_with(&s.answer_prefix), "{task}: {prompt:?}");
+            assert!(
+                prompt.starts_with("<|im_start|>"),
+                "the model's chat template: {prompt:?}"
+            );
+            assert_eq!(body["model"], "stub-model");
+            assert_eq!(body["max_tokens"], max_tokens, "{task}");
+            assert_eq!(body["temperature"], 0.0);
+            assert!(body.get("messages").is_none());
+            let p = preds.iter().find(|p| p.index == s.index).unwrap();
+            let tail: String = prompt
+                .chars()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            assert_eq!(p.pred, format!("echo: {tail}"));
+            assert_eq!(
+                (p.prompt_tokens, p.hash.as_str()),
+                (prompt.chars().count(), s.hash.as_str())
+            );
+            assert_eq!(p.finish_reason, "length");
+        }
+    }
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(whole.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["weights"], format!("server {url}"));
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(whole.join("engine_stats.json")).unwrap())
+            .unwrap();
+    assert_eq!(stats["requests"], 6);
+    let report = Report::load(&whole.join("report.json")).unwrap();
+    assert_eq!(report.results.len(), 2);
+    // A rerun asks the server nothing.
+    ok(&ruler_on(&url, &whole, &cache, &[]));
+    assert_eq!(stub.requests("ok").len(), 6);
+
+    // Two shards into one folder: disjoint shares that cover every sample, no report until
+    // the merge; a merge with a shard missing fails naming a sample.
+    let sharded = d.path().join("sharded");
+    let out = ok(&ruler_on(&url, &sharded, &cache, &["--shard", "1/2"]));
+    assert!(out.contains("--merge"), "{out}");
+    assert!(!sharded.join("report.json").exists());
+    let o = ruler_on(&url, &sharded, &cache, &["--merge"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("have no prediction") && err.contains("sample"),
+        "{err}"
+    );
+    ok(&ruler_on(&url, &sharded, &cache, &["--shard", "2/2"]));
+    assert_eq!(
+        stub.requests("ok").len(),
+        12,
+        "each sample once across the shards"
+    );
+    let mut indices = Vec::new();
+    for task in ["niah_single_1", "qa_1"] {
+        let dir = sharded.join("512").join(task);
+        assert!(!dir.join("pred.jsonl").exists());
+        let mut all = Vec::new();
+        for k in 1..=2 {
+            let p: Vec<Prediction> =
+                read_jsonl_resumable(&dir.join(format!("pred.shard-{k}-of-2.jsonl"))).unwrap();
+            indices.push(p.len());
+            all.extend(p.into_iter().map(|p| p.index));
+        }
+        all.sort();
+        assert_eq!(all, [0, 1, 2], "{task}");
+    }
+    assert_eq!(
+        indices,
+        [2, 1, 1, 2],
+        "samples numbered across tasks, every second one each"
+    );
+    ok(&ruler_on(&url, &sharded, &cache, &["--merge"]));
+    assert_eq!(stub.requests("ok").len(), 12, "a merge generates nothing");
+    let merged = Report::load(&sharded.join("report.json")).unwrap();
+    let scores = |r: &Report| {
+        r.results
+            .iter()
+            .map(|x| (x.task.clone(), x.score))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(scores(&merged), scores(&report));
+
+    // A server's refusal fails the run with its message.
+    let o = ruler_on(&stub.url("bad"), &d.path().join("bad"), &cache, &[]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("HTTP 400") && err.contains("does not exist"),
+        "{err}"
+    );
+    // A server serves its own weights: an adapter is refused.
+    let o = ruler_on(&url, &d.path().join("a"), &cache, &["--adapter", "nowhere"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--adapter"));
+}
+
+#[test]
+fn ruler_on_llama_cpp_s_server_predicts_what_the_local_engine_predicts() {
+    use wildlong::eval::ruler::run::Prediction;
+    use wildlong::records::read_jsonl_resumable;
+    let _limit = time_limit(4);
+    let port = LlamaServer::free_port();
+    let mut srv = LlamaServer::spawn(port);
+    let d = tempdir();
+    let cache = d.path().join("cache");
+    let tasks = ["niah_single_1", "niah_multikey_1", "qa_1"];
+    let run = |out: &std::path::Path, how: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "ruler",
+            "--lengths",
+            "512",
+            "--samples",
+            "2",
+            "--no-progress",
+        ];
+        let joined = tasks.join(",");
+        args.extend_from_slice(&["--tasks", &joined, "--out", out.to_str().unwrap()]);
+        args.extend_from_slice(&["--cache-dir", cache.to_str().unwrap()]);
+        args.extend_from_slice(how);
+        wildlong(&args).output().unwrap()
+    };
+    let local = d.path().join("local");
+    ok(&run(&local, &["--model", "default"]));
+    let remote = d.path().join("server");
+    let t0 = std::time::Instant::now();
+    let url = srv.url();
+    let server = [
+        "--server",
+        &url,
+        "--model",
+        "smollm2",
+        "--tokenizer",
+        "default",
+        "--server-retries",
+        "8",
+    ];
+    // The server may still be loading: the client retries refused connections.
+    let o = loop {
+        let o = run(&remote, &server);
+        srv.assert_alive();
+        if o.status.success() || t0.elapsed().as_secs() > 60 {
+            break o;
+        }
+    };
+    ok(&o);
+    // The same samples, rendered here and tokenized there to the same number of tokens, and
+    // the same greedy answers from the same GGUF.
+    for t in tasks {
+        let preds = |dir: &std::path::Path| {
+            let mut p: Vec<Prediction> =
+                read_jsonl_resumable(&dir.join("512").join(t).join("pred.jsonl")).unwrap();
+            p.sort_by_key(|p| p.index);
+            p
+        };
+        let (a, b) = (preds(&local), preds(&remote));
+        assert_eq!(a.len(), 2, "{t}");
+        for (a, b) in a.iter().zip(&b) {
+            assert_eq!(a.hash, b.hash, "{t}");
+            assert_eq!(
+                a.prompt_tokens, b.prompt_tokens,
+                "{t} sample {}: prompt tokens",
+                a.index
+            );
+            assert_eq!(a.pred, b.pred, "{t} sample {}", a.index);
+        }
+    }
+}
