@@ -20,8 +20,9 @@ use crate::stage1::config::{EdgeWeight, MetaSchema, Stage1Config};
 use crate::stage2::command::SynthCommand;
 use crate::stage2::config::Stage2Config;
 use crate::train::config::TrainConfig;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
@@ -115,6 +116,11 @@ pub enum EvalCommand {
         after_help = "Examples:\n  wildlong eval ruler --model default --lengths 1024,2048,4096 --samples 5\n  wildlong eval ruler --model meta-llama/Llama-3.1-8B-Instruct --lengths 4096,8192,16384,32768 --tasks all --samples 100 --out runs/llama/eval-before\n  wildlong eval ruler --model meta-llama/Llama-3.1-8B-Instruct --adapter runs/llama/train/adapter --baseline runs/llama/eval-before/report.json --out runs/llama/eval-after\n\n  wildlong eval ruler --server http://127.0.0.1:8000/v1 --model meta-llama/Llama-3.1-8B-Instruct --tokenizer meta-llama/Llama-3.1-8B-Instruct --lengths 32768\n  wildlong eval ruler --model default --out runs/r --shard 2/4    (then, once all four are done: --merge)\n\nWrites <out>/<length>/<task>/{data,pred}.jsonl and <out>/report.{json,md,csv,svg}. A rerun with the same\nsettings reuses the samples (hashed cache) and the predictions already made; a killed run resumes."
     )]
     Ruler(Box<RulerArgs>),
+    /// Short-context retention: MMLU, ARC and GSM8K as lm-evaluation-harness prompts and scores them.
+    #[command(
+        after_help = "Examples:\n  wildlong eval short --model default --data mmlu=hf://datasets/cais/mmlu/all/test-00000-of-00001.parquet --limit 200\n  wildlong eval short --model default --data gsm8k=hf://datasets/openai/gsm8k/main/test-00000-of-00001.parquet --fewshot 5 --fewshot-data gsm8k=hf://datasets/openai/gsm8k/main/train-00000-of-00001.parquet\n  wildlong eval short --model default --adapter runs/demo/train/adapter --data arc_challenge=ARC-Challenge-test.jsonl --baseline runs/short/report.json --out runs/short-after\n\nData in the tasks' released formats (HF Parquet or JSONL): MMLU question/subject/choices/answer, ARC\nquestion/choices{text,label}/answerKey, GSM8K question/answer. Writes <out>/<task>/pred.jsonl (appended; a\nkilled run resumes) and <out>/report.{json,md}."
+    )]
+    Short(Box<ShortArgs>),
     /// Print the delta table of two RULER reports (after versus before).
     Compare {
         /// The new report.json.
@@ -183,6 +189,81 @@ pub struct RulerArgs {
     /// any sample has none (nothing is generated).
     #[arg(long, conflicts_with_all = ["prepare_only"])]
     pub merge: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ShortArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// A PEFT LoRA adapter folder, merged at load.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// A task and its data, TASK=FILE (repeatable): mmlu, arc_easy, arc_challenge or gsm8k;
+    /// a path or hf://datasets/OWNER/NAME/FILE.
+    #[arg(long = "data", value_name = "TASK=FILE", required = true)]
+    pub data: Vec<String>,
+    /// Few-shot examples per prompt, the first N of each task's --fewshot-data.
+    #[arg(long, default_value_t = 0)]
+    pub fewshot: usize,
+    /// Where a task's few-shot examples come from, TASK=FILE (repeatable).
+    #[arg(long = "fewshot-data", value_name = "TASK=FILE")]
+    pub fewshot_data: Vec<String>,
+    /// Items per task: the first N of each file [default: all].
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// GSM8K's generation limit (lm-eval's max_gen_toks).
+    #[arg(long, default_value_t = 256)]
+    pub max_gen_tokens: usize,
+    /// Evaluation folder.
+    #[arg(long, default_value = "runs/short")]
+    pub out: PathBuf,
+    /// A report.json to compare against: prints and writes delta.md.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+impl ShortArgs {
+    /// `--data` and `--fewshot-data` pairs as the tasks to run, in the order given.
+    fn tasks(&self) -> Result<Vec<crate::eval::short::run::TaskData>> {
+        use crate::eval::short::data::Task;
+        let split = |flag: &str, s: &str| -> Result<(Task, String)> {
+            let (t, f) = s
+                .split_once('=')
+                .with_context(|| format!("{flag} {s:?}: expected TASK=FILE"))?;
+            Ok((
+                Task::parse(t.trim()).with_context(|| format!("{flag} {s:?}"))?,
+                f.to_string(),
+            ))
+        };
+        let mut fewshot = HashMap::new();
+        for s in &self.fewshot_data {
+            let (t, f) = split("--fewshot-data", s)?;
+            fewshot.insert(t, f);
+        }
+        let mut out: Vec<crate::eval::short::run::TaskData> = Vec::new();
+        for s in &self.data {
+            let (task, data) = split("--data", s)?;
+            if out.iter().any(|t| t.task == task) {
+                bail!("--data names {} twice", task.name());
+            }
+            out.push(crate::eval::short::run::TaskData {
+                task,
+                data,
+                fewshot_data: fewshot.remove(&task),
+            });
+        }
+        if let Some(t) = fewshot.keys().next() {
+            bail!(
+                "--fewshot-data {}=…: no --data {}=… to use it for",
+                t.name(),
+                t.name()
+            );
+        }
+        Ok(out)
+    }
 }
 
 /// The run folder and the stage's settings, shared by the stage commands.
@@ -603,6 +684,7 @@ impl Cli {
             Command::Sample(a) => Some(&a.engine),
             Command::Synth(a) => Some(&a.engine),
             Command::Eval(EvalCommand::Ruler(a)) => Some(&a.engine),
+            Command::Eval(EvalCommand::Short(a)) => Some(&a.engine),
             _ => None,
         };
         Ok(match (engine, pipeline) {
@@ -739,6 +821,21 @@ fn run_command(cli: Cli, pipeline: Option<PipelineConfig>) -> Result<()> {
             server: generator(&a.engine, &a.server, threads, models_dir)?.server,
             tokenizer: a.tokenizer.clone(),
         }),
+        Command::Eval(EvalCommand::Short(a)) => crate::eval::short::run::command(
+            &crate::eval::short::run::ShortRun {
+                tasks: a.tasks()?,
+                fewshot: a.fewshot,
+                limit: a.limit,
+                max_gen_tokens: a.max_gen_tokens,
+                out: a.out.clone(),
+                model: a.engine.model.clone(),
+                adapter: a.adapter.as_ref().map(|p| p.display().to_string()),
+                progress: !a.no_progress,
+            },
+            &a.engine.engine_config(threads)?,
+            models_dir,
+            a.baseline.as_deref(),
+        ),
         Command::Eval(EvalCommand::Compare { report, baseline }) => {
             crate::eval::ruler::command::compare(&report, &baseline)
         }

@@ -10,6 +10,7 @@ pub mod constrained;
 pub mod generate;
 pub mod kquants;
 pub mod llama;
+pub mod loglik;
 pub mod lora;
 pub mod memory;
 pub mod packed;

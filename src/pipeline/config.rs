@@ -73,6 +73,8 @@ pub struct PipelineEvalConfig {
     pub chat: bool,
     /// Cache of generated samples, shared across runs.
     pub cache_dir: std::path::PathBuf,
+    /// The short-context check beside RULER (`[eval.short]`; no data: not run).
+    pub short: crate::eval::short::run::ShortConfig,
 }
 
 impl Default for PipelineEvalConfig {
@@ -87,6 +89,7 @@ impl Default for PipelineEvalConfig {
             qa_hotpotqa: None,
             chat: true,
             cache_dir: "runs/cache/ruler".into(),
+            short: Default::default(),
         }
     }
 }
@@ -155,6 +158,10 @@ impl PipelineConfig {
             .validate()
             .with_context(|| format!("{what}: [train]"))?;
         c.eval.ruler().with_context(|| what.clone())?;
+        c.eval
+            .short
+            .tasks("eval.short")
+            .with_context(|| what.clone())?;
         c.engine
             .validate()
             .with_context(|| format!("{what}: [engine]"))?;

@@ -429,7 +429,34 @@ pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
                 }
                 .run(&crate::eval::ruler::run::Answerer::Local(&engine), &assets)?
                 .context("the evaluation wrote no report")?;
-                format!("RULER average {:.2}", report.average)
+                let short = &cfg.eval.short;
+                let tasks = short.tasks("eval.short")?;
+                if tasks.is_empty() {
+                    format!("RULER average {:.2}", report.average)
+                } else {
+                    let s = crate::eval::short::run::ShortRun {
+                        tasks,
+                        fewshot: short.fewshot,
+                        limit: short.limit,
+                        max_gen_tokens: short.max_gen_tokens,
+                        out: out.join("short"),
+                        model: report.model.clone(),
+                        adapter: report.adapter.clone(),
+                        progress: opts.progress,
+                    }
+                    .run(&engine)?;
+                    let first = s.results.first().and_then(|r| {
+                        r.metrics
+                            .iter()
+                            .next()
+                            .map(|(m, v)| format!(", {} {m} {v:.2}", r.task))
+                    });
+                    format!(
+                        "RULER average {:.2}{}",
+                        report.average,
+                        first.unwrap_or_default()
+                    )
+                }
             }
         };
         state.seconds += t0.elapsed().as_secs_f64();

@@ -243,6 +243,30 @@ pub fn markdown(cfg: &PipelineConfig, dir: &Path, config_path: &Path) -> Result<
         }
         _ => writeln!(s, "Not yet evaluated.")?,
     }
+    let short = |after: bool| {
+        crate::eval::short::run::ShortReport::load(
+            &RunLayout::new(dir).eval(after).join("short/report.json"),
+        )
+        .ok()
+    };
+    match (short(false), short(true)) {
+        (Some(b), Some(a)) => {
+            writeln!(s, "\n## Short-context check before and after fine-tuning\n")?;
+            s.push_str(&a.delta(&b));
+            writeln!(
+                s,
+                "\nPer-item outputs: `eval/before/short`, `eval/after/short`."
+            )?;
+        }
+        (Some(b), None) => {
+            writeln!(
+                s,
+                "\n## Short-context check (after fine-tuning: not yet evaluated)\n"
+            )?;
+            s.push_str(&b.markdown());
+        }
+        _ => {}
+    }
     writeln!(s, "\n![training curve and RULER before/after](report.svg)")?;
     Ok(s)
 }

@@ -20,6 +20,7 @@ mod props;
 mod reliability;
 mod rope;
 mod ruler;
+mod short;
 mod stage1;
 mod stage2;
 mod tokenizer;

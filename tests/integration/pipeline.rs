@@ -160,9 +160,13 @@ lengths = [512]
 tasks = ["niah_single_1"]
 samples = 1
 cache_dir = "{cache}"
+[eval.short]
+data = {{ mmlu = "{mmlu}" }}
+limit = 2
 "#,
             run = dir.join("run").display(),
             cache = dir.join("cache").display(),
+            mmlu = fixture("short/mmlu.jsonl").display(),
             queries = QUERIES,
         ),
     )
@@ -231,6 +235,8 @@ fn killed_pipeline_resumes_to_the_uninterrupted_outputs_and_a_rerun_does_nothing
         "## Fine-tuning",
         "1 steps",
         "niah_single_1",
+        "## Short-context check before and after fine-tuning",
+        "| mmlu | acc |",
     ] {
         assert!(report.contains(part), "{part} missing from\n{report}");
     }
