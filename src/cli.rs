@@ -121,6 +121,11 @@ pub enum EvalCommand {
         after_help = "Examples:\n  wildlong eval short --model default --data mmlu=hf://datasets/cais/mmlu/all/test-00000-of-00001.parquet --limit 200\n  wildlong eval short --model default --data gsm8k=hf://datasets/openai/gsm8k/main/test-00000-of-00001.parquet --fewshot 5 --fewshot-data gsm8k=hf://datasets/openai/gsm8k/main/train-00000-of-00001.parquet\n  wildlong eval short --model default --adapter runs/demo/train/adapter --data arc_challenge=ARC-Challenge-test.jsonl --baseline runs/short/report.json --out runs/short-after\n\nData in the tasks' released formats (HF Parquet or JSONL): MMLU question/subject/choices/answer, ARC\nquestion/choices{text,label}/answerKey, GSM8K question/answer. Writes <out>/<task>/pred.jsonl (appended; a\nkilled run resumes) and <out>/report.{json,md}."
     )]
     Short(Box<ShortArgs>),
+    /// LongBench v2 as its pred.py runs it (0-shot prompt, head+tail truncation, chat template).
+    #[command(
+        after_help = "Examples:\n  wildlong eval longbench --model meta-llama/Llama-3.1-8B-Instruct --max-len 120000\n  wildlong eval longbench --server http://127.0.0.1:8000/v1 --model Qwen/Qwen2.5-7B-Instruct --tokenizer Qwen/Qwen2.5-7B-Instruct --max-len 120000\n\nReads THUDM/LongBench-v2's data.json (or a path, JSON or JSONL); writes <out>/pred.jsonl (appended; a\nkilled run resumes) and <out>/report.{json,md}: accuracy overall, easy/hard, short/medium/long."
+    )]
+    Longbench(Box<LongBenchArgs>),
     /// Print the delta table of two RULER reports (after versus before).
     Compare {
         /// The new report.json.
@@ -189,6 +194,36 @@ pub struct RulerArgs {
     /// any sample has none (nothing is generated).
     #[arg(long, conflicts_with_all = ["prepare_only"])]
     pub merge: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LongBenchArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// With --server: the model whose tokenizer cuts the prompts (a models spec).
+    #[arg(long, default_value = "default")]
+    pub tokenizer: String,
+    /// The items: LongBench v2's data.json, a path or hf://datasets/... (JSON array or JSONL).
+    #[arg(long, default_value = "hf://datasets/THUDM/LongBench-v2/data.json")]
+    pub data: String,
+    /// The first N items only.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Prompt tokens kept (pred.py's model2maxlen; first and last halves) [default: the
+    /// model's context − 128; required with --server].
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// pred.py samples at 0.1.
+    #[arg(long, default_value_t = 0.1)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, default_value = "runs/longbench")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 #[derive(Args, Debug)]
@@ -685,6 +720,7 @@ impl Cli {
             Command::Synth(a) => Some(&a.engine),
             Command::Eval(EvalCommand::Ruler(a)) => Some(&a.engine),
             Command::Eval(EvalCommand::Short(a)) => Some(&a.engine),
+            Command::Eval(EvalCommand::Longbench(a)) => Some(&a.engine),
             _ => None,
         };
         Ok(match (engine, pipeline) {
@@ -835,6 +871,22 @@ fn run_command(cli: Cli, pipeline: Option<PipelineConfig>) -> Result<()> {
             &a.engine.engine_config(threads)?,
             models_dir,
             a.baseline.as_deref(),
+        ),
+        Command::Eval(EvalCommand::Longbench(a)) => crate::eval::longbench::command(
+            &crate::eval::longbench::LongBenchRun {
+                data: a.data.clone(),
+                limit: a.limit,
+                max_len: a.max_len,
+                temperature: a.temperature,
+                seed: a.seed,
+                out: a.out.clone(),
+                model: a.engine.model.clone(),
+                progress: !a.no_progress,
+            },
+            generator(&a.engine, &a.server, threads, models_dir)?.server,
+            &a.tokenizer,
+            &a.engine.engine_config(threads)?,
+            models_dir,
         ),
         Command::Eval(EvalCommand::Compare { report, baseline }) => {
             crate::eval::ruler::command::compare(&report, &baseline)

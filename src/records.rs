@@ -68,6 +68,15 @@ impl<T> InOrder<T> {
     }
 }
 
+/// Writes a report as `<dir>/report.json` (pretty) and `<dir>/report.md`, each atomically.
+pub fn write_report<T: Serialize>(dir: &Path, report: &T, markdown: &str) -> Result<()> {
+    write_atomic(
+        &dir.join("report.json"),
+        serde_json::to_string_pretty(report)?.as_bytes(),
+    )?;
+    write_atomic(&dir.join("report.md"), markdown.as_bytes())
+}
+
 /// Appends JSON lines, flushing each so a kill loses at most the line being written.
 pub fn append_line<T: Serialize>(path: &Path, v: &T) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()

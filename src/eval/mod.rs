@@ -2,5 +2,6 @@
 //! model (± adapter) through the engine. Reads no other stage's code; takes models and
 //! adapters by path.
 
+pub mod longbench;
 pub mod ruler;
 pub mod short;

@@ -11,6 +11,7 @@ mod engine;
 mod kernels;
 mod kquants;
 mod learning;
+mod longbench;
 mod lora;
 mod memory;
 mod model;

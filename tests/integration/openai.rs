@@ -811,3 +811,59 @@ fn ruler_on_llama_cpp_s_server_predicts_what_the_local_engine_predicts() {
         }
     }
 }
+
+#[test]
+fn longbench_runs_on_a_server_as_pred_py_calls_one() {
+    let stub = Stub::start();
+    let d = tempdir();
+    let out = d.path().join("lb");
+    let (url, data) = (
+        stub.url("ok"),
+        fixture("longbench/data.json").display().to_string(),
+    );
+    let run = |extra: &[&str]| {
+        let mut a = vec![
+            "eval",
+            "longbench",
+            "--server",
+            &url,
+            "--model",
+            "stub-model",
+            "--tokenizer",
+            "default",
+            "--no-progress",
+            "--data",
+            &data,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        wildlong(&a).output().unwrap()
+    };
+    // The server's context is unknown here: the cut must be given.
+    let o = run(&[]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--max-len"));
+    ok(&run(&["--max-len", "100"]));
+    let reqs = stub.requests("ok");
+    assert_eq!(reqs.len(), 3);
+    for b in &reqs {
+        let m = b["messages"].as_array().unwrap();
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0]["role"], "user");
+        let text = m[0]["content"].as_str().unwrap();
+        assert!(
+            text.starts_with("Please read the following text")
+                && text.ends_with("(insert answer here)\".")
+        );
+        assert_eq!(
+            (b["temperature"].as_f64(), b["max_tokens"].as_u64()),
+            (Some(0.1), Some(128))
+        );
+    }
+    let preds: Vec<wildlong::eval::longbench::Prediction> =
+        wildlong::records::read_jsonl_resumable(&out.join("pred.jsonl")).unwrap();
+    assert!(preds
+        .iter()
+        .all(|p| p.pred.is_none() && !p.judge && p.response.starts_with("echo: Please read")));
+}

@@ -434,11 +434,7 @@ impl ShortRun {
             results,
             notes,
         };
-        write_atomic(
-            &self.out.join("report.json"),
-            serde_json::to_string_pretty(&report)?.as_bytes(),
-        )?;
-        write_atomic(&self.out.join("report.md"), report.markdown().as_bytes())?;
+        crate::records::write_report(&self.out, &report, &report.markdown())?;
         Ok(report)
     }
 }
