@@ -224,6 +224,13 @@ pub struct LongBenchArgs {
     pub out: PathBuf,
     #[arg(long)]
     pub no_progress: bool,
+    /// This worker's share of the items (k/n, 1-based): predictions go to
+    /// pred.shard-k-of-n.jsonl and no report is written.
+    #[arg(long, default_value = "1/1", conflicts_with = "merge")]
+    pub shard: Shard,
+    /// Score every shard's predictions in --out; fails, naming them, if any item has none.
+    #[arg(long)]
+    pub merge: bool,
 }
 
 #[derive(Args, Debug)]
@@ -258,6 +265,13 @@ pub struct ShortArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// This worker's share of each task's items (k/n, 1-based): predictions go to
+    /// <task>/pred.shard-k-of-n.jsonl and no report is written.
+    #[arg(long, default_value = "1/1", conflicts_with_all = ["merge", "baseline"])]
+    pub shard: Shard,
+    /// Score every shard's predictions in --out; fails, naming them, if any item has none.
+    #[arg(long)]
+    pub merge: bool,
 }
 
 impl ShortArgs {
@@ -867,6 +881,8 @@ fn run_command(cli: Cli, pipeline: Option<PipelineConfig>) -> Result<()> {
                 model: a.engine.model.clone(),
                 adapter: a.adapter.as_ref().map(|p| p.display().to_string()),
                 progress: !a.no_progress,
+                shard: a.shard,
+                merge: a.merge,
             },
             &a.engine.engine_config(threads)?,
             models_dir,
@@ -882,6 +898,8 @@ fn run_command(cli: Cli, pipeline: Option<PipelineConfig>) -> Result<()> {
                 out: a.out.clone(),
                 model: a.engine.model.clone(),
                 progress: !a.no_progress,
+                shard: a.shard,
+                merge: a.merge,
             },
             generator(&a.engine, &a.server, threads, models_dir)?.server,
             &a.tokenizer,

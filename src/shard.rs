@@ -1,6 +1,7 @@
 //! `--shard k/n`: one worker's share of a stage's work.
 
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 
 /// One worker's share of the work (`--shard k/n`, k in 1..=n): items whose index mod n is k − 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,4 +55,25 @@ impl Shard {
             format!(".shard-{}-of-{}", self.index, self.count)
         }
     }
+}
+
+/// The files a folder's workers appended to: `<stem>.jsonl` (a whole run) and every shard's
+/// `<stem>.shard-k-of-n.jsonl`, in name order. A run reads them all, so a run without
+/// `--shard` merges the shards' records.
+pub fn shard_files(dir: &Path, stem: &str) -> Vec<PathBuf> {
+    let mut files = vec![dir.join(format!("{stem}.jsonl"))];
+    let prefix = format!("{stem}.shard-");
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        let mut shards: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".jsonl"))
+            })
+            .collect();
+        shards.sort();
+        files.extend(shards);
+    }
+    files
 }

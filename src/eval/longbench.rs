@@ -202,10 +202,15 @@ pub struct LongBenchRun {
     pub out: PathBuf,
     pub model: String,
     pub progress: bool,
+    /// This worker's share (items whose index mod n is k − 1) into `pred.shard-k-of-n.jsonl`.
+    pub shard: crate::shard::Shard,
+    /// Score every shard's predictions; fail, naming them, if any item has none.
+    pub merge: bool,
 }
 
 impl LongBenchRun {
-    pub fn run(&self, answerer: &Answerer) -> Result<Report> {
+    /// Runs and writes the report; `None` for a shard of several (no report).
+    pub fn run(&self, answerer: &Answerer) -> Result<Option<Report>> {
         let items = read(&self.data, self.limit)?;
         let (tok, max_len) = match answerer {
             Answerer::Local(e) => (
@@ -220,10 +225,27 @@ impl LongBenchRun {
         };
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("creating {}", self.out.display()))?;
-        let pred_path = self.out.join("pred.jsonl");
-        let mut preds: Vec<Prediction> = read_jsonl_resumable(&pred_path)?;
+        let pred_path = self.out.join(format!("pred{}.jsonl", self.shard.suffix()));
+        let mut preds: Vec<Prediction> = Vec::new();
+        for f in crate::shard::shard_files(&self.out, "pred") {
+            preds.extend(read_jsonl_resumable::<Prediction>(&f)?);
+        }
         let done: HashSet<String> = preds.iter().map(|p| p.id.clone()).collect();
-        let todo: Vec<&Item> = items.iter().filter(|i| !done.contains(&i.id)).collect();
+        let todo: Vec<&Item> = items
+            .iter()
+            .enumerate()
+            .filter(|(i, it)| self.shard.owns(*i) && !done.contains(&it.id))
+            .map(|(_, it)| it)
+            .collect();
+        if self.merge && !todo.is_empty() {
+            let ids: Vec<&str> = todo.iter().take(5).map(|i| i.id.as_str()).collect();
+            bail!(
+                "{} items have no prediction in {} (e.g. {}): run the shards that own them, or drop --merge",
+                todo.len(),
+                self.out.display(),
+                ids.join(", ")
+            );
+        }
         let prompts = todo
             .iter()
             .map(|it| truncate(tok, &it.prompt(), max_len))
@@ -292,6 +314,9 @@ impl LongBenchRun {
             }
         }
         bar.finish_and_clear();
+        if self.shard.count > 1 {
+            return Ok(None);
+        }
         let ids: HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
         preds.retain(|p| ids.contains(p.id.as_str()));
         let (accuracy, counts) = score(&preds);
@@ -304,7 +329,7 @@ impl LongBenchRun {
             counts,
         };
         crate::records::write_report(&self.out, &report, &report.markdown())?;
-        Ok(report)
+        Ok(Some(report))
     }
 }
 
@@ -337,7 +362,18 @@ pub fn command(
             run.run(&Answerer::Local(&e))?
         }
     };
-    print!("{}", report.markdown());
-    println!("\nreports: {}/report.{{json,md}}", run.out.display());
+    match report {
+        Some(r) => {
+            print!("{}", r.markdown());
+            println!("\nreports: {}/report.{{json,md}}", run.out.display());
+        }
+        None => println!(
+            "shard {}/{}: predictions written to {}/pred{}.jsonl; when every shard has finished, the same command with --merge (no --shard) scores them all",
+            run.shard.index,
+            run.shard.count,
+            run.out.display(),
+            run.shard.suffix()
+        ),
+    }
     Ok(())
 }

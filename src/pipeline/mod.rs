@@ -443,8 +443,11 @@ pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
                         model: report.model.clone(),
                         adapter: report.adapter.clone(),
                         progress: opts.progress,
+                        shard: crate::shard::Shard::whole(),
+                        merge: false,
                     }
-                    .run(&engine)?;
+                    .run(&engine)?
+                    .context("the short-context check wrote no report")?;
                     let first = s.results.first().and_then(|r| {
                         r.metrics
                             .iter()

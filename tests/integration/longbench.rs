@@ -91,24 +91,16 @@ fn longbench_on_the_default_model_cuts_answers_scores_and_resumes() {
     let _limit = time_limit(4);
     let d = tempdir();
     let out = d.path().join("lb");
-    let run = || {
-        wildlong(&[
-            "eval",
-            "longbench",
-            "--model",
-            "default",
-            "--data",
-            fixture("longbench/data.json").to_str().unwrap(),
-            "--max-len",
-            "120",
-            "--no-progress",
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap()
+    let data = fixture("longbench/data.json").display().to_string();
+    let run_in = |dir: &std::path::Path, extra: &[&str]| {
+        let o = dir.display().to_string();
+        let mut a = vec!["eval", "longbench", "--model", "default", "--data", &data];
+        a.extend_from_slice(&["--max-len", "120", "--no-progress", "--out", &o]);
+        a.extend_from_slice(extra);
+        wildlong(&a).output().unwrap()
     };
-    let stdout = ok(&run());
+    let run = |extra: &[&str]| run_in(&out, extra);
+    let stdout = ok(&run(&[]));
     let preds: Vec<Prediction> = read_jsonl_resumable(&out.join("pred.jsonl")).unwrap();
     assert_eq!(preds.len(), 3);
     for p in &preds {
@@ -127,10 +119,43 @@ fn longbench_on_the_default_model_cuts_answers_scores_and_resumes() {
     assert_eq!((r.accuracy.clone(), r.counts.clone()), score(&preds));
     assert!(stdout.contains("| overall | 3 |"));
     let before = std::fs::read_to_string(out.join("pred.jsonl")).unwrap();
-    ok(&run());
+    ok(&run(&[]));
     assert_eq!(
         std::fs::read_to_string(out.join("pred.jsonl")).unwrap(),
         before,
         "a rerun generates nothing"
     );
+
+    // Two shards into another folder, merged: the whole run's answers and scores.
+    let sharded = d.path().join("sharded");
+    ok(&run_in(&sharded, &["--shard", "1/2"]));
+    assert!(!sharded.join("report.json").exists());
+    let o = run_in(&sharded, &["--merge"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("wl-lb-2"),
+        "the missing item named"
+    );
+    ok(&run_in(&sharded, &["--shard", "2/2"]));
+    ok(&run_in(&sharded, &["--merge"]));
+    let shard = |k: usize| -> Vec<String> {
+        read_jsonl_resumable::<Prediction>(&sharded.join(format!("pred.shard-{k}-of-2.jsonl")))
+            .unwrap()
+            .into_iter()
+            .map(|p| p.id)
+            .collect()
+    };
+    let (mut one, two) = (shard(1), shard(2));
+    one.sort();
+    assert_eq!(
+        (one, two),
+        (
+            vec!["wl-lb-1".to_string(), "wl-lb-3".into()],
+            vec!["wl-lb-2".to_string()]
+        )
+    );
+    let merged: Report =
+        serde_json::from_str(&std::fs::read_to_string(sharded.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!((merged.accuracy, merged.counts), (r.accuracy, r.counts));
 }

@@ -246,6 +246,23 @@ fn eval_short_on_the_default_model_scores_resumes_and_compares() {
     assert!(std::fs::read_to_string(out.join("delta.md"))
         .unwrap()
         .contains(&line));
+
+    // Two shards and a merge give the whole run's scores.
+    let sharded = d.path().join("sharded");
+    ok(&short(&sharded, &["--shard", "2/2"]));
+    assert!(!sharded.join("report.json").exists());
+    let o = short(&sharded, &["--merge"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("have no prediction"));
+    ok(&short(&sharded, &["--shard", "1/2"]));
+    let n = std::fs::read_to_string(sharded.join("mmlu/pred.shard-1-of-2.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(n, 2, "items 0 and 2 of 3");
+    ok(&short(&sharded, &["--merge"]));
+    let merged = ShortReport::load(&sharded.join("report.json")).unwrap();
+    assert_eq!(merged.results, r.results);
 }
 
 #[test]

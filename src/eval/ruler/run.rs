@@ -84,25 +84,6 @@ impl Answerer<'_> {
     }
 }
 
-/// The prediction files of one task folder: this worker's (`pred.jsonl`, or
-/// `pred.shard-k-of-n.jsonl` for a shard) and, read, every shard's.
-fn pred_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files = vec![dir.join("pred.jsonl")];
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        let mut shards: Vec<PathBuf> = rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("pred.shard-") && n.ends_with(".jsonl"))
-            })
-            .collect();
-        shards.sort();
-        files.extend(shards);
-    }
-    Ok(files)
-}
-
 /// Everything `wildlong eval ruler` needs besides the engine.
 pub struct RulerRun {
     pub config: RulerConfig,
@@ -254,7 +235,7 @@ impl RulerRun {
                     write_atomic(&data, text.as_bytes())?;
                 }
                 let mut preds: Vec<Prediction> = Vec::new();
-                for f in pred_files(&dir)? {
+                for f in crate::shard::shard_files(&dir, "pred") {
                     preds.extend(read_jsonl_resumable::<Prediction>(&f)?);
                 }
                 work.push((len, name.clone(), samples, preds));

@@ -84,6 +84,11 @@ pub struct ShortRun {
     pub model: String,
     pub adapter: Option<String>,
     pub progress: bool,
+    /// This worker's share of each task's items (index mod n is k − 1), into
+    /// `<task>/pred.shard-k-of-n.jsonl`; a shard of several writes no report.
+    pub shard: crate::shard::Shard,
+    /// Score every shard's predictions; fail, naming them, if any item has none.
+    pub merge: bool,
 }
 
 /// One line of `pred.jsonl`.
@@ -286,7 +291,8 @@ fn item_hash(context: &str, item: &Item) -> Result<String> {
 }
 
 impl ShortRun {
-    pub fn run(&self, engine: &Engine) -> Result<ShortReport> {
+    /// Runs and writes the report; `None` for a shard of several (no report).
+    pub fn run(&self, engine: &Engine) -> Result<Option<ShortReport>> {
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("creating {}", self.out.display()))?;
         crate::records::check_identity(
@@ -329,14 +335,27 @@ impl ShortRun {
                 .collect::<Result<Vec<_>>>()?;
             let dir = self.out.join(td.task.name());
             std::fs::create_dir_all(&dir)?;
-            let pred_path = dir.join("pred.jsonl");
-            let mut have: HashMap<usize, ShortPrediction> =
-                read_jsonl_resumable::<ShortPrediction>(&pred_path)?
-                    .into_iter()
-                    .filter(|p| hashes.get(p.index) == Some(&p.hash))
-                    .map(|p| (p.index, p))
-                    .collect();
-            let todo: Vec<usize> = (0..items.len()).filter(|i| !have.contains_key(i)).collect();
+            let pred_path = dir.join(format!("pred{}.jsonl", self.shard.suffix()));
+            let mut have: HashMap<usize, ShortPrediction> = HashMap::new();
+            for f in crate::shard::shard_files(&dir, "pred") {
+                for p in read_jsonl_resumable::<ShortPrediction>(&f)? {
+                    if hashes.get(p.index) == Some(&p.hash) {
+                        have.insert(p.index, p);
+                    }
+                }
+            }
+            let todo: Vec<usize> = (0..items.len())
+                .filter(|&i| self.shard.owns(i) && !have.contains_key(&i))
+                .collect();
+            if self.merge && !todo.is_empty() {
+                bail!(
+                    "{}: {} items have no prediction in {} (e.g. item {}): run the shards that own them, or drop --merge",
+                    td.task.name(),
+                    todo.len(),
+                    dir.display(),
+                    todo[0]
+                );
+            }
             let bar = crate::records::progress_bar(
                 self.progress && !todo.is_empty(),
                 todo.len() as u64,
@@ -410,6 +429,9 @@ impl ShortRun {
                 }
             }
             bar.finish_and_clear();
+            if self.shard.count > 1 {
+                continue;
+            }
             let preds: Vec<&ShortPrediction> = (0..items.len())
                 .map(|i| {
                     have.get(&i)
@@ -434,8 +456,11 @@ impl ShortRun {
             results,
             notes,
         };
+        if self.shard.count > 1 {
+            return Ok(None);
+        }
         crate::records::write_report(&self.out, &report, &report.markdown())?;
-        Ok(report)
+        Ok(Some(report))
     }
 }
 
@@ -454,7 +479,16 @@ pub fn command(
         models_dir,
         engine,
     )?;
-    let report = run.run(&e)?;
+    let Some(report) = run.run(&e)? else {
+        println!(
+            "shard {}/{}: predictions written under {} (pred{}.jsonl per task); when every shard has finished, the same command with --merge (no --shard) scores them all",
+            run.shard.index,
+            run.shard.count,
+            run.out.display(),
+            run.shard.suffix()
+        );
+        return Ok(());
+    };
     print!("{}", report.markdown());
     println!("\nreports: {}/report.{{json,md}}", run.out.display());
     if let Some(b) = base {
