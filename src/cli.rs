@@ -20,9 +20,8 @@ use crate::stage1::config::{EdgeWeight, MetaSchema, Stage1Config};
 use crate::stage2::command::SynthCommand;
 use crate::stage2::config::Stage2Config;
 use crate::train::config::TrainConfig;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
@@ -178,7 +177,7 @@ pub struct RulerArgs {
     #[arg(long)]
     pub no_progress: bool,
     /// Write the samples (<out>/<length>/<task>/data.jsonl) and stop.
-    #[arg(long, conflicts_with = "baseline")]
+    #[arg(long, conflicts_with_all = ["baseline", "merge"])]
     pub prepare_only: bool,
     #[command(flatten)]
     pub server: ServerArgs,
@@ -186,13 +185,21 @@ pub struct RulerArgs {
     /// the prompts (the served model's own, as a models spec) [default: default].
     #[arg(long, default_value = "default")]
     pub tokenizer: String,
-    /// This worker's share of the samples (k/n, 1-based): predictions go to
+    #[command(flatten)]
+    pub shards: EvalShardArgs,
+}
+
+/// An evaluation split among workers, shared by `eval ruler`, `eval short` and
+/// `eval longbench`.
+#[derive(Args, Debug)]
+pub struct EvalShardArgs {
+    /// This worker's share of the samples or items (k/n, 1-based): predictions go to
     /// pred.shard-k-of-n.jsonl and no report is written.
     #[arg(long, default_value = "1/1", conflicts_with = "merge")]
     pub shard: Shard,
     /// Score every shard's predictions in --out and write the report; fails, naming them, if
-    /// any sample has none (nothing is generated).
-    #[arg(long, conflicts_with_all = ["prepare_only"])]
+    /// any sample or item has none (nothing is generated).
+    #[arg(long)]
     pub merge: bool,
 }
 
@@ -224,13 +231,8 @@ pub struct LongBenchArgs {
     pub out: PathBuf,
     #[arg(long)]
     pub no_progress: bool,
-    /// This worker's share of the items (k/n, 1-based): predictions go to
-    /// pred.shard-k-of-n.jsonl and no report is written.
-    #[arg(long, default_value = "1/1", conflicts_with = "merge")]
-    pub shard: Shard,
-    /// Score every shard's predictions in --out; fails, naming them, if any item has none.
-    #[arg(long)]
-    pub merge: bool,
+    #[command(flatten)]
+    pub shards: EvalShardArgs,
 }
 
 #[derive(Args, Debug)]
@@ -260,58 +262,40 @@ pub struct ShortArgs {
     #[arg(long, default_value = "runs/short")]
     pub out: PathBuf,
     /// A report.json to compare against: prints and writes delta.md.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "shard")]
     pub baseline: Option<PathBuf>,
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
-    /// This worker's share of each task's items (k/n, 1-based): predictions go to
-    /// <task>/pred.shard-k-of-n.jsonl and no report is written.
-    #[arg(long, default_value = "1/1", conflicts_with_all = ["merge", "baseline"])]
-    pub shard: Shard,
-    /// Score every shard's predictions in --out; fails, naming them, if any item has none.
-    #[arg(long)]
-    pub merge: bool,
+    #[command(flatten)]
+    pub shards: EvalShardArgs,
 }
 
 impl ShortArgs {
     /// `--data` and `--fewshot-data` pairs as the tasks to run, in the order given.
     fn tasks(&self) -> Result<Vec<crate::eval::short::run::TaskData>> {
-        use crate::eval::short::data::Task;
-        let split = |flag: &str, s: &str| -> Result<(Task, String)> {
+        let split = |flag: &str, s: &str| -> Result<(String, String)> {
             let (t, f) = s
                 .split_once('=')
                 .with_context(|| format!("{flag} {s:?}: expected TASK=FILE"))?;
-            Ok((
-                Task::parse(t.trim()).with_context(|| format!("{flag} {s:?}"))?,
-                f.to_string(),
-            ))
+            Ok((t.trim().to_string(), f.to_string()))
         };
-        let mut fewshot = HashMap::new();
-        for s in &self.fewshot_data {
-            let (t, f) = split("--fewshot-data", s)?;
-            fewshot.insert(t, f);
-        }
-        let mut out: Vec<crate::eval::short::run::TaskData> = Vec::new();
-        for s in &self.data {
-            let (task, data) = split("--data", s)?;
-            if out.iter().any(|t| t.task == task) {
-                bail!("--data names {} twice", task.name());
-            }
-            out.push(crate::eval::short::run::TaskData {
-                task,
-                data,
-                fewshot_data: fewshot.remove(&task),
-            });
-        }
-        if let Some(t) = fewshot.keys().next() {
-            bail!(
-                "--fewshot-data {}=…: no --data {}=… to use it for",
-                t.name(),
-                t.name()
-            );
-        }
-        Ok(out)
+        let data = self
+            .data
+            .iter()
+            .map(|s| split("--data", s))
+            .collect::<Result<Vec<_>>>()?;
+        let fewshot = self
+            .fewshot_data
+            .iter()
+            .map(|s| split("--fewshot-data", s))
+            .collect::<Result<_>>()?;
+        crate::eval::short::run::task_data(
+            data,
+            fewshot,
+            |t| format!("--data {t}=…"),
+            |t| format!("--fewshot-data {t}=…"),
+        )
     }
 }
 
@@ -400,6 +384,22 @@ pub struct ServerArgs {
     pub server_retries: usize,
 }
 
+impl ServerArgs {
+    /// The client's settings when `--server` is given (its model set by the command).
+    fn config(&self) -> Option<crate::generator::openai::OpenAiConfig> {
+        self.server
+            .as_ref()
+            .map(|url| crate::generator::openai::OpenAiConfig {
+                base_url: url.clone(),
+                json_format: self.server_json_format,
+                concurrency: self.server_concurrency,
+                timeout_s: self.server_timeout,
+                max_retries: self.server_retries,
+                ..Default::default()
+            })
+    }
+}
+
 /// The generator a command asked for: the server when `--server` is given, else `--model`
 /// in the local engine.
 fn generator(
@@ -408,20 +408,9 @@ fn generator(
     threads: usize,
     models_dir: &Path,
 ) -> Result<GeneratorSpec> {
-    let server = server
-        .server
-        .as_ref()
-        .map(|url| crate::generator::openai::OpenAiConfig {
-            base_url: url.clone(),
-            json_format: server.server_json_format,
-            concurrency: server.server_concurrency,
-            timeout_s: server.server_timeout,
-            max_retries: server.server_retries,
-            ..Default::default()
-        });
     Ok(GeneratorSpec {
         model: engine.model.clone(),
-        server,
+        server: server.config(),
         engine: engine.engine_config(threads)?,
         models_dir: models_dir.to_path_buf(),
     })
@@ -862,13 +851,13 @@ fn run_command(cli: Cli, pipeline: Option<PipelineConfig>) -> Result<()> {
                 chat: !a.no_chat_template,
                 progress: !a.no_progress,
                 prepare_only: a.prepare_only,
-                shard: a.shard,
-                merge: a.merge,
+                shard: a.shards.shard,
+                merge: a.shards.merge,
             },
             engine: a.engine.engine_config(threads)?,
             models_dir: models_dir.to_path_buf(),
             baseline: a.baseline.clone(),
-            server: generator(&a.engine, &a.server, threads, models_dir)?.server,
+            server: a.server.config(),
             tokenizer: a.tokenizer.clone(),
         }),
         Command::Eval(EvalCommand::Short(a)) => crate::eval::short::run::command(
@@ -881,8 +870,8 @@ fn run_command(cli: Cli, pipeline: Option<PipelineConfig>) -> Result<()> {
                 model: a.engine.model.clone(),
                 adapter: a.adapter.as_ref().map(|p| p.display().to_string()),
                 progress: !a.no_progress,
-                shard: a.shard,
-                merge: a.merge,
+                shard: a.shards.shard,
+                merge: a.shards.merge,
             },
             &a.engine.engine_config(threads)?,
             models_dir,
@@ -898,10 +887,10 @@ fn run_command(cli: Cli, pipeline: Option<PipelineConfig>) -> Result<()> {
                 out: a.out.clone(),
                 model: a.engine.model.clone(),
                 progress: !a.no_progress,
-                shard: a.shard,
-                merge: a.merge,
+                shard: a.shards.shard,
+                merge: a.shards.merge,
             },
-            generator(&a.engine, &a.server, threads, models_dir)?.server,
+            a.server.config(),
             &a.tokenizer,
             &a.engine.engine_config(threads)?,
             models_dir,

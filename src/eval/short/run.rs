@@ -51,23 +51,40 @@ impl Default for ShortConfig {
 impl ShortConfig {
     /// The tasks to run, validated (`what` names the section in errors).
     pub fn tasks(&self, what: &str) -> Result<Vec<TaskData>> {
-        for t in self.fewshot_data.keys() {
-            if !self.data.contains_key(t) {
-                bail!("{what}.fewshot_data.{t}: no {what}.data.{t} to use it for");
-            }
-        }
-        self.data
-            .iter()
-            .map(|(t, f)| {
-                let task = Task::parse(t).with_context(|| format!("{what}.data.{t}"))?;
-                Ok(TaskData {
-                    task,
-                    data: f.clone(),
-                    fewshot_data: self.fewshot_data.get(t).cloned(),
-                })
-            })
-            .collect()
+        task_data(
+            self.data.clone(),
+            self.fewshot_data.clone(),
+            |t| format!("{what}.data.{t}"),
+            |t| format!("{what}.fewshot_data.{t}"),
+        )
     }
+}
+
+/// The tasks of `(name, file)` pairs, in order, each with its few-shot file from `fewshot`
+/// (name → file); `data_key` and `fewshot_key` name a setting in errors. An unknown name, a
+/// task named twice and a few-shot file for a task not run are errors.
+pub fn task_data(
+    data: impl IntoIterator<Item = (String, String)>,
+    mut fewshot: BTreeMap<String, String>,
+    data_key: impl Fn(&str) -> String,
+    fewshot_key: impl Fn(&str) -> String,
+) -> Result<Vec<TaskData>> {
+    let mut out: Vec<TaskData> = Vec::new();
+    for (name, file) in data {
+        let task = Task::parse(&name).with_context(|| data_key(&name))?;
+        if out.iter().any(|t| t.task == task) {
+            bail!("{} given twice", data_key(&name));
+        }
+        out.push(TaskData {
+            task,
+            data: file,
+            fewshot_data: fewshot.remove(task.name()),
+        });
+    }
+    if let Some(t) = fewshot.keys().next() {
+        bail!("{}: no {} to use it for", fewshot_key(t), data_key(t));
+    }
+    Ok(out)
 }
 
 /// Everything `wildlong eval short` needs besides the engine.
