@@ -17,6 +17,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// LongBench v2's `prompts/0shot.txt`.
 pub const TEMPLATE: &str = "Please read the following text and answer the question below.\n\n<text>\n$DOC$\n</text>\n\nWhat is the correct answer to this question: $Q$\nChoices:\n(A) $C_A$\n(B) $C_B$\n(C) $C_C$\n(D) $C_D$\n\nFormat your response as follows: \"The correct answer is (insert answer here)\".";
@@ -78,9 +79,15 @@ pub fn truncate(tok: &Tokenizer, prompt: &str, max_len: usize) -> Result<String>
 /// `pred.py`'s `extract_answer`: `*` removed, then "The correct answer is (X)" or, failing
 /// that, "The correct answer is X".
 pub fn extract_answer(response: &str) -> Option<String> {
+    static PATTERNS: OnceLock<[Regex; 2]> = OnceLock::new();
+    let [paren, bare] = PATTERNS.get_or_init(|| {
+        [
+            r"The correct answer is \(([A-D])\)",
+            r"The correct answer is ([A-D])",
+        ]
+        .map(|r| Regex::new(r).expect("valid regex"))
+    });
     let r = response.replace('*', "");
-    let paren = Regex::new(r"The correct answer is \(([A-D])\)").expect("valid regex");
-    let bare = Regex::new(r"The correct answer is ([A-D])").expect("valid regex");
     paren
         .captures(&r)
         .or_else(|| bare.captures(&r))
@@ -96,13 +103,13 @@ pub fn read(spec: &str, limit: Option<usize>) -> Result<Vec<Item>> {
         serde_json::from_str(&text)
             .with_context(|| format!("{name}: not LongBench v2's data.json"))?
     } else {
-        text.lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| {
-                serde_json::from_str(l).with_context(|| format!("{name}: line {}", i + 1))
-            })
-            .collect::<Result<_>>()?
+        let mut items = Vec::new();
+        crate::records::for_each_jsonl_line(&name, text.as_bytes(), |line, l| {
+            let l = l.with_context(|| format!("{name}: line {line}: not UTF-8"))?;
+            items.push(serde_json::from_str(l).with_context(|| format!("{name}: line {line}"))?);
+            Ok(())
+        })?;
+        items
     };
     for it in &items {
         if !["A", "B", "C", "D"].contains(&it.answer.as_str()) {
