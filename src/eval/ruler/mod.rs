@@ -7,6 +7,8 @@
 pub mod command;
 pub mod config;
 pub mod data;
+pub mod punkt;
+pub mod pyrandom;
 pub mod report;
 pub mod run;
 pub mod score;
