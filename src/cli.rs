@@ -161,6 +161,15 @@ pub struct RulerArgs {
     /// HotpotQA dev (distractor) JSON for qa_2: a path or hf://datasets/OWNER/NAME/FILE [default: built-in set].
     #[arg(long)]
     pub qa_hotpotqa: Option<String>,
+    /// Essays for the essay haystacks: RULER's PaulGrahamEssays.json (as its
+    /// download_paulgraham_essay.py writes it) or plain text; a path or hf://… [default: built-in public-domain essays].
+    #[arg(long)]
+    pub essays: Option<String>,
+    /// `ruler`: NVIDIA/RULER's generators call for call (comparable with published scores on
+    /// RULER's sources); `wildlong`: tighter fill, varied depths [default: ruler when
+    /// --essays, --qa-squad and --qa-hotpotqa are all given, else wildlong].
+    #[arg(long, value_enum)]
+    pub protocol: Option<crate::eval::ruler::config::Protocol>,
     /// Evaluation folder.
     #[arg(long, default_value = "runs/ruler")]
     pub out: PathBuf,
@@ -925,6 +934,8 @@ impl RulerArgs {
             seed: self.seed,
             qa_squad: self.qa_squad.clone(),
             qa_hotpotqa: self.qa_hotpotqa.clone(),
+            essays: self.essays.clone(),
+            protocol: self.protocol,
             tasks: match self.tasks.as_str() {
                 "all" => Vec::new(),
                 t => t.split(',').map(|s| s.trim().to_string()).collect(),

@@ -69,6 +69,10 @@ pub struct PipelineEvalConfig {
     pub tasks_config: Option<std::path::PathBuf>,
     pub qa_squad: Option<String>,
     pub qa_hotpotqa: Option<String>,
+    /// RULER's essays (PaulGrahamEssays.json or text; path or hf://…) [default: built in].
+    pub essays: Option<String>,
+    /// `ruler` or `wildlong` [default: ruler when essays and both QA files are set].
+    pub protocol: Option<crate::eval::ruler::config::Protocol>,
     /// Render prompts with the model's chat template (RULER's `base` template otherwise).
     pub chat: bool,
     /// Cache of generated samples, shared across runs.
@@ -87,6 +91,8 @@ impl Default for PipelineEvalConfig {
             tasks_config: None,
             qa_squad: None,
             qa_hotpotqa: None,
+            essays: None,
+            protocol: None,
             chat: true,
             cache_dir: "runs/cache/ruler".into(),
             short: Default::default(),
@@ -104,6 +110,8 @@ impl PipelineEvalConfig {
             seed: Some(self.seed),
             qa_squad: self.qa_squad.clone(),
             qa_hotpotqa: self.qa_hotpotqa.clone(),
+            essays: self.essays.clone(),
+            protocol: self.protocol,
             tasks: self.tasks.clone(),
         }
         .resolve("eval.tasks")

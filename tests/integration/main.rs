@@ -21,6 +21,7 @@ mod props;
 mod reliability;
 mod rope;
 mod ruler;
+mod ruler_parity;
 mod short;
 mod stage1;
 mod stage2;

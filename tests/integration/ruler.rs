@@ -6,7 +6,7 @@
 use crate::common::*;
 use std::path::Path;
 use wildlong::engine::config::EngineConfig;
-use wildlong::eval::ruler::config::{RulerConfig, RulerGenerator};
+use wildlong::eval::ruler::config::{Protocol, RulerConfig, RulerGenerator};
 use wildlong::eval::ruler::data::Assets;
 use wildlong::eval::ruler::report::Report;
 use wildlong::eval::ruler::run::{prepare_samples, Prediction};
@@ -51,6 +51,7 @@ fn samples(
         assets(),
         &format,
         &format.fingerprint().unwrap(),
+        Protocol::Wildlong,
         task,
         &generator,
         length,

@@ -21,8 +21,38 @@ pub struct RulerConfig {
     /// HotpotQA JSON (distractor setting), local path or `hf://…`; the built-in set when absent.
     #[serde(default)]
     pub qa_hotpotqa: Option<String>,
+    /// The essays of the `ruler` protocol (RULER's `PaulGrahamEssays.json` or plain text;
+    /// local path or `hf://…`); the built-in public-domain essays when absent.
+    #[serde(default)]
+    pub essays: Option<String>,
+    /// `ruler`: NVIDIA/RULER's generators reproduced call for call; `wildlong`: tighter fill,
+    /// per-sample seeds. Unset: `ruler` when essays and both QA files are given, else
+    /// `wildlong`.
+    #[serde(default)]
+    pub protocol: Option<Protocol>,
     /// Task name → generator and its arguments.
     pub tasks: std::collections::BTreeMap<String, RulerGenerator>,
+}
+
+/// How samples are generated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// NVIDIA/RULER's own generators, call for call (`src/eval/ruler/official.rs`):
+    /// comparable with published scores when run on RULER's sources.
+    Ruler,
+    /// wildlong's generators: inputs filled to within ~1% of the length, needles at varied
+    /// depths, per-sample seeds, redistributable built-in data.
+    Wildlong,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ruler => "ruler",
+            Self::Wildlong => "wildlong",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +165,17 @@ impl RulerConfig {
             .expect("configs/eval/ruler.toml is valid (checked by tests)")
     }
 
+    /// The protocol this table runs under (see [`RulerConfig::protocol`]).
+    pub fn protocol(&self) -> Protocol {
+        self.protocol.unwrap_or(
+            if self.essays.is_some() && self.qa_squad.is_some() && self.qa_hotpotqa.is_some() {
+                Protocol::Ruler
+            } else {
+                Protocol::Wildlong
+            },
+        )
+    }
+
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let c: Self = from_toml_file(path)?;
         c.validate()
@@ -232,6 +273,8 @@ pub struct RulerSelection {
     pub seed: Option<u64>,
     pub qa_squad: Option<String>,
     pub qa_hotpotqa: Option<String>,
+    pub essays: Option<String>,
+    pub protocol: Option<Protocol>,
     /// Task names; empty = every task of the table.
     pub tasks: Vec<String>,
 }
@@ -258,6 +301,12 @@ impl RulerSelection {
         }
         if self.qa_hotpotqa.is_some() {
             c.qa_hotpotqa = self.qa_hotpotqa.clone();
+        }
+        if self.essays.is_some() {
+            c.essays = self.essays.clone();
+        }
+        if self.protocol.is_some() {
+            c.protocol = self.protocol;
         }
         c.select(&self.tasks.iter().map(String::as_str).collect::<Vec<_>>())
             .context(tasks_key.to_string())?;

@@ -51,6 +51,12 @@ pub struct Assets {
     pub cwe_words: Vec<&'static str>,
     pub squad: QaSet,
     pub hotpotqa: QaSet,
+    /// The essay text the `ruler` protocol draws from: the built-in essays, or the file
+    /// given (RULER's `PaulGrahamEssays.json`, `{"text": …}`, or plain text).
+    pub essay_text: String,
+    /// `built-in` or the file the essays were read from.
+    pub essay_source: String,
+    pub essay_sha256: String,
 }
 
 fn word_list(text: &'static str) -> Vec<&'static str> {
@@ -71,7 +77,43 @@ impl Assets {
                 .transpose()
         };
         let (squad, hotpot) = (resolve(&cfg.qa_squad)?, resolve(&cfg.qa_hotpotqa)?);
-        Self::load(squad.as_deref(), hotpot.as_deref())
+        let assets = Self::load(squad.as_deref(), hotpot.as_deref())?;
+        match resolve(&cfg.essays)? {
+            Some(p) => assets.with_essays(&p),
+            None => Ok(assets),
+        }
+    }
+
+    /// Takes the `ruler` protocol's essays from `path`: RULER's `PaulGrahamEssays.json`
+    /// (an object whose `text` is the essays, as its download script writes it) or a plain
+    /// text file.
+    pub fn with_essays(mut self, path: &Path) -> Result<Self> {
+        use sha2::Digest;
+        let raw =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = if path.extension().is_some_and(|e| e == "json") {
+            #[derive(serde::Deserialize)]
+            struct Essays {
+                text: String,
+            }
+            serde_json::from_str::<Essays>(&raw)
+                .with_context(|| {
+                    format!(
+                        "{}: expected {{\"text\": …}} (RULER's PaulGrahamEssays.json)",
+                        path.display()
+                    )
+                })?
+                .text
+        } else {
+            raw
+        };
+        if text.trim().is_empty() {
+            bail!("{}: no essay text", path.display());
+        }
+        self.essay_sha256 = format!("{:x}", sha2::Sha256::digest(text.as_bytes()));
+        self.essay_text = text;
+        self.essay_source = path.display().to_string();
+        Ok(self)
     }
 
     /// Loads the built-in material; QA sets from `squad`/`hotpotqa` files when given.
@@ -109,6 +151,12 @@ impl Assets {
             cwe_words: cwe.into_iter().collect(),
             squad: load_qa(squad, QaDataset::Squad)?,
             hotpotqa: load_qa(hotpotqa, QaDataset::Hotpotqa)?,
+            essay_text: ESSAYS.to_string(),
+            essay_source: "built-in".into(),
+            essay_sha256: {
+                use sha2::Digest;
+                format!("{:x}", sha2::Sha256::digest(ESSAYS.as_bytes()))
+            },
         })
     }
 

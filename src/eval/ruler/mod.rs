@@ -7,6 +7,7 @@
 pub mod command;
 pub mod config;
 pub mod data;
+pub mod official;
 pub mod punkt;
 pub mod pyrandom;
 pub mod report;

@@ -10,8 +10,9 @@ use crate::engine::chat::ChatTemplate;
 use crate::engine::config::SamplingParams;
 use crate::engine::generate::{Completion, Engine, Request};
 use crate::engine::tokenizer::Tokenizer;
-use crate::eval::ruler::config::{RulerConfig, RulerGenerator};
+use crate::eval::ruler::config::{Protocol, RulerConfig, RulerGenerator};
 use crate::eval::ruler::data::Assets;
+use crate::eval::ruler::official;
 use crate::eval::ruler::report::{self, Report};
 use crate::eval::ruler::synth::{self, PromptFormat, Sample, Synth};
 use crate::eval::ruler::tasks;
@@ -105,13 +106,24 @@ pub struct RulerRun {
     pub merge: bool,
 }
 
+/// The protocol a task's samples are generated under: `ruler` where
+/// [`official::supports`] its generator, otherwise `wildlong`.
+pub fn task_protocol(protocol: Protocol, generator: &RulerGenerator) -> Protocol {
+    match protocol {
+        Protocol::Ruler if official::supports(generator) => Protocol::Ruler,
+        _ => Protocol::Wildlong,
+    }
+}
+
 /// The first `n` samples of one task at one length, from the hashed cache when present;
-/// missing ones are generated (in parallel) and appended to the cache.
+/// missing ones are generated (in parallel under `wildlong`; under `ruler` the whole
+/// sequence again, one random stream running through it) and appended to the cache.
 #[allow(clippy::too_many_arguments)]
 pub fn prepare_samples(
     assets: &Assets,
     format: &PromptFormat,
     fingerprint: &str,
+    protocol: Protocol,
     task: &str,
     generator: &RulerGenerator,
     length: usize,
@@ -119,7 +131,8 @@ pub fn prepare_samples(
     n: usize,
     cache_dir: &Path,
 ) -> Result<Vec<Sample>> {
-    let key = synth::cache_key(task, generator, length, seed, fingerprint, assets)?;
+    let protocol = task_protocol(protocol, generator);
+    let key = synth::cache_key(task, generator, length, seed, fingerprint, assets, protocol)?;
     std::fs::create_dir_all(cache_dir)
         .with_context(|| format!("creating {}", cache_dir.display()))?;
     let path = cache_dir.join(format!("{key}.jsonl"));
@@ -136,12 +149,21 @@ pub fn prepare_samples(
         have.clear();
     }
     if have.len() < n {
-        let s = Synth::new(assets, format, task, generator, length, seed)
-            .with_context(|| format!("task `{task}` at length {length}"))?;
-        let new: Vec<Sample> = (have.len()..n)
-            .into_par_iter()
-            .map(|i| s.sample(i))
-            .collect::<Result<_>>()?;
+        let new: Vec<Sample> = match protocol {
+            Protocol::Wildlong => {
+                let s = Synth::new(assets, format, task, generator, length, seed)
+                    .with_context(|| format!("task `{task}` at length {length}"))?;
+                (have.len()..n)
+                    .into_par_iter()
+                    .map(|i| s.sample(i))
+                    .collect::<Result<_>>()?
+            }
+            Protocol::Ruler => {
+                let mut all = official::samples(assets, format, task, generator, length, seed, n)
+                    .with_context(|| format!("task `{task}` at length {length}"))?;
+                all.split_off(have.len())
+            }
+        };
         for smp in &new {
             append_line(&path, smp)?;
         }
@@ -217,6 +239,7 @@ impl RulerRun {
                     assets,
                     &format,
                     &fingerprint,
+                    cfg.protocol(),
                     name,
                     gen,
                     len,

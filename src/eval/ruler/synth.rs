@@ -821,11 +821,16 @@ pub fn cache_key(
     seed: u64,
     format_fingerprint: &str,
     assets: &Assets,
+    protocol: crate::eval::ruler::config::Protocol,
 ) -> Result<String> {
     let mut h = sha2::Sha256::new();
     h.update(format!(
         "v{GENERATOR_VERSION}/{task}/{length}/{seed}/{format_fingerprint}/"
     ));
+    if protocol == crate::eval::ruler::config::Protocol::Ruler {
+        // (The wildlong key stays as it was, so existing caches stay valid.)
+        h.update(format!("ruler/{}/", assets.essay_sha256));
+    }
     h.update(serde_json::to_string(generator).context("task config")?);
     if let RulerGenerator::Qa { dataset, .. } = generator {
         h.update(&assets.qa(*dataset).sha256);
