@@ -3,7 +3,7 @@
 //! depth and word from it, so its official samples are reproduced only by the same stream.
 //! Covered: `seed(int)`, `getrandbits`, `_randbelow`, `randint`, `choice`, `sample`,
 //! `shuffle`, `random`, `choices` (no weights) and `uuid.UUID(int=getrandbits(128),
-//! version=4)`.
+//! version=4)`; and numpy's legacy `seed`/`randint`, which RULER's variable tracking uses.
 
 const N: usize = 624;
 const M: usize = 397;
@@ -30,6 +30,33 @@ impl PyRandom {
         };
         r.init_by_array(&key);
         r
+    }
+
+    /// `numpy.random.seed(seed)`: numpy's legacy `RandomState` (the same Mersenne Twister,
+    /// seeded by `init_genrand` directly).
+    pub fn numpy_legacy(seed: u32) -> Self {
+        let mut r = Self {
+            mt: [0; N],
+            index: N,
+        };
+        r.init_genrand(seed);
+        r
+    }
+
+    /// `numpy.random.randint(low, high)` of the legacy generator (high excluded): masked
+    /// rejection sampling on 32-bit draws.
+    pub fn numpy_randint(&mut self, low: i64, high: i64) -> i64 {
+        let rng = (high - low - 1) as u32;
+        if rng == 0 {
+            return low;
+        }
+        let mask = u32::MAX >> rng.leading_zeros();
+        loop {
+            let v = self.next_u32() & mask;
+            if v <= rng {
+                return low + v as i64;
+            }
+        }
     }
 
     fn init_genrand(&mut self, s: u32) {
@@ -260,6 +287,14 @@ mod tests {
             PyRandom::new((1 << 40) + 3).getrandbits(32),
             GETRANDBITS_BIG_SEED
         );
+    }
+
+    #[test]
+    fn numpy_legacy_randint_matches_numpy() {
+        // python3 -c "import numpy as np; np.random.seed(42); print([int(np.random.randint(10000, 99999)) for _ in range(5)])"  (numpy 2.4.6)
+        let mut r = PyRandom::numpy_legacy(42);
+        let v: Vec<i64> = (0..5).map(|_| r.numpy_randint(10000, 99999)).collect();
+        assert_eq!(v, [25795, 10860, 86820, 64886, 16265]);
     }
 
     const GETRANDBITS_32: u128 = 107420369;

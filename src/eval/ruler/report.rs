@@ -1,6 +1,7 @@
 //! RULER reports: a task × length table in markdown, CSV and JSON with averages, a plot of
 //! score against length per task (SVG), and the delta table against a baseline report.
 
+use crate::eval::ruler::config::{HaystackKind, Protocol, RulerGenerator};
 use crate::eval::ruler::data::{Assets, ESSAY_SOURCE};
 use crate::eval::ruler::run::{RulerRun, RunIdentity};
 use crate::eval::ruler::score::{self, round2};
@@ -54,6 +55,9 @@ pub struct Report {
     pub samples_per_task: usize,
     pub lengths: Vec<usize>,
     pub tasks: Vec<String>,
+    /// `ruler` (NVIDIA/RULER's generators call for call) or `wildlong`.
+    #[serde(default)]
+    pub protocol: String,
     pub essay_haystack: String,
     pub qa_squad: String,
     pub qa_hotpotqa: String,
@@ -85,6 +89,37 @@ impl Report {
         results: Vec<TaskResult>,
     ) -> Self {
         let mut notes = Vec::new();
+        let protocol = run.config.protocol();
+        let essay_tasks: Vec<&str> = tasks
+            .iter()
+            .filter(|t| {
+                run.config.tasks.get(*t).is_some_and(|g| {
+                    matches!(
+                        g,
+                        RulerGenerator::Niah {
+                            type_haystack: HaystackKind::Essay,
+                            ..
+                        } | RulerGenerator::VariableTracking {
+                            type_haystack: HaystackKind::Essay,
+                            ..
+                        }
+                    )
+                })
+            })
+            .map(String::as_str)
+            .collect();
+        match protocol {
+            Protocol::Ruler if assets.essay_source == "built-in" && !essay_tasks.is_empty() => {
+                notes.push(format!(
+                    "not comparable: {} draw from the built-in public-domain essays, not RULER's Paul Graham essays: pass --essays PaulGrahamEssays.json (written by RULER's download_paulgraham_essay.py)",
+                    essay_tasks.join(", ")
+                ))
+            }
+            Protocol::Ruler => {}
+            Protocol::Wildlong => notes.push(
+                "not comparable: protocol `wildlong` (inputs filled to within ~1% of the length, per-sample seeds, needles at varied depths): pass --protocol ruler with RULER's sources (--essays, --qa-squad, --qa-hotpotqa) for numbers comparable with published RULER results".into(),
+            ),
+        }
         for (name, set) in [("qa_1", &assets.squad), ("qa_2", &assets.hotpotqa)] {
             if set.source == "built-in" && tasks.iter().any(|t| t == name) {
                 notes.push(format!(
@@ -108,7 +143,13 @@ impl Report {
             samples_per_task: run.config.samples,
             lengths: lengths.to_vec(),
             tasks: tasks.to_vec(),
-            essay_haystack: ESSAY_SOURCE.to_string(),
+            protocol: protocol.name().to_string(),
+            essay_haystack: match (protocol, assets.essay_source.as_str()) {
+                (Protocol::Ruler, "built-in") | (Protocol::Wildlong, _) => ESSAY_SOURCE.to_string(),
+                (Protocol::Ruler, file) => {
+                    format!("{file} (sha256 {})", &assets.essay_sha256[..16])
+                }
+            },
             qa_squad: qa_desc(&assets.squad),
             qa_hotpotqa: qa_desc(&assets.hotpotqa),
             notes,
@@ -161,8 +202,9 @@ impl Report {
         let mut s = String::from("# RULER\n\n");
         let adapter = self.adapter.as_deref().unwrap_or("none");
         s.push_str(&format!(
-            "- model: `{}`, adapter: `{adapter}`\n- template: {}\n- weights: {}\n- RoPE: `{}`\n- seed {}, {} samples per task and length, greedy decoding\n- essay haystack: {}\n- QA: SQuAD {}; HotpotQA {}\n- {}\n",
+            "- model: `{}`, adapter: `{adapter}`\n- protocol: `{}`\n- template: {}\n- weights: {}\n- RoPE: `{}`\n- seed {}, {} samples per task and length, greedy decoding\n- essay haystack: {}\n- QA: SQuAD {}; HotpotQA {}\n- {}\n",
             self.model,
+            if self.protocol.is_empty() { "wildlong" } else { &self.protocol },
             self.template,
             self.weights,
             serde_json::to_string(&self.rope).unwrap_or_default(),

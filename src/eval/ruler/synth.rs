@@ -540,12 +540,7 @@ impl<'a> Synth<'a> {
     ) -> Result<(String, String, Vec<String>, Vec<u32>)> {
         let num_hops = if is_icl { num_hops.min(10) } else { num_hops };
         let (vars, chains) = Self::vt_chains(rng, num_chains, num_hops, is_icl);
-        let value = chains[0][0]
-            .rsplit('=')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_string();
+        let value = chain_value(&chains[0][0]);
         let mut depths = Vec::new();
         let context = match haystack {
             HaystackKind::Essay => {
@@ -799,6 +794,16 @@ fn depths_grid_checked(n: usize) -> Result<Vec<u32>> {
         );
     }
     Ok(g)
+}
+
+/// The value a chain assigns: `chains[0][0].split("=")[-1].strip()` of its first line.
+pub fn chain_value(first_line: &str) -> String {
+    first_line
+        .rsplit('=')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 pub fn sample_hash(input: &str, answer_prefix: &str, outputs: &[String]) -> String {
