@@ -554,3 +554,128 @@ fn data_files_resolve_from_an_hf_dataset_cache() {
         "{err}"
     );
 }
+
+#[test]
+fn ruler_protocol_runs_end_to_end_on_rulers_essay_file_format() {
+    let _limit = time_limit(10);
+    let d = tempdir();
+    // RULER's PaulGrahamEssays.json shape ({"text": …}), here 3,000 words of the built-in essays.
+    let words: Vec<&str> = assets().essay_text.split_whitespace().take(3000).collect();
+    let essays = d.path().join("PaulGrahamEssays.json");
+    std::fs::write(
+        &essays,
+        serde_json::json!({ "text": words.join(" ") }).to_string(),
+    )
+    .unwrap();
+    let out = d.path().join("eval");
+    let run = |protocol: &str, out: &Path| {
+        ok(&wildlong(&[
+            "eval",
+            "ruler",
+            "--model",
+            "default",
+            "--protocol",
+            protocol,
+            "--essays",
+            essays.to_str().unwrap(),
+            "--lengths",
+            "1024",
+            "--tasks",
+            "niah_single_2,vt",
+            "--samples",
+            "1",
+            "--no-progress",
+            "--out",
+            out.to_str().unwrap(),
+            "--cache-dir",
+            d.path().join("cache").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap())
+    };
+    let md = run("ruler", &out);
+    let r = Report::load(&out.join("report.json")).unwrap();
+    assert_eq!(r.protocol, "ruler");
+    assert!(md.contains("- protocol: `ruler`"), "{md}");
+    assert!(
+        r.essay_haystack.contains("PaulGrahamEssays.json"),
+        "{}",
+        r.essay_haystack
+    );
+    assert!(
+        !r.notes.iter().any(|n| n.contains("not comparable")),
+        "{:?}",
+        r.notes
+    );
+    // The CLI's samples are the official generator's for the same file, template and seed.
+    let l = located();
+    let format = PromptFormat {
+        tokenizer: &l.tokenizer,
+        chat: l.chat_template.as_ref(),
+    };
+    let a = Assets::load(None, None)
+        .unwrap()
+        .with_essays(&essays)
+        .unwrap();
+    let cfg = RulerConfig::builtin();
+    for task in ["niah_single_2", "vt"] {
+        let want = wildlong::eval::ruler::official::samples(
+            &a,
+            &format,
+            task,
+            &cfg.tasks[task],
+            1024,
+            42,
+            1,
+        )
+        .unwrap();
+        let got: Vec<Sample> =
+            read_jsonl_resumable(&out.join(format!("1024/{task}/data.jsonl"))).unwrap();
+        assert_eq!(got, want, "{task}");
+        assert!(got[0].length <= 1024, "{task}");
+    }
+    let essay_sample: Vec<Sample> =
+        read_jsonl_resumable(&out.join("1024/niah_single_2/data.jsonl")).unwrap();
+    // The haystack is the file's text (RULER's whitespace split, Punkt's sentences).
+    assert!(essay_sample[0].input.contains(&words[5..40].join(" ")));
+    // The wildlong protocol draws other samples, and its report says it is not comparable.
+    let other = d.path().join("eval-wildlong");
+    run("wildlong", &other);
+    let w = Report::load(&other.join("report.json")).unwrap();
+    assert_eq!(w.protocol, "wildlong");
+    assert!(w
+        .notes
+        .iter()
+        .any(|n| n.contains("not comparable: protocol `wildlong`")));
+    let ws: Vec<Sample> =
+        read_jsonl_resumable(&other.join("1024/niah_single_2/data.jsonl")).unwrap();
+    let rs: Vec<Sample> = read_jsonl_resumable(&out.join("1024/niah_single_2/data.jsonl")).unwrap();
+    assert_ne!(ws[0].input, rs[0].input);
+}
+
+#[test]
+fn protocol_defaults_to_ruler_only_with_rulers_sources_and_bad_essays_are_named() {
+    use wildlong::eval::ruler::config::Protocol;
+    let mut c = RulerConfig::builtin();
+    assert_eq!(c.protocol(), Protocol::Wildlong);
+    c.essays = Some("e.json".into());
+    c.qa_squad = Some("s.json".into());
+    assert_eq!(c.protocol(), Protocol::Wildlong, "one QA file missing");
+    c.qa_hotpotqa = Some("h.json".into());
+    assert_eq!(c.protocol(), Protocol::Ruler);
+    c.protocol = Some(Protocol::Wildlong);
+    assert_eq!(c.protocol(), Protocol::Wildlong, "an explicit choice wins");
+
+    let d = tempdir();
+    let bad = d.path().join("essays.json");
+    std::fs::write(&bad, "[1, 2]").unwrap();
+    let e = format!(
+        "{:#}",
+        Assets::load(None, None)
+            .unwrap()
+            .with_essays(&bad)
+            .err()
+            .unwrap()
+    );
+    assert!(e.contains("essays.json") && e.contains("\"text\""), "{e}");
+}
