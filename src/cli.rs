@@ -176,9 +176,14 @@ pub struct RulerArgs {
     /// Cache of generated samples, shared across runs (keyed by a hash of everything a sample depends on).
     #[arg(long, default_value = "runs/cache/ruler")]
     pub cache_dir: PathBuf,
-    /// Use RULER's `base` template (plain text) instead of the model's chat template.
-    #[arg(long)]
+    /// Use RULER's `base` template (plain text) instead of the model's chat template (the
+    /// default under `--protocol ruler`, as in RULER's prepare.py).
+    #[arg(long, conflicts_with = "chat")]
     pub no_chat_template: bool,
+    /// Render prompts with the model's chat template (the default under `--protocol
+    /// wildlong`).
+    #[arg(long)]
+    pub chat: bool,
     /// A report.json to compare against (e.g. before fine-tuning): prints and writes delta.md.
     #[arg(long)]
     pub baseline: Option<PathBuf>,
@@ -852,12 +857,12 @@ fn run_command(cli: Cli, pipeline: Option<PipelineConfig>) -> Result<()> {
         }
         Command::Eval(EvalCommand::Ruler(a)) => crate::eval::ruler::command::ruler(RulerCommand {
             run: RulerRun {
+                chat: a.chat_template()?,
                 config: a.ruler_config()?,
                 out: a.out.clone(),
                 cache_dir: a.cache_dir.clone(),
                 model: a.engine.model.clone(),
                 adapter: a.adapter.as_ref().map(|p| p.display().to_string()),
-                chat: !a.no_chat_template,
                 progress: !a.no_progress,
                 prepare_only: a.prepare_only,
                 shard: a.shards.shard,
@@ -925,6 +930,18 @@ fn run_command(cli: Cli, pipeline: Option<PipelineConfig>) -> Result<()> {
 }
 
 impl RulerArgs {
+    /// `--chat` / `--no-chat-template`, else the protocol's default: RULER's `base`
+    /// template under `ruler`, the model's chat template under `wildlong`.
+    pub fn chat_template(&self) -> Result<bool> {
+        Ok(if self.chat {
+            true
+        } else if self.no_chat_template {
+            false
+        } else {
+            self.ruler_config()?.protocol() == crate::eval::ruler::config::Protocol::Wildlong
+        })
+    }
+
     /// `--tasks`, `--lengths`, … over the task config.
     pub fn ruler_config(&self) -> Result<RulerConfig> {
         crate::eval::ruler::config::RulerSelection {

@@ -607,11 +607,13 @@ fn ruler_protocol_runs_end_to_end_on_rulers_essay_file_format() {
         "{:?}",
         r.notes
     );
+    // RULER's `base` template by default under its protocol.
+    assert!(r.template.starts_with("base"), "{}", r.template);
     // The CLI's samples are the official generator's for the same file, template and seed.
     let l = located();
     let format = PromptFormat {
         tokenizer: &l.tokenizer,
-        chat: l.chat_template.as_ref(),
+        chat: None,
     };
     let a = Assets::load(None, None)
         .unwrap()
@@ -643,6 +645,7 @@ fn ruler_protocol_runs_end_to_end_on_rulers_essay_file_format() {
     run("wildlong", &other);
     let w = Report::load(&other.join("report.json")).unwrap();
     assert_eq!(w.protocol, "wildlong");
+    assert!(w.template.contains("chat template"), "{}", w.template);
     assert!(w
         .notes
         .iter()
