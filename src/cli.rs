@@ -125,6 +125,11 @@ pub enum EvalCommand {
         after_help = "Examples:\n  wildlong eval longbench --model meta-llama/Llama-3.1-8B-Instruct --max-len 120000\n  wildlong eval longbench --server http://127.0.0.1:8000/v1 --model Qwen/Qwen2.5-7B-Instruct --tokenizer Qwen/Qwen2.5-7B-Instruct --max-len 120000\n\nReads THUDM/LongBench-v2's data.json (or a path, JSON or JSONL); writes <out>/pred.jsonl (appended; a\nkilled run resumes) and <out>/report.{json,md}: accuracy overall, easy/hard, short/medium/long."
     )]
     Longbench(Box<LongBenchArgs>),
+    /// HELMET's recall (json_kv, its RULER files) and RAG (KILT) subsets on its released data.
+    #[command(
+        after_help = "Examples:\n  wildlong eval helmet --model meta-llama/Llama-3.1-8B-Instruct --max-len 131072 --limit 100 \\\n    --task json_kv=data/json_kv/test_k1800_dep6.jsonl \\\n    --task ruler_niah_mk_2=data/ruler/niah_multikey_2/validation_131072.jsonl \\\n    --task kilt_nq=data/kilt/nq-dev-multikilt_1000_k1000_dep6.jsonl --demos kilt_nq=data/kilt/nq-train-multikilt_1000_k3_dep6.jsonl\n\nData: HELMET's data.tar.gz (huggingface.co/datasets/princeton-nlp/HELMET). Writes <out>/<task>/pred.jsonl\n(appended; a killed run resumes) and <out>/report.{json,md}: each task's score and the recall and RAG averages."
+    )]
+    Helmet(Box<HelmetArgs>),
     /// Print the delta table of two RULER reports (after versus before).
     Compare {
         /// The new report.json.
@@ -247,6 +252,78 @@ pub struct LongBenchArgs {
     pub no_progress: bool,
     #[command(flatten)]
     pub shards: EvalShardArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct HelmetArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// With --server: the model whose tokenizer measures and cuts the prompts (a models spec).
+    #[arg(long, default_value = "default")]
+    pub tokenizer: String,
+    /// A dataset and its file, NAME=FILE (repeatable): json_kv, ruler_niah_mk_2, ruler_niah_mk_3,
+    /// ruler_niah_mv, kilt_nq, kilt_triviaqa, kilt_hotpotqa, kilt_popqa_3, …; a path or hf://datasets/...
+    #[arg(long = "task", value_name = "NAME=FILE", required = true)]
+    pub tasks: Vec<String>,
+    /// A RAG dataset's demonstrations, NAME=FILE (repeatable).
+    #[arg(long = "demos", value_name = "NAME=FILE")]
+    pub demos: Vec<String>,
+    /// Demonstrations per prompt (HELMET's configs: 2).
+    #[arg(long, default_value_t = 2)]
+    pub shots: usize,
+    /// The first N items of each task [default: all].
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// HELMET's input_max_length: prompt + generated tokens; longer contexts lose their tail.
+    #[arg(long)]
+    pub max_len: usize,
+    /// Tokens to generate [default: HELMET's per dataset: json_kv 100, RULER 50 (mk_3 100), RAG 20].
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    #[arg(long, default_value = "runs/helmet")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub no_progress: bool,
+    #[command(flatten)]
+    pub shards: EvalShardArgs,
+}
+
+impl HelmetArgs {
+    /// `--task` and `--demos` paired by name.
+    pub fn tasks(&self) -> Result<Vec<crate::eval::helmet::Task>> {
+        let split = |flag: &str, s: &str| -> Result<(String, String)> {
+            let (n, f) = s
+                .split_once('=')
+                .with_context(|| format!("{flag} {s}: expected NAME=FILE"))?;
+            crate::eval::helmet::Kind::of(n).with_context(|| format!("{flag} {s}"))?;
+            Ok((n.to_string(), f.to_string()))
+        };
+        let demos = self
+            .demos
+            .iter()
+            .map(|d| split("--demos", d))
+            .collect::<Result<std::collections::BTreeMap<_, _>>>()?;
+        let tasks = self
+            .tasks
+            .iter()
+            .map(|t| {
+                let (name, data) = split("--task", t)?;
+                Ok(crate::eval::helmet::Task {
+                    demos: demos.get(&name).cloned(),
+                    name,
+                    data,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for d in demos.keys() {
+            if !tasks.iter().any(|t| &t.name == d) {
+                anyhow::bail!("--demos {d}=…: no --task {d}");
+            }
+        }
+        Ok(tasks)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -738,6 +815,7 @@ impl Cli {
             Command::Eval(EvalCommand::Ruler(a)) => Some(&a.engine),
             Command::Eval(EvalCommand::Short(a)) => Some(&a.engine),
             Command::Eval(EvalCommand::Longbench(a)) => Some(&a.engine),
+            Command::Eval(EvalCommand::Helmet(a)) => Some(&a.engine),
             _ => None,
         };
         Ok(match (engine, pipeline) {
@@ -898,6 +976,24 @@ fn run_command(cli: Cli, pipeline: Option<PipelineConfig>) -> Result<()> {
                 max_len: a.max_len,
                 temperature: a.temperature,
                 seed: a.seed,
+                out: a.out.clone(),
+                model: a.engine.model.clone(),
+                progress: !a.no_progress,
+                shard: a.shards.shard,
+                merge: a.shards.merge,
+            },
+            a.server.config(),
+            &a.tokenizer,
+            &a.engine.engine_config(threads)?,
+            models_dir,
+        ),
+        Command::Eval(EvalCommand::Helmet(a)) => crate::eval::helmet::command(
+            &crate::eval::helmet::HelmetRun {
+                tasks: a.tasks()?,
+                shots: a.shots,
+                limit: a.limit,
+                max_len: a.max_len,
+                max_tokens: a.max_tokens,
                 out: a.out.clone(),
                 model: a.engine.model.clone(),
                 progress: !a.no_progress,

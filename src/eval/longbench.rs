@@ -6,11 +6,9 @@
 //! difficulty (easy, hard) and by length (short, medium, long). On the local engine or an
 //! OpenAI-compatible server (chat completions, as `pred.py` calls one).
 
-use crate::engine::chat::Message;
+use super::Answerer;
 use crate::engine::config::{GenerationParams, SamplingParams};
-use crate::engine::generate::{Engine, Request};
 use crate::engine::tokenizer::Tokenizer;
-use crate::generator::openai::OpenAiClient;
 use crate::records::{append_line, read_jsonl_resumable};
 use anyhow::{bail, Context, Result};
 use regex::Regex;
@@ -190,15 +188,6 @@ impl Report {
     }
 }
 
-/// What answers: the local engine, or a server with the model's tokenizer read locally.
-pub enum Answerer<'a> {
-    Local(&'a Engine),
-    Server {
-        client: &'a OpenAiClient,
-        tokenizer: &'a Tokenizer,
-    },
-}
-
 pub struct LongBenchRun {
     pub data: String,
     pub limit: Option<usize>,
@@ -291,35 +280,7 @@ impl LongBenchRun {
             bar.inc(1);
             Ok(())
         };
-        match answerer {
-            Answerer::Local(e) => {
-                let reqs = prompts
-                    .iter()
-                    .map(|p| {
-                        Ok(Request {
-                            prompt: e.chat_prompt(&[Message::new("user", p.as_str())])?,
-                            params: params.clone(),
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let mut err = None;
-                e.generate(&reqs, |j, c| {
-                    if let Err(x) = record(j, &c.text, c.prompt_tokens) {
-                        err.get_or_insert(x);
-                    }
-                })?;
-                if let Some(x) = err {
-                    return Err(x);
-                }
-            }
-            Answerer::Server { client, .. } => {
-                client.each(
-                    &prompts,
-                    |p| client.chat(&[Message::new("user", p.as_str())], &params),
-                    |j, c| record(j, &c.text, c.prompt_tokens),
-                )?;
-            }
-        }
+        answerer.answer_all(&prompts, true, &params, &mut record)?;
         bar.finish_and_clear();
         if self.shard.count > 1 {
             return Ok(None);
@@ -348,27 +309,9 @@ pub fn command(
     engine: &crate::engine::config::EngineConfig,
     models_dir: &Path,
 ) -> Result<()> {
-    let report = match server {
-        Some(s) => {
-            let client = OpenAiClient::new(crate::generator::openai::OpenAiConfig {
-                model: run.model.clone(),
-                ..s
-            })?;
-            let located = crate::models::locate(
-                crate::models::resolve(tokenizer, models_dir)
-                    .with_context(|| format!("--tokenizer {tokenizer}"))?,
-                engine,
-            )?;
-            run.run(&Answerer::Server {
-                client: &client,
-                tokenizer: &located.tokenizer,
-            })?
-        }
-        None => {
-            let e = crate::models::load_engine(&run.model, models_dir, engine)?;
-            run.run(&Answerer::Local(&e))?
-        }
-    };
+    let report = super::with_answerer(&run.model, server, tokenizer, engine, models_dir, |a| {
+        run.run(a)
+    })?;
     match report {
         Some(r) => {
             print!("{}", r.markdown());

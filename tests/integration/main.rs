@@ -8,6 +8,7 @@ mod common;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod engine;
+mod helmet;
 mod kernels;
 mod kquants;
 mod learning;
