@@ -334,6 +334,12 @@ impl ShortRun {
         )];
         for td in &self.tasks {
             let items = data::read(td.task, &td.data, self.limit)?;
+            notes.push(format!(
+                "{}: {} items from {}",
+                td.task.name(),
+                items.len(),
+                td.data
+            ));
             // The few-shot pool: MMLU takes the first N of the item's own subject (lm-eval
             // runs one task per subject, first_n over its dev split), the others the first N.
             let (pool, shots) = match (self.fewshot, &td.fewshot_data) {
