@@ -23,11 +23,6 @@ use crate::eval::ruler::tasks::{self, format};
 use anyhow::{bail, Result};
 use std::sync::OnceLock;
 
-/// Does the official protocol reproduce this generator? (The others run as `wildlong`.)
-pub fn supports(_g: &RulerGenerator) -> bool {
-    true
-}
-
 /// RULER's essay haystack: `re.sub(r'\s+', " ", essay).split(" ")` (empty words kept).
 pub fn essay_words(text: &str) -> Vec<&str> {
     let mut out = Vec::new();
@@ -280,13 +275,13 @@ impl Counter<'_> {
 
     fn sample(
         &self,
-        g: &impl Draw,
+        c: &tasks::TaskConstants,
         index: usize,
         d: Drawn,
         tokens: usize,
         units: usize,
     ) -> Result<Sample> {
-        let (input, answer_prefix) = split(&d.text, g.constants());
+        let (input, answer_prefix) = split(&d.text, c);
         let prompt_tokens = self.format.tokens(&input, &answer_prefix)?.len();
         Ok(Sample {
             index,
@@ -386,7 +381,7 @@ impl Counter<'_> {
                     }
                 }
             };
-            out.push(self.sample(g, index, d, tokens, used)?);
+            out.push(self.sample(g.constants(), index, d, tokens, used)?);
         }
         Ok(out)
     }
@@ -395,7 +390,7 @@ impl Counter<'_> {
     /// until the text reaches it, one step back; each sample from that count, shrunk by a
     /// step while it is over the budget.
     fn fwe(&self, g: &mut Fwe, n: usize) -> Result<Vec<Sample>> {
-        let c = g.constants();
+        let c = &tasks::FREQ_WORDS_EXTRACTION;
         let max_len = self.length.saturating_sub(self.ttg);
         let inc = max_len / 32;
         if inc == 0 {
@@ -430,7 +425,7 @@ impl Counter<'_> {
                 outputs: answer,
                 depths: Vec::new(),
             };
-            out.push(self.sample(g, index, d, tokens, words as usize)?);
+            out.push(self.sample(c, index, d, tokens, words as usize)?);
         }
         Ok(out)
     }
@@ -576,14 +571,10 @@ impl Draw for Niah<'_> {
             Some((last, rest)) if !rest.is_empty() => format!("{}, and {last}", rest.join(", ")),
             _ => queries[0].to_string(),
         };
-        let mut template = format!("{}{}", tasks::NIAH.template, tasks::NIAH.answer_prefix);
+        let mut template = tasks::NIAH.with_answer_prefix();
         let mut tv = type_v.to_string();
         if self.num_q * self.num_v == 1 {
-            template = template
-                .replace("Some", "A")
-                .replace("are all", "is")
-                .replace("are", "is")
-                .replace("answers", "answer");
+            template = tasks::singular(&template);
             tv.pop();
         }
         let text = format(
@@ -753,11 +744,7 @@ impl Draw for Vt<'_> {
         } else {
             self.num_hops
         };
-        let template = format!(
-            "{}{}",
-            tasks::VARIABLE_TRACKING.template,
-            tasks::VARIABLE_TRACKING.answer_prefix
-        );
+        let template = tasks::VARIABLE_TRACKING.with_answer_prefix();
         let num_v = (hops + 1).to_string();
         let text = format(
             &template,
@@ -841,11 +828,7 @@ impl Draw for Cwe<'_> {
 
     fn draw(&mut self, num_words: usize, _index: usize) -> Result<Drawn> {
         let (common, uncommon, few_common, few_uncommon) = self.freq;
-        let template = format!(
-            "{}{}",
-            tasks::COMMON_WORDS_EXTRACTION.template,
-            tasks::COMMON_WORDS_EXTRACTION.answer_prefix
-        );
+        let template = tasks::COMMON_WORDS_EXTRACTION.with_answer_prefix();
         let num_cw = self.num_cw.to_string();
         let fill = |context: &str| {
             format(
@@ -933,26 +916,12 @@ impl Fwe {
             }
         }
         PyRandom::new(self.seed).shuffle(&mut words);
-        let template = format!(
-            "{}{}",
-            tasks::FREQ_WORDS_EXTRACTION.template,
-            tasks::FREQ_WORDS_EXTRACTION.answer_prefix
-        );
+        let template = tasks::FREQ_WORDS_EXTRACTION.with_answer_prefix();
         let text = format(
             &template,
             &[("context", words.join(" ").as_str()), ("query", "")],
         );
         (text, self.vocab[1..4].to_vec())
-    }
-}
-
-impl Draw for Fwe {
-    fn constants(&self) -> &'static tasks::TaskConstants {
-        &tasks::FREQ_WORDS_EXTRACTION
-    }
-
-    fn draw(&mut self, _units: usize, _index: usize) -> Result<Drawn> {
-        bail!("freq_words_extraction fits by word count (Counter::fwe)")
     }
 }
 
@@ -1053,7 +1022,7 @@ impl Draw for Qa<'_> {
             .map(|(i, &d)| format!("Document {}:\n{}", i + 1, qa.docs[d]))
             .collect::<Vec<_>>()
             .join("\n\n");
-        let template = format!("{}{}", tasks::QA.template, tasks::QA.answer_prefix);
+        let template = tasks::QA.with_answer_prefix();
         let text = format(
             &template,
             &[("context", context.as_str()), ("query", q.query.as_str())],

@@ -106,15 +106,6 @@ pub struct RulerRun {
     pub merge: bool,
 }
 
-/// The protocol a task's samples are generated under: `ruler` where
-/// [`official::supports`] its generator, otherwise `wildlong`.
-pub fn task_protocol(protocol: Protocol, generator: &RulerGenerator) -> Protocol {
-    match protocol {
-        Protocol::Ruler if official::supports(generator) => Protocol::Ruler,
-        _ => Protocol::Wildlong,
-    }
-}
-
 /// The first `n` samples of one task at one length, from the hashed cache when present;
 /// missing ones are generated (in parallel under `wildlong`; under `ruler` the whole
 /// sequence again, one random stream running through it) and appended to the cache.
@@ -131,7 +122,6 @@ pub fn prepare_samples(
     n: usize,
     cache_dir: &Path,
 ) -> Result<Vec<Sample>> {
-    let protocol = task_protocol(protocol, generator);
     let key = synth::cache_key(task, generator, length, seed, fingerprint, assets, protocol)?;
     std::fs::create_dir_all(cache_dir)
         .with_context(|| format!("creating {}", cache_dir.display()))?;

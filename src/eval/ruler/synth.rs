@@ -476,11 +476,7 @@ impl<'a> Synth<'a> {
         let mut tv = type_v.to_string();
         if num_q * num_v == 1 {
             for s in [&mut template, &mut prefix] {
-                *s = s
-                    .replace("Some", "A")
-                    .replace("are all", "is")
-                    .replace("are", "is")
-                    .replace("answers", "answer");
+                *s = tasks::singular(s);
             }
             tv.pop();
         }

@@ -38,6 +38,24 @@ pub struct TaskConstants {
     pub metric: Metric,
 }
 
+impl TaskConstants {
+    /// The template with the answer prefix appended: what `prepare.py` hands a generator as
+    /// `--template` under RULER's `base` model template.
+    pub fn with_answer_prefix(&self) -> String {
+        format!("{}{}", self.template, self.answer_prefix)
+    }
+}
+
+/// niah.py's rewrite of its template when one value is asked for (`Some` → `A`, `are all`
+/// → `is`, `are` → `is`, `answers` → `answer`, in that order).
+pub fn singular(template: &str) -> String {
+    template
+        .replace("Some", "A")
+        .replace("are all", "is")
+        .replace("are", "is")
+        .replace("answers", "answer")
+}
+
 pub const NIAH: TaskConstants = TaskConstants {
     template: "Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. I will quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all the special magic {type_needle_v} for {query} mentioned in the provided text?",
     answer_prefix: " The special magic {type_needle_v} for {query} mentioned in the provided text are",
