@@ -57,6 +57,16 @@ impl Shard {
     }
 }
 
+/// Every record of a folder's `<stem>.jsonl` and its shards' files (see [`shard_files`]), a
+/// torn last line of each dropped as `read_jsonl_resumable` drops it.
+pub fn read_all<T: serde::de::DeserializeOwned>(dir: &Path, stem: &str) -> anyhow::Result<Vec<T>> {
+    let mut out = Vec::new();
+    for f in shard_files(dir, stem) {
+        out.extend(crate::records::read_jsonl_resumable::<T>(&f)?);
+    }
+    Ok(out)
+}
+
 /// The files a folder's workers appended to: `<stem>.jsonl` (a whole run) and every shard's
 /// `<stem>.shard-k-of-n.jsonl`, in name order. A run reads them all, so a run without
 /// `--shard` merges the shards' records.

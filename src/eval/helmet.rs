@@ -22,7 +22,7 @@ use super::Answerer;
 use crate::engine::config::{GenerationParams, SamplingParams};
 use crate::engine::tokenizer::Tokenizer;
 use crate::eval::ruler::tasks::format;
-use crate::records::{append_line, read_jsonl_resumable};
+use crate::records::append_line;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -551,10 +551,7 @@ impl HelmetRun {
                 .unwrap_or(kind.default_max_tokens(&task.name));
             let dir = self.out.join(&task.name);
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let mut preds: Vec<Prediction> = Vec::new();
-            for f in crate::shard::shard_files(&dir, "pred") {
-                preds.extend(read_jsonl_resumable::<Prediction>(&f)?);
-            }
+            let mut preds: Vec<Prediction> = crate::shard::read_all(&dir, "pred")?;
             let done: HashSet<usize> = preds.iter().map(|p| p.index).collect();
             let mut todo: Vec<&Item> = Vec::new();
             for it in &items {

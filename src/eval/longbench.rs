@@ -9,7 +9,7 @@
 use super::Answerer;
 use crate::engine::config::{GenerationParams, SamplingParams};
 use crate::engine::tokenizer::Tokenizer;
-use crate::records::{append_line, read_jsonl_resumable};
+use crate::records::append_line;
 use anyhow::{bail, Context, Result};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
@@ -222,10 +222,7 @@ impl LongBenchRun {
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("creating {}", self.out.display()))?;
         let pred_path = self.out.join(format!("pred{}.jsonl", self.shard.suffix()));
-        let mut preds: Vec<Prediction> = Vec::new();
-        for f in crate::shard::shard_files(&self.out, "pred") {
-            preds.extend(read_jsonl_resumable::<Prediction>(&f)?);
-        }
+        let mut preds: Vec<Prediction> = crate::shard::read_all(&self.out, "pred")?;
         let done: HashSet<String> = preds.iter().map(|p| p.id.clone()).collect();
         let todo: Vec<&Item> = items
             .iter()

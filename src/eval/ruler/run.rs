@@ -247,10 +247,7 @@ impl RulerRun {
                 if std::fs::read_to_string(&data).ok().as_deref() != Some(text.as_str()) {
                     write_atomic(&data, text.as_bytes())?;
                 }
-                let mut preds: Vec<Prediction> = Vec::new();
-                for f in crate::shard::shard_files(&dir, "pred") {
-                    preds.extend(read_jsonl_resumable::<Prediction>(&f)?);
-                }
+                let preds: Vec<Prediction> = crate::shard::read_all(&dir, "pred")?;
                 work.push((len, name.clone(), samples, preds));
             }
         }

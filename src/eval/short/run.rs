@@ -6,7 +6,7 @@ use crate::engine::config::{GenerationParams, SamplingParams};
 use crate::engine::generate::{Engine, Request};
 use crate::eval::short::data::{self, Gold, Item, Task, GSM8K_UNTIL, TARGET_DELIMITER};
 use crate::eval::short::score;
-use crate::records::{append_line, read_jsonl_resumable, write_atomic};
+use crate::records::{append_line, write_atomic};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -360,11 +360,9 @@ impl ShortRun {
             std::fs::create_dir_all(&dir)?;
             let pred_path = dir.join(format!("pred{}.jsonl", self.shard.suffix()));
             let mut have: HashMap<usize, ShortPrediction> = HashMap::new();
-            for f in crate::shard::shard_files(&dir, "pred") {
-                for p in read_jsonl_resumable::<ShortPrediction>(&f)? {
-                    if hashes.get(p.index) == Some(&p.hash) {
-                        have.insert(p.index, p);
-                    }
+            for p in crate::shard::read_all::<ShortPrediction>(&dir, "pred")? {
+                if hashes.get(p.index) == Some(&p.hash) {
+                    have.insert(p.index, p);
                 }
             }
             let todo: Vec<usize> = (0..items.len())
