@@ -290,13 +290,17 @@ pub struct HelmetArgs {
     pub shards: EvalShardArgs,
 }
 
+/// A repeatable `--flag NAME=FILE` value split at its first `=`.
+fn name_and_file<'a>(flag: &str, s: &'a str, shape: &str) -> Result<(&'a str, &'a str)> {
+    s.split_once('=')
+        .with_context(|| format!("{flag} {s:?}: expected {shape}"))
+}
+
 impl HelmetArgs {
     /// `--task` and `--demos` paired by name.
     pub fn tasks(&self) -> Result<Vec<crate::eval::helmet::Task>> {
         let split = |flag: &str, s: &str| -> Result<(String, String)> {
-            let (n, f) = s
-                .split_once('=')
-                .with_context(|| format!("{flag} {s}: expected NAME=FILE"))?;
+            let (n, f) = name_and_file(flag, s, "NAME=FILE")?;
             crate::eval::helmet::Kind::of(n).with_context(|| format!("{flag} {s}"))?;
             Ok((n.to_string(), f.to_string()))
         };
@@ -366,9 +370,7 @@ impl ShortArgs {
     /// `--data` and `--fewshot-data` pairs as the tasks to run, in the order given.
     fn tasks(&self) -> Result<Vec<crate::eval::short::run::TaskData>> {
         let split = |flag: &str, s: &str| -> Result<(String, String)> {
-            let (t, f) = s
-                .split_once('=')
-                .with_context(|| format!("{flag} {s:?}: expected TASK=FILE"))?;
+            let (t, f) = name_and_file(flag, s, "TASK=FILE")?;
             Ok((t.trim().to_string(), f.to_string()))
         };
         let data = self
