@@ -345,7 +345,9 @@ fn simd() -> bool {
             std::env::var_os("WILDLONG_NO_SIMD").is_none()
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -382,68 +384,35 @@ fn row_tile(
     simd: bool,
 ) {
     macro_rules! dispatch {
-        ($f:ident) => {
+        ($($f:ident)::+) => {
             match t {
-                1 => $f::<1>(w, r, x, i0, acc),
-                2 => $f::<2>(w, r, x, i0, acc),
-                3 => $f::<3>(w, r, x, i0, acc),
-                4 => $f::<4>(w, r, x, i0, acc),
-                5 => $f::<5>(w, r, x, i0, acc),
-                6 => $f::<6>(w, r, x, i0, acc),
-                7 => $f::<7>(w, r, x, i0, acc),
-                _ => $f::<8>(w, r, x, i0, acc),
+                1 => $($f)::+::<1>(w, r, x, i0, acc),
+                2 => $($f)::+::<2>(w, r, x, i0, acc),
+                3 => $($f)::+::<3>(w, r, x, i0, acc),
+                4 => $($f)::+::<4>(w, r, x, i0, acc),
+                5 => $($f)::+::<5>(w, r, x, i0, acc),
+                6 => $($f)::+::<6>(w, r, x, i0, acc),
+                7 => $($f)::+::<7>(w, r, x, i0, acc),
+                _ => $($f)::+::<8>(w, r, x, i0, acc),
             }
         };
     }
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // SAFETY: AVX-512F/BW and FMA were detected at run time.
-        unsafe { dispatch!(row_tile_avx512) };
+        // SAFETY: AVX-512F/BW/VL, FMA and F16C were detected at run time; x holds the m·k
+        // values the caller checked, and i0 + t ≤ m.
+        unsafe { dispatch!(avx512::row) };
         return;
     }
     let _ = simd;
     dispatch!(row_tile_portable)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,fma")]
-unsafe fn row_tile_avx512<const T: usize>(
-    w: &RawWeight,
-    r: usize,
-    x: &[f32],
-    i0: usize,
-    acc: &mut [f32; TILE],
-) {
-    row_tile_body::<T, true>(w, r, x, i0, acc)
-}
-
+/// Dot products of weight row `r` with activation rows `i0..i0 + T`, portable: up to 256
+/// weights at a time unpacked into a buffer (with [`unpack`], the reference's own formula),
+/// then multiplied with each activation row in four independent 16-lane accumulators (one
+/// chain would wait on each add's latency).
 fn row_tile_portable<const T: usize>(
-    w: &RawWeight,
-    r: usize,
-    x: &[f32],
-    i0: usize,
-    acc: &mut [f32; TILE],
-) {
-    row_tile_body::<T, false>(w, r, x, i0, acc)
-}
-
-/// `a·b + c`, fused where the caller is compiled with FMA (`mul_add` without it is a library
-/// call).
-#[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
-/// Dot products of weight row `r` with activation rows `i0..i0 + T`: up to 256 weights at a
-/// time unpacked into a buffer, then multiplied with each activation row in four independent
-/// 16-lane accumulators (one chain would wait on each add's latency). Written to vectorize;
-/// the `target_feature` wrapper compiles it for AVX-512.
-#[inline(always)]
-fn row_tile_body<const T: usize, const FMA: bool>(
     w: &RawWeight,
     r: usize,
     x: &[f32],
@@ -475,13 +444,13 @@ fn row_tile_body<const T: usize, const FMA: bool>(
             for (wc, xc) in wc.zip(xc) {
                 for a in 0..A {
                     for l in 0..L {
-                        p[a][l] = madd::<FMA>(wc[a * L + l], xc[a * L + l], p[a][l]);
+                        p[a][l] += wc[a * L + l] * xc[a * L + l];
                     }
                 }
             }
             for (wc, xc) in wr.chunks_exact(L).zip(xr.chunks_exact(L)) {
                 for l in 0..L {
-                    p[0][l] = madd::<FMA>(wc[l], xc[l], p[0][l]);
+                    p[0][l] += wc[l] * xc[l];
                 }
             }
             for l in 0..L {
@@ -492,6 +461,237 @@ fn row_tile_body<const T: usize, const FMA: bool>(
     }
     for (a, lane) in acc.iter_mut().zip(&lanes) {
         *a = lane.iter().sum();
+    }
+}
+
+/// The block kernel on AVX-512: each run of 32 weights is unpacked in registers from the bytes
+/// GGUF stores (nibbles split with byte masks, Q5's fifth bits added under a byte mask,
+/// Q6_K's high bits shifted in), converted to f32 and scaled by ggml's formula, then multiplied
+/// with every activation row of the tile. The weights equal [`unpack`]'s up to one rounding
+/// (a fused `q·d − m` where ggml rounds twice).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{scale_min_k4, RawKind, RawWeight, TILE};
+    use std::arch::x86_64::*;
+
+    // Helpers are macros: a `#[target_feature]` function cannot be `#[inline(always)]`, and
+    // as calls they would pass vectors through memory.
+
+    /// The f16 at byte `$i` of `$p`, as f32 (exact, as every f16 is an f32).
+    macro_rules! f16_at {
+        ($p:expr, $i:expr) => {
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                ($p.add($i) as *const u16).read_unaligned() as i32,
+            )))
+        };
+    }
+
+    /// Two vectors of 16 f32 from 32 bytes: signed (`i8`) or unsigned (`u8`).
+    macro_rules! widen {
+        (i8, $v:expr) => {{
+            let v: __m256i = $v;
+            (
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v))),
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1))),
+            )
+        }};
+        (u8, $v:expr) => {{
+            let v: __m256i = $v;
+            (
+                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(v))),
+                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(v, 1))),
+            )
+        }};
+    }
+
+    /// `acc[t]` += the run's weights `(w0, w1)` · activation row `i0 + t` at column `col`, into
+    /// accumulator pair `S` (two pairs while the tile has few rows, so that one row's adds do
+    /// not wait on each other; one pair when the tile's rows already give independent chains).
+    macro_rules! run {
+        ($acc:ident, $x:ident, $k:expr, $i0:expr, $col:expr, $S:literal, $w:expr) => {{
+            let (w0, w1): (__m512, __m512) = $w;
+            let s = if T > 2 { 0 } else { 2 * $S };
+            for (t, a) in $acc.iter_mut().enumerate() {
+                let xp = $x.as_ptr().add(($i0 + t) * $k + $col);
+                a[s] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), a[s]);
+                a[s + 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), a[s + 1]);
+            }
+        }};
+    }
+
+    /// Q5_0 / Q5_1 block at `$p` (`OFFSET`: Q5_1's min): its 32 weights.
+    macro_rules! q5 {
+        ($p:expr, $offset:expr) => {{
+            let p: *const u8 = $p;
+            let at = if $offset { 4 } else { 2 };
+            let d = _mm512_set1_ps(f16_at!(p, 0));
+            let qh = (p.add(at) as *const u32).read_unaligned();
+            let qs = _mm_loadu_si128(p.add(at + 4) as *const __m128i);
+            let m4 = _mm_set1_epi8(0x0F);
+            // Bytes 0..16: the low nibbles (weights 0..16); 16..32: the high ones.
+            let v = _mm256_set_m128i(
+                _mm_and_si128(_mm_srli_epi16(qs, 4), m4),
+                _mm_and_si128(qs, m4),
+            );
+            let v = _mm256_mask_add_epi8(v, qh, v, _mm256_set1_epi8(16));
+            if $offset {
+                let m = _mm512_set1_ps(f16_at!(p, 2));
+                let (q0, q1) = widen!(u8, v);
+                (_mm512_fmadd_ps(q0, d, m), _mm512_fmadd_ps(q1, d, m))
+            } else {
+                let (q0, q1) = widen!(i8, _mm256_sub_epi8(v, _mm256_set1_epi8(16)));
+                (_mm512_mul_ps(q0, d), _mm512_mul_ps(q1, d))
+            }
+        }};
+    }
+
+    /// 32 unsigned values scaled as a K-quant sub-block: `q·d − m`.
+    macro_rules! scaled {
+        ($v:expr, $d:expr, $m:expr) => {{
+            let (q0, q1) = widen!(u8, $v);
+            let (d, m) = (_mm512_set1_ps($d), _mm512_set1_ps(-$m));
+            (_mm512_fmadd_ps(q0, d, m), _mm512_fmadd_ps(q1, d, m))
+        }};
+    }
+
+    /// 32 values of Q6_K (6 bits, offset 32) with scales `$s0` (first 16) and `$s1`.
+    macro_rules! q6 {
+        ($v:expr, $s0:expr, $s1:expr) => {{
+            let (q0, q1) = widen!(i8, _mm256_sub_epi8($v, _mm256_set1_epi8(32)));
+            (
+                _mm512_mul_ps(q0, _mm512_set1_ps($s0)),
+                _mm512_mul_ps(q1, _mm512_set1_ps($s1)),
+            )
+        }};
+    }
+
+    /// Dot products of weight row `r` with activation rows `i0..i0 + T`.
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VL, FMA and F16C must be available; `x` holds at least `(i0 + T)·k` values
+    /// and `r < n`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+    pub unsafe fn row<const T: usize>(
+        w: &RawWeight,
+        r: usize,
+        x: &[f32],
+        i0: usize,
+        out: &mut [f32; TILE],
+    ) {
+        let (k, bb) = (w.k, w.kind.block_bytes());
+        let nb = k / w.kind.block_len();
+        let base = w.bytes.as_ptr().add(r * w.row_bytes());
+        let mut acc = [[_mm512_setzero_ps(); 4]; T];
+        let m4 = _mm256_set1_epi8(0x0F);
+        match w.kind {
+            RawKind::Q5_0 | RawKind::Q5_1 => {
+                let offset = w.kind == RawKind::Q5_1;
+                let mut b = 0;
+                while b + 2 <= nb {
+                    run!(acc, x, k, i0, b * 32, 0, q5!(base.add(b * bb), offset));
+                    run!(
+                        acc,
+                        x,
+                        k,
+                        i0,
+                        b * 32 + 32,
+                        1,
+                        q5!(base.add(b * bb + bb), offset)
+                    );
+                    b += 2;
+                }
+                if b < nb {
+                    run!(acc, x, k, i0, b * 32, 0, q5!(base.add(b * bb), offset));
+                }
+            }
+            RawKind::Q4K | RawKind::Q5K => {
+                let five = w.kind == RawKind::Q5K;
+                for b in 0..nb {
+                    let p = base.add(b * bb);
+                    let (d, min) = (f16_at!(p, 0), f16_at!(p, 2));
+                    let scales = std::slice::from_raw_parts(p.add(4), 12);
+                    let (qs, qh) = if five {
+                        (p.add(48), _mm256_loadu_si256(p.add(16) as *const __m256i))
+                    } else {
+                        (p.add(16), _mm256_setzero_si256())
+                    };
+                    for g in 0..4 {
+                        let raw = _mm256_loadu_si256(qs.add(32 * g) as *const __m256i);
+                        let mut lo = _mm256_and_si256(raw, m4);
+                        let mut hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                        if five {
+                            let sixteen = _mm256_set1_epi8(16);
+                            let bit = |j: usize| _mm256_set1_epi8((1u8 << j) as i8);
+                            let ml = _mm256_test_epi8_mask(qh, bit(2 * g));
+                            let mh = _mm256_test_epi8_mask(qh, bit(2 * g + 1));
+                            lo = _mm256_mask_add_epi8(lo, ml, lo, sixteen);
+                            hi = _mm256_mask_add_epi8(hi, mh, hi, sixteen);
+                        }
+                        let (sc, m) = scale_min_k4(2 * g, scales);
+                        let col = b * 256 + 64 * g;
+                        run!(
+                            acc,
+                            x,
+                            k,
+                            i0,
+                            col,
+                            0,
+                            scaled!(lo, d * sc as f32, min * m as f32)
+                        );
+                        let (sc, m) = scale_min_k4(2 * g + 1, scales);
+                        run!(
+                            acc,
+                            x,
+                            k,
+                            i0,
+                            col + 32,
+                            1,
+                            scaled!(hi, d * sc as f32, min * m as f32)
+                        );
+                    }
+                }
+            }
+            RawKind::Q6K => {
+                let m3 = _mm256_set1_epi8(3);
+                for b in 0..nb {
+                    let p = base.add(b * bb);
+                    let d = f16_at!(p, 208);
+                    for h in 0..2 {
+                        let ql = p.add(64 * h);
+                        let a = _mm256_loadu_si256(ql as *const __m256i);
+                        let c = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+                        let hv = _mm256_loadu_si256(p.add(128 + 32 * h) as *const __m256i);
+                        let s = |i: usize| d * *(p.add(192 + 8 * h + i) as *const i8) as f32;
+                        let high = |shift: i32| {
+                            let v = match shift {
+                                0 => hv,
+                                2 => _mm256_srli_epi16(hv, 2),
+                                4 => _mm256_srli_epi16(hv, 4),
+                                _ => _mm256_srli_epi16(hv, 6),
+                            };
+                            _mm256_slli_epi16(_mm256_and_si256(v, m3), 4)
+                        };
+                        let q1 = _mm256_or_si256(_mm256_and_si256(a, m4), high(0));
+                        let q2 = _mm256_or_si256(_mm256_and_si256(c, m4), high(2));
+                        let q3 =
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), m4), high(4));
+                        let q4 =
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), m4), high(6));
+                        let col = b * 256 + 128 * h;
+                        run!(acc, x, k, i0, col, 0, q6!(q1, s(0), s(1)));
+                        run!(acc, x, k, i0, col + 32, 1, q6!(q2, s(2), s(3)));
+                        run!(acc, x, k, i0, col + 64, 0, q6!(q3, s(4), s(5)));
+                        run!(acc, x, k, i0, col + 96, 1, q6!(q4, s(6), s(7)));
+                    }
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = _mm512_reduce_add_ps(_mm512_add_ps(
+                _mm512_add_ps(a[0], a[1]),
+                _mm512_add_ps(a[2], a[3]),
+            ));
+        }
     }
 }
 
