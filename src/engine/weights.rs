@@ -40,10 +40,12 @@ pub enum WeightFormat {
     /// f32 for many-row matmuls (prefill) and Q8_0 for few-row matmuls (decode). Faster decode,
     /// but Q8_0 activations can flip near-tied greedy choices (seen on SmolLM2-135M).
     Hybrid,
-    /// The file's Q4_0/Q4_1/Q8_0 blocks × activations quantized to 8 bits per 32 values, as
-    /// llama.cpp computes them (AVX512-VNNI integer dot products, every row count): the
-    /// fastest batched decode and prefill, memory ≈ the file, but not exact (near-tied greedy
-    /// choices can flip). CPUs without AVX512-VNNI load `exact` instead.
+    /// The file's blocks × activations quantized to 8 bits, as llama.cpp computes them: Q4_0,
+    /// Q4_1 and Q8_0 through our AVX512-VNNI integer dot products (8 bits per 32 values),
+    /// Q4_K/Q5_K/Q6_K through candle's quantized matmul (Q8_K activations, 8 bits per 256),
+    /// at every row count: the fastest batched decode and prefill, memory ≈ the file, but not
+    /// exact (near-tied greedy choices can flip). Q5_0/Q5_1 run exact; CPUs without
+    /// AVX512-VNNI run Q4_0/Q4_1/Q8_0 exact too.
     Int8Activations,
 }
 
@@ -715,6 +717,13 @@ pub enum QuantCopy {
 impl Holding {
     /// How a weight of `dtype` with rows of `k` is held in `format`, on the CPU or not.
     pub fn of(dtype: GgmlDType, k: usize, format: WeightFormat, cpu: bool) -> Self {
+        // K-quants with integer activations: candle's Q8_K kernels (AVX2 and up, prefill and
+        // decode tuned) are what llama.cpp computes; our f32-activation kernels are the exact
+        // path.
+        let k_quant = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
+        if format == WeightFormat::Int8Activations && cpu && k_quant && RawWeight::takes(dtype, k) {
+            return Self::Quant(QuantCopy::AsStored);
+        }
         // Without VNNI the integer path would be the scalar reference: load `exact` instead.
         let format = match format {
             WeightFormat::Int8Activations if !(cpu && packed_int8::has_vnni()) => {
@@ -731,8 +740,8 @@ impl Holding {
             WeightFormat::Exact | WeightFormat::Packed | WeightFormat::Int8Activations
         );
         // K-quants and 5-bit types are held as stored on the CPU in every format that keeps
-        // the file's blocks (the integer-activation kernels cover only Q4_0/Q4_1/Q8_0: these
-        // run exact).
+        // the file's blocks (Q5_0/Q5_1 run exact with integer activations too: candle's
+        // kernels for them are scalar).
         if keeps_blocks && cpu && RawWeight::takes(dtype, k) {
             return Self::Raw;
         }

@@ -161,6 +161,32 @@ fn check_quantized_file(
         0.75,
         name,
     );
+    // Integer activations (K types through candle's Q8_K kernels, as llama.cpp computes them):
+    // memory as predicted, logits near the reference but not equal to it (the path really
+    // quantizes), greedy tokens as llama.cpp's.
+    let cfg = EngineConfig {
+        weight_format: WeightFormat::Int8Activations,
+        ..Default::default()
+    };
+    let what = format!("{name}, int8 activations");
+    crate::memory::assert_prediction_holds(&path, &cfg, &what);
+    let int8 = load(&path, cfg);
+    let a = full_logits(&int8.model, tokens).unwrap();
+    let b = full_logits(&exact.model, tokens).unwrap();
+    let (d, scale) = (max_abs_diff(&a, &b), max_abs(&b));
+    assert!(
+        d > 1e-5 * scale && d <= 0.05 * scale,
+        "{what}: logits differ from exact ones by {d} (scale {scale})"
+    );
+    eprintln!("{what}: logits within {:.2e} of their scale", d / scale);
+    assert_greedy_matches(
+        &int8,
+        prompts,
+        &greedy(&int8, prompts, n),
+        &want,
+        0.75,
+        &what,
+    );
 }
 
 #[test]
