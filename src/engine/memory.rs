@@ -55,30 +55,28 @@ pub fn weight_bytes(source: &WeightSource, cfg: &Config, t: Target) -> Result<u6
             .with_context(|| format!("no tensor `{g}` in this GGUF file"))
     };
     // A linear's bytes and how it is held.
-    let linear = |prefix: &str| -> Result<(u64, Holding)> {
+    // A linear's bytes, how it is held, and whether an embedding table held so reads the blocks.
+    let linear = |prefix: &str| -> Result<(u64, Holding, bool)> {
         let i = info(&format!("{prefix}.weight"))?;
         let &[n, k] = i.shape.dims() else {
             bail!("tensor `{prefix}.weight` is not a matrix: {:?}", i.shape);
         };
         if adapted(prefix) {
-            return Ok(((n * k * 4) as u64, Holding::Dense));
+            return Ok(((n * k * 4) as u64, Holding::Dense, false));
         }
         let held = Holding::of(i.ggml_dtype, k, t.format, t.cpu);
-        Ok((held.bytes(i.ggml_dtype, n, k), held))
+        let rows = held.rows_from_blocks(i.ggml_dtype, t.cpu);
+        Ok((held.bytes(i.ggml_dtype, n, k), held, rows))
     };
     let f32_table = v * h * 4;
     let table_and_head = if has_head {
-        let (head, _) = linear("lm_head")?;
-        let (table, held) = linear("model.embed_tokens")?;
-        head + if t.cpu && held.is_blocks() {
-            table
-        } else {
-            f32_table
-        }
+        let (head, ..) = linear("lm_head")?;
+        let (table, _, rows) = linear("model.embed_tokens")?;
+        head + if rows { table } else { f32_table }
     } else {
         // Tied: the table shares the head's blocks or dense copy, else is dequantized.
-        let (head, held) = linear("model.embed_tokens")?;
-        head + if (t.cpu && held.is_blocks()) || held.has_dense() {
+        let (head, held, rows) = linear("model.embed_tokens")?;
+        head + if rows || held.has_dense() {
             0
         } else {
             f32_table

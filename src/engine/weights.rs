@@ -26,6 +26,8 @@ pub enum WeightFormat {
     /// The file's blocks × f32 activations, exact w.r.t. the dequantized file, memory ≈ the
     /// file: few-row matmuls (decode) through block kernels (Q4_0/Q4_1/Q8_0, the K-quants,
     /// Q5_0/Q5_1), many-row ones (prefill) through gemm over slabs of rows dequantized per call.
+    /// On CUDA (as `packed` and `int8-activations` there) the blocks run through candle's
+    /// quantized matmuls: 8-bit activations, not exact.
     #[default]
     Exact,
     /// As `exact`, but Q4_0/Q4_1/Q8_0 run the block kernels at every row count (no prefill
@@ -79,6 +81,9 @@ pub struct Linear {
     /// Many-row matmuls of a block-only `packed` weight go through dequantized slabs and gemm
     /// (else through the block kernels).
     slabs: bool,
+    /// `quant` holds the file's own blocks (not a re-quantized copy): an embedding table can
+    /// read its rows from them.
+    stored_quant: bool,
     bias: Option<Tensor>,
     out_dim: usize,
     in_dim: usize,
@@ -94,6 +99,7 @@ impl Linear {
             int8: None,
             raw: None,
             slabs: false,
+            stored_quant: false,
             bias,
             out_dim,
             in_dim,
@@ -109,6 +115,7 @@ impl Linear {
             int8: Some(Arc::new(w)),
             raw: None,
             slabs: false,
+            stored_quant: false,
             bias: None,
             out_dim,
             in_dim,
@@ -124,6 +131,7 @@ impl Linear {
             int8: None,
             raw: Some(Arc::new(w)),
             slabs: false,
+            stored_quant: false,
             bias: None,
             out_dim,
             in_dim,
@@ -144,6 +152,7 @@ impl Linear {
             int8: None,
             raw: None,
             slabs: false,
+            stored_quant: false,
             bias: None,
             out_dim,
             in_dim,
@@ -275,6 +284,15 @@ impl Linear {
     /// Whether the weight is held only as blocks that [`Linear::block_rows`] reads.
     pub fn holds_blocks(&self) -> bool {
         self.blocks().is_some()
+    }
+
+    /// The file's blocks in candle's quantized matmul, when they are all this linear holds
+    /// (an embedding table reads its rows from them with `QMatMul::embedding`, on any device).
+    pub fn stored_quant(&self) -> Option<&QMatMul> {
+        match (&self.dense, &self.quant) {
+            (None, Some(q)) if self.stored_quant => Some(q),
+            _ => None,
+        }
     }
 
     /// Rows `ids` of the weight dequantized, `(ids.len(), in)` f32 on the CPU, when it is held
@@ -750,6 +768,11 @@ impl Holding {
                 slabs: format == WeightFormat::Exact,
             };
         }
+        // On CUDA the file's blocks go to candle's quantized matmuls (MMVQ for few rows, MMQ
+        // beyond; activations quantized to 8 bits) instead of an f32 copy 4-8x their size.
+        if keeps_blocks && !cpu && !is_float(dtype) {
+            return Self::Quant(QuantCopy::AsStored);
+        }
         let q8 = || {
             if dtype == GgmlDType::Q8_0 {
                 QuantCopy::AsStored
@@ -801,6 +824,13 @@ impl Holding {
         matches!(self, Self::Raw | Self::Packed { .. })
     }
 
+    /// Whether an embedding table held this way is looked up from the blocks (as stored
+    /// blocks on the CPU, or the file's blocks in a candle quantized matmul on any device)
+    /// instead of an f32 copy.
+    pub fn rows_from_blocks(self, dtype: GgmlDType, cpu: bool) -> bool {
+        (cpu && self.is_blocks()) || (self == Self::Quant(QuantCopy::AsStored) && !is_float(dtype))
+    }
+
     /// Whether an f32 copy is held (an embedding table shares it).
     pub fn has_dense(self) -> bool {
         matches!(self, Self::Dense | Self::DenseAndQuant(_))
@@ -845,7 +875,12 @@ pub fn quantized_linear(
         Holding::Dense => {
             Linear::from_parts(Some(q.dequantize(device)?), None, None, out_dim, in_dim)
         }
-        Holding::Quant(c) => Linear::from_parts(None, Some(q8(q, c)?), None, out_dim, in_dim),
+        Holding::Quant(c) => {
+            let stored = c == QuantCopy::AsStored && !is_float(q.dtype());
+            let mut l = Linear::from_parts(None, Some(q8(q, c)?), None, out_dim, in_dim);
+            l.stored_quant = stored;
+            l
+        }
         Holding::DenseAndQuant(c) => {
             let dense = q.dequantize(device)?;
             let quant = match c {

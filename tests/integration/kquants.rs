@@ -263,3 +263,42 @@ fn the_default_model_as_q4_k_m_falls_back_where_rows_are_576_wide_and_gives_llam
         "RSS grew by {grew} bytes loading a {file}-byte Q4_K_M\n{out}"
     );
 }
+
+/// `native` holds candle's quantized matmuls over the file's blocks, the tied table included:
+/// its rows are read from the blocks (as on CUDA, where every block format is held so), the
+/// model holds the file's size, and its logits are the `f32` reference's up to candle's 8-bit
+/// activations.
+#[test]
+fn a_table_held_as_the_files_blocks_in_candles_matmul_is_looked_up_from_them() {
+    let path = default_model_path();
+    let cfg = EngineConfig {
+        weight_format: WeightFormat::Native,
+        ..Default::default()
+    };
+    crate::memory::assert_prediction_holds(&path, &cfg, "native");
+    let native = load(&path, cfg);
+    let file = std::fs::metadata(&path).unwrap().len();
+    let held = native.model.bytes();
+    assert!(
+        held <= file,
+        "native holds {held} bytes of a {file}-byte file: the table was widened"
+    );
+    let reference = load(
+        &path,
+        EngineConfig {
+            weight_format: WeightFormat::F32,
+            ..Default::default()
+        },
+    );
+    let tokens = native
+        .tokenizer
+        .encode("The capital of France is", false)
+        .unwrap();
+    let a = full_logits(&native.model, &tokens).unwrap();
+    let b = full_logits(&reference.model, &tokens).unwrap();
+    let (d, scale) = (max_abs_diff(&a, &b), max_abs(&b));
+    assert!(
+        d <= 0.05 * scale,
+        "native logits differ by {d} (scale {scale})"
+    );
+}

@@ -209,6 +209,22 @@ fn an_8b_shaped_q4_k_m_is_refused_under_2_gib_and_loads_under_8_with_memory_near
             .output()
             .unwrap(),
     );
+    // On CUDA every format that keeps the blocks holds them in candle's quantized matmuls, the
+    // table included (looked up from them): the file's size there too, not 31 GiB of f32s.
+    let gib = file_len as f64 / (1u64 << 30) as f64;
+    for format in ["exact", "int8-activations"] {
+        let row: Vec<&str> = out
+            .lines()
+            .find(|l| l.starts_with(&format!("weights {format} ")))
+            .unwrap_or_else(|| panic!("no `weights {format}` row\n{out}"))
+            .split_whitespace()
+            .collect();
+        let cuda: f64 = row[row.len() - 1].parse().unwrap();
+        assert!(
+            cuda <= gib * 1.001 && cuda >= 0.99 * gib,
+            "{format} on CUDA: {cuda} GiB predicted for a {gib:.3} GiB file\n{out}"
+        );
+    }
     let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     let (predicted, held) = (
         last["predicted_bytes"].as_u64().unwrap(),

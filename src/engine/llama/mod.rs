@@ -381,6 +381,9 @@ struct Pass<'a> {
 enum Embedding {
     Dense(Tensor),
     Blocks(Linear),
+    /// The file's blocks in a candle quantized matmul (rows dequantized by candle, on the
+    /// model's device).
+    Quant(Linear),
 }
 
 impl Embedding {
@@ -391,6 +394,10 @@ impl Embedding {
             Self::Blocks(l) => match l.block_rows(&ids.to_vec1::<u32>()?)? {
                 Some(rows) => Ok(rows.to_device(ids.device())?.to_dtype(dtype)?),
                 None => bail!("embedding table without block rows"),
+            },
+            Self::Quant(l) => match l.stored_quant() {
+                Some(q) => Ok(q.embedding(ids)?.to_dtype(dtype)?),
+                None => bail!("embedding table without quantized blocks"),
             },
         }
     }
@@ -421,10 +428,14 @@ impl Llama {
         tensors::load_rope_freqs(&mut w, &mut cfg.rope)?;
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed_name = tensors::EMBED;
-        // GGUF tables held as blocks on the CPU are looked up row by row; others as f32.
+        // GGUF tables held as blocks on the CPU, or as the file's blocks in a candle quantized
+        // matmul (`native` on the CPU, every block format on CUDA), are looked up row by row;
+        // others as f32.
         let gguf_table = |w: &mut WeightSource, l: Linear| -> Result<Embedding> {
             Ok(if device.is_cpu() && l.holds_blocks() {
                 Embedding::Blocks(l)
+            } else if l.stored_quant().is_some() {
+                Embedding::Quant(l)
             } else {
                 Embedding::Dense(match l.dense() {
                     Some(t) => t.clone(),
@@ -503,8 +514,8 @@ impl Llama {
             })
             .sum();
         let table = match &self.embed_tokens {
-            Embedding::Blocks(l) if l.shares(&self.lm_head) => 0,
-            Embedding::Blocks(l) => l.bytes(),
+            Embedding::Blocks(l) | Embedding::Quant(l) if l.shares(&self.lm_head) => 0,
+            Embedding::Blocks(l) | Embedding::Quant(l) => l.bytes(),
             Embedding::Dense(t) if self.lm_head.dense().is_some_and(|d| d.id() == t.id()) => 0,
             Embedding::Dense(t) => tensor_bytes(t),
         };
