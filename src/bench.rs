@@ -229,6 +229,7 @@ fn train(args: &BenchArgs, seq: usize, models_dir: &Path) -> Result<()> {
     let mut m = loaded.model;
     m.checkpoint_layers = args.checkpoint_layers;
     m.attention_block = args.attention_block.max(1);
+    m.mlp_tile = args.mlp_tile;
     let text = "Lorem ipsum dolor sit amet, consectetur adipiscing elit. ".repeat(400);
     let ids = loaded.tokenizer.encode(&text, true)?;
     if ids.len() < seq + 1 {
@@ -245,21 +246,25 @@ fn train(args: &BenchArgs, seq: usize, models_dir: &Path) -> Result<()> {
             .chain([crate::train::ops::IGNORE])
             .collect(),
     };
-    let (times, loss) = train_steps(&m, &batch, 4)?;
-    let med = median(times[1..].to_vec());
+    let steps = args.train_steps.max(1);
+    let (times, loss) = train_steps(&m, &batch, steps)?;
+    // The first step warms up; one step alone is timed as it is.
+    let med = median(times[(steps > 1) as usize..].to_vec());
     let mut recipe = crate::train::config::TrainConfig::load(None, &[])?;
     recipe.lora.dropout = 0.0;
     recipe.data.max_length = seq;
     recipe.schedule.micro_batch = 1;
     recipe.memory.checkpoint_layers = args.checkpoint_layers;
     recipe.memory.attention_block = m.attention_block;
-    let plan = Plan::estimate(&m.cfg, &recipe);
+    recipe.memory.mlp_tile = m.mlp_tile;
+    let plan = Plan::estimate(&m.cfg, &recipe, crate::train::plan::PlanDevice::Cpu);
     let out = serde_json::json!({
         "engine": "wildlong",
         "threads": rayon::current_num_threads(),
         "step": "lora_train",
         "seq": seq,
         "checkpoint_layers": args.checkpoint_layers,
+        "mlp_tile": m.mlp_tile,
         "tok_s": (seq as f64 / med * 10.0).round() / 10.0,
         "step_s": times,
         "loss": (loss * 1000.0).round() / 1000.0,

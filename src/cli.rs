@@ -544,13 +544,15 @@ pub struct TrainArgs {
     /// that would fit) when the plan exceeds the device's memory.
     #[arg(long)]
     pub plan: bool,
-    /// Device memory for --plan, in GiB [default: this machine's available memory].
+    /// Device memory for --plan, in GiB [default: this machine's available memory; needed
+    /// with --device cuda].
     #[arg(long)]
     pub memory_gib: Option<f64>,
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
-    /// cpu or cuda[:N] (a build with the `cuda` feature) [default: cpu].
+    /// cpu or cuda[:N] (a build with the `cuda` feature) [default: cpu]; with --plan, the
+    /// device the plan is made for.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Stop after this many steps, as a kill would (for resume tests).
@@ -783,6 +785,13 @@ pub struct BenchArgs {
     /// With --train-seq: query rows per attention block.
     #[arg(long, default_value_t = 256)]
     pub attention_block: usize,
+    /// With --train-seq --checkpoint-layers: tokens per MLP tile (0: the whole row).
+    #[arg(long, default_value_t = 4096)]
+    pub mlp_tile: usize,
+    /// With --train-seq: optimizer steps (the first warms up and the median of the others is
+    /// reported; 1: one step, timed as it is, for a peak-memory measurement at long rows).
+    #[arg(long, default_value_t = 4)]
+    pub train_steps: usize,
     /// The GPU benchmark (benches/gpu.sh) on a model of this shape with random bf16 weights
     /// made on the device: `llama-3.1-8b` (as benches/peers/hf_gpu_baseline.py builds it) or
     /// `tiny`. Prints one JSON line per measurement.
@@ -922,7 +931,7 @@ fn run_command(cli: Cli, pipeline: Option<PipelineConfig>) -> Result<()> {
         Command::Train(a) => {
             let cfg = TrainConfig::load(a.run.config.as_deref(), &a.run.set)?;
             if a.plan {
-                return crate::train::command::plan(&cfg, models_dir, a.memory_gib);
+                return crate::train::command::plan(&cfg, models_dir, &a.device, a.memory_gib);
             }
             crate::train::command::train(
                 &cfg,

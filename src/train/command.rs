@@ -3,24 +3,34 @@
 //! pipeline makes too ([`crate::train::run::train`]).
 
 use crate::train::config::TrainConfig;
-use crate::train::plan::{available_cpu_memory_gib, fitting_settings, Plan};
+use crate::train::plan::{available_cpu_memory_gib, fitting_settings, Plan, PlanDevice};
 use crate::train::run::RunOptions;
 use anyhow::{bail, Result};
 use std::path::Path;
 
-/// `wildlong train --plan`: the predicted peak memory against `memory_gib` (this machine's
-/// available memory when `None`).
-pub fn plan(cfg: &TrainConfig, models_dir: &Path, memory_gib: Option<f64>) -> Result<()> {
+/// `wildlong train --plan`: the predicted peak memory on `device` (`cpu`, `cuda[:N]`)
+/// against `memory_gib` (by default this machine's available memory; a CUDA plan needs it
+/// given, as the plan is made without the device).
+pub fn plan(
+    cfg: &TrainConfig,
+    models_dir: &Path,
+    device: &str,
+    memory_gib: Option<f64>,
+) -> Result<()> {
+    let device = PlanDevice::parse(device)?;
     let shape = crate::models::model_config(&cfg.model, models_dir)?;
-    let plan = Plan::estimate(&shape, cfg);
-    let memory = match memory_gib {
-        Some(m) => m,
-        None => available_cpu_memory_gib()?,
+    let plan = Plan::estimate(&shape, cfg, device);
+    let memory = match (memory_gib, device) {
+        (Some(m), _) => m,
+        (None, PlanDevice::Cpu) => available_cpu_memory_gib()?,
+        (None, PlanDevice::Cuda) => {
+            bail!("a CUDA plan needs the device's memory: add --memory-gib (80 for an H100)")
+        }
     };
     print!("{}", plan.render(Some(memory)));
     println!("{}", serde_json::to_string(&plan)?);
     if plan.peak_gib() > memory {
-        let fix = fitting_settings(&shape, cfg, memory);
+        let fix = fitting_settings(&shape, cfg, device, memory);
         if fix.is_empty() {
             bail!(
                 "the plan needs {:.2} GiB, more than the {memory:.2} GiB available, and no setting tried fits",

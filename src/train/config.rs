@@ -217,6 +217,12 @@ pub struct MemoryConfig {
     pub attention_block: usize,
     /// Rows of logits computed at a time by the loss.
     pub loss_chunk: usize,
+    /// With `checkpoint_layers`: tokens per MLP tile, forward and backward (ALST's tiled
+    /// MLP: no `(tokens, intermediate)` tensor exists whole); 0 = the whole row.
+    pub mlp_tile: usize,
+    /// With `checkpoint_layers` on CUDA: keep the layer inputs in host memory, copied back
+    /// one layer at a time in the backward pass (no effect on the CPU).
+    pub offload_checkpoints: bool,
 }
 
 impl Default for MemoryConfig {
@@ -225,6 +231,8 @@ impl Default for MemoryConfig {
             checkpoint_layers: false,
             attention_block: 256,
             loss_chunk: 512,
+            mlp_tile: 4096,
+            offload_checkpoints: false,
         }
     }
 }

@@ -92,8 +92,9 @@ pub struct TrainLinear {
 }
 
 impl TrainLinear {
-    /// `x` `(n, in)` → `(n, out)`; `mask_seed` draws the adapter's dropout mask.
-    fn forward(&self, x: &Tensor, mask_seed: Option<u64>) -> Result<Tensor> {
+    /// `x` `(n, in)` → `(n, out)`; `mask_seed` draws the adapter's dropout mask, of which
+    /// `x` takes the rows from `first_row` (a tile of a longer input).
+    fn forward(&self, x: &Tensor, mask_seed: Option<u64>, first_row: usize) -> Result<Tensor> {
         let dropout = mask_seed
             .filter(|_| self.dropout > 0.0)
             .map(|s| (s, self.dropout));
@@ -106,6 +107,7 @@ impl TrainLinear {
                     b,
                     scale: self.scale,
                     dropout,
+                    mask_from: first_row * x.dim(candle_core::D::Minus1)?,
                 },
             )?,
             (Param::Frozen(w), None) => ops::frozen_matmul(x, w)?,
@@ -189,6 +191,12 @@ pub struct TrainModel {
     pub loss_chunk: usize,
     /// Recompute each layer in the backward pass instead of keeping its activations.
     pub checkpoint_layers: bool,
+    /// With `checkpoint_layers`: token rows per MLP tile in both passes (0: the whole
+    /// input), so that no `(tokens, intermediate)` tensor exists whole.
+    pub mlp_tile: usize,
+    /// With `checkpoint_layers` on a CUDA device: the layer inputs kept in host memory and
+    /// copied back per layer in the backward pass (on the CPU nothing moves).
+    pub offload_checkpoints: bool,
     dropout_seed: std::cell::Cell<Option<u64>>,
 }
 
@@ -319,6 +327,8 @@ impl TrainModel {
             attention_block: 256,
             loss_chunk: 512,
             checkpoint_layers: false,
+            mlp_tile: 4096,
+            offload_checkpoints: false,
             dropout_seed: std::cell::Cell::new(None),
         })
     }
@@ -422,17 +432,24 @@ impl TrainModel {
             .to_dtype(DType::F32)?)
     }
 
+    /// Dropout mask seed of projection `j` of layer `l`.
+    fn mask_seed(p: &Prepared, l: usize, j: u64) -> Option<u64> {
+        p.dropout_seed
+            .map(|s| crate::records::derived_u64(s, &[&(l as u64).to_le_bytes(), &j.to_le_bytes()]))
+    }
+
     /// One decoder layer: `x` `(b·t, hidden)` → `(b·t, hidden)`.
     fn layer(&self, l: usize, x: &Tensor, p: &Prepared) -> Result<Tensor> {
+        self.mlp_half(l, &self.attention_half(l, x, p)?, p, 0)
+    }
+
+    /// A layer's attention half: `x` `(b·t, hidden)` → `x + o(attention(norm(x)))`.
+    fn attention_half(&self, l: usize, x: &Tensor, p: &Prepared) -> Result<Tensor> {
         let c = &self.cfg;
         let blk = &self.blocks[l];
         let (b, t) = (p.b, p.t);
         let (nh, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let seed = |j: u64| {
-            p.dropout_seed.map(|s| {
-                crate::records::derived_u64(s, &[&(l as u64).to_le_bytes(), &j.to_le_bytes()])
-            })
-        };
+        let seed = |j: u64| Self::mask_seed(p, l, j);
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) // (b, n, t, hd)
         };
@@ -453,15 +470,53 @@ impl TrainModel {
             Some((q, k)) => (Some(q), Some(k)),
             None => (None, None),
         };
-        let q = rotated(blk.q.forward(&h1, seed(0))?, nh, qn)?;
-        let k = rotated(blk.k.forward(&h1, seed(1))?, kvh, kn)?;
-        let v = heads(blk.v.forward(&h1, seed(2))?, kvh)?;
+        let q = rotated(blk.q.forward(&h1, seed(0), 0)?, nh, qn)?;
+        let k = rotated(blk.k.forward(&h1, seed(1), 0)?, kvh, kn)?;
+        let v = heads(blk.v.forward(&h1, seed(2), 0)?, kvh)?;
         let att = ops::chunked_attention(&q, &k, &v, p.segments, self.attention_block)?;
         let att = att.transpose(1, 2)?.reshape((b * t, nh * hd))?;
-        let x = (x + blk.o.forward(&att, seed(3))?)?;
-        let h2 = ops::rms_norm(&x, blk.post_attention_layernorm.tensor(), c.rms_norm_eps)?;
-        let m = (blk.gate.forward(&h2, seed(4))?.silu()? * blk.up.forward(&h2, seed(5))?)?;
-        Ok((x + blk.down.forward(&m, seed(6))?)?)
+        Ok((x + blk.o.forward(&att, seed(3), 0)?)?)
+    }
+
+    /// A layer's MLP half over rows `first_row..` of the `b·t` tokens: `x` `(n, hidden)` →
+    /// `x + down(silu(gate(h)) · up(h))`, `h = norm(x)`. Token by token, so tiles of rows
+    /// give the whole input's rows (dropout masks included).
+    fn mlp_half(&self, l: usize, x: &Tensor, p: &Prepared, first_row: usize) -> Result<Tensor> {
+        let blk = &self.blocks[l];
+        let seed = |j: u64| Self::mask_seed(p, l, j);
+        let h2 = ops::rms_norm(
+            x,
+            blk.post_attention_layernorm.tensor(),
+            self.cfg.rms_norm_eps,
+        )?;
+        let gate = blk.gate.forward(&h2, seed(4), first_row)?;
+        let m = (gate.silu()? * blk.up.forward(&h2, seed(5), first_row)?)?;
+        Ok((x + blk.down.forward(&m, seed(6), first_row)?)?)
+    }
+
+    /// Row ranges `(first, len)` of `n` rows in tiles of `mlp_tile` (one tile when 0).
+    fn mlp_tiles(&self, n: usize) -> Vec<(usize, usize)> {
+        let tile = if self.mlp_tile == 0 { n } else { self.mlp_tile };
+        (0..n)
+            .step_by(tile.max(1))
+            .map(|s| (s, tile.min(n - s)))
+            .collect()
+    }
+
+    /// A layer's output without its graph, the MLP half `mlp_tile` rows at a time (no
+    /// `(tokens, intermediate)` tensor exists whole): the checkpointed forward pass.
+    fn layer_detached(&self, l: usize, x: &Tensor, p: &Prepared) -> Result<Tensor> {
+        let mid = self.attention_half(l, x, p)?.detach();
+        let n = mid.dim(0)?;
+        let tiles = self
+            .mlp_tiles(n)
+            .into_iter()
+            .map(|(s, len)| Ok(self.mlp_half(l, &mid.narrow(0, s, len)?, p, s)?.detach()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(match tiles.len() {
+            1 => tiles.into_iter().next().expect("one tile"),
+            _ => Tensor::cat(&tiles, 0)?,
+        })
     }
 
     /// Final hidden states `(b·t, hidden)` of `rows`.
@@ -496,11 +551,24 @@ impl TrainModel {
         self.head_loss(&h, targets)
     }
 
+    /// A layer input kept for the backward pass: on the host when offloading from a GPU.
+    fn checkpoint_out(&self, x: Tensor) -> Result<Tensor> {
+        Ok(match self.offload_checkpoints && !self.device.is_cpu() {
+            true => x.to_device(&Device::Cpu)?,
+            false => x,
+        })
+    }
+
+    /// A kept layer input back on the model's device.
+    fn checkpoint_in(&self, x: Tensor) -> Result<Tensor> {
+        Ok(x.to_device(&self.device)?)
+    }
+
     /// The summed loss (as [`Self::loss`]) and the gradients of every trained tensor. With
     /// `checkpoint_layers`, only each layer's input is kept from the forward pass; the
     /// backward pass walks the layers from the top, recomputing one layer's graph at a time
     /// from its input and the gradient arriving from above (same gradients, activation
-    /// memory of one layer instead of all).
+    /// memory of one layer's attention half and one MLP tile instead of every layer's).
     pub fn loss_and_grads(&self, rows: &Rows, targets: &[i64]) -> Result<(f64, GradStore)> {
         if !self.checkpoint_layers {
             let loss = self.loss(rows, targets)?;
@@ -526,8 +594,8 @@ impl TrainModel {
         let mut inputs = Vec::with_capacity(self.blocks.len());
         let mut x = self.embed(&p)?.detach();
         for l in 0..self.blocks.len() {
-            let y = self.layer(l, &x, &p)?.detach();
-            inputs.push(std::mem::replace(&mut x, y));
+            let y = self.layer_detached(l, &x, &p)?;
+            inputs.push(self.checkpoint_out(std::mem::replace(&mut x, y))?);
         }
         // The head: final norm and loss from the last hidden state.
         let top = Var::from_tensor(&x)?;
@@ -543,10 +611,31 @@ impl TrainModel {
             .detach();
         drop(g);
         // Layers from the top: recompute, backpropagate `dy`, pass the input's gradient down.
+        // The MLP half goes `mlp_tile` rows at a time (its graph one tile's), then the
+        // attention half takes the gradient of its output, the tiles' input gradients.
         for l in (0..self.blocks.len()).rev() {
-            let input = Var::from_tensor(&inputs.pop().expect("one input per layer"))?;
-            let y = self.layer(l, input.as_tensor(), &p)?;
-            let g = (y * &dy)?.sum_all()?.backward()?;
+            let input = self.checkpoint_in(inputs.pop().expect("one input per layer"))?;
+            let input = Var::from_tensor(&input)?;
+            let mid = self.attention_half(l, input.as_tensor(), &p)?;
+            let mid_value = mid.detach();
+            let mut dmid = Vec::new();
+            for (s, len) in self.mlp_tiles(mid_value.dim(0)?) {
+                let x = Var::from_tensor(&mid_value.narrow(0, s, len)?)?;
+                let y = self.mlp_half(l, x.as_tensor(), &p, s)?;
+                let g = (y * dy.narrow(0, s, len)?)?.sum_all()?.backward()?;
+                keep(&mut grads, &g)?;
+                dmid.push(
+                    g.get(x.as_tensor())
+                        .with_context(|| format!("no gradient reached layer {l}'s MLP"))?
+                        .detach(),
+                );
+            }
+            drop(mid_value);
+            let dmid = match dmid.len() {
+                1 => dmid.pop().expect("one tile"),
+                _ => Tensor::cat(&dmid, 0)?,
+            };
+            let g = (mid * dmid)?.sum_all()?.backward()?;
             keep(&mut grads, &g)?;
             dy = g
                 .get(input.as_tensor())

@@ -498,6 +498,8 @@ pub fn train(cfg: &TrainConfig, run: &Path, opts: &RunOptions) -> Result<Summary
     m.checkpoint_layers = cfg.memory.checkpoint_layers;
     m.attention_block = cfg.memory.attention_block;
     m.loss_chunk = cfg.memory.loss_chunk;
+    m.mlp_tile = cfg.memory.mlp_tile;
+    m.offload_checkpoints = cfg.memory.offload_checkpoints;
     let template = loaded.template.as_ref().with_context(|| {
         format!(
             "{}: the model has no chat template to render conversations with",

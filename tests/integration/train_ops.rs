@@ -219,6 +219,48 @@ fn the_fused_lora_linear_matches_the_composed_one_with_dropout_and_bf16() {
 }
 
 #[test]
+fn a_dropout_mask_drawn_from_an_offset_is_that_stretch_of_the_whole_mask() {
+    // The stream is seeked, not replayed: a tile's mask is the rows of the whole input's,
+    // at an offset inside a ChaCha block and across block boundaries.
+    let whole = ops::dropout_mask(11, 300, 0.4);
+    for (from, n) in [(0, 300), (1, 5), (7, 40), (15, 2), (16, 33), (100, 200)] {
+        assert_eq!(
+            ops::dropout_mask_from(11, from, n, 0.4),
+            whole[from..from + n],
+            "from {from}"
+        );
+    }
+    assert!(whole.contains(&0.0) && whole.iter().any(|&m| m > 1.0));
+    // The fused op on rows 2.. of x with `mask_from` equals those rows of the whole op.
+    let f = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+    let x = f(randn(&[5, 6], 21));
+    let (a, b, w) = (
+        f(randn(&[3, 6], 22)),
+        f(randn(&[4, 3], 23)),
+        f(randn(&[4, 6], 24)),
+    );
+    let dropout = Some((9u64, 0.3));
+    let all = ops::lora_linear(&x, &w, &adapter(&a, &b, 1.5, dropout)).unwrap();
+    let tail = ops::lora_linear(
+        &x.narrow(0, 2, 3).unwrap(),
+        &w,
+        &ops::Adapter {
+            mask_from: 2 * 6,
+            ..adapter(&a, &b, 1.5, dropout)
+        },
+    )
+    .unwrap();
+    assert!(max_abs_diff(&tail, &all.narrow(0, 2, 3).unwrap()) < 1e-6);
+    let unshifted = ops::lora_linear(
+        &x.narrow(0, 2, 3).unwrap(),
+        &w,
+        &adapter(&a, &b, 1.5, dropout),
+    )
+    .unwrap();
+    assert!(max_abs_diff(&unshifted, &all.narrow(0, 2, 3).unwrap()) > 1e-3);
+}
+
+#[test]
 fn chunked_cross_entropy_equals_the_full_one_at_every_chunk_size() {
     let h = randn(&[7, 6], 7);
     let w = (randn(&[11, 6], 8) * 2.0).unwrap();
@@ -374,5 +416,6 @@ fn adapter<'a>(
         b,
         scale,
         dropout,
+        mask_from: 0,
     }
 }

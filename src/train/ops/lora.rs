@@ -8,9 +8,17 @@ use rayon::prelude::*;
 /// The dropout mask of an adapter input: `n` values, 0 with probability `p`, else `1/(1−p)`,
 /// drawn from `seed` (the same mask whenever the same seed is drawn again).
 pub fn dropout_mask(seed: u64, n: usize, p: f64) -> Vec<f32> {
+    dropout_mask_from(seed, 0, n, p)
+}
+
+/// Values `from..from + n` of [`dropout_mask`]`(seed, ..)`'s stream, drawn without the ones
+/// before them (the stream is seeked: each value takes two 32-bit words of ChaCha8): a tile of
+/// rows gets the rows of the whole input's mask.
+pub fn dropout_mask_from(seed: u64, from: usize, n: usize, p: f64) -> Vec<f32> {
     use rand::{Rng, SeedableRng};
     let keep = (1.0 / (1.0 - p)) as f32;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    rng.set_word_pos(2 * from as u128);
     (0..n)
         .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
         .collect()
@@ -23,11 +31,13 @@ struct LoraLinear {
     w: Tensor,
     scale: f64,
     dropout: Option<(u64, f64)>,
+    mask_from: usize,
 }
 
 impl LoraLinear {
     fn mask(&self, n: usize) -> Option<Vec<f32>> {
-        self.dropout.map(|(seed, p)| dropout_mask(seed, n, p))
+        self.dropout
+            .map(|(seed, p)| dropout_mask_from(seed, self.mask_from, n, p))
     }
 }
 
@@ -110,13 +120,15 @@ impl LoraLinear {
 custom_op!(LoraLinear, "wildlong-lora-linear", CustomOp3);
 
 /// A LoRA adapter on one projection: `a` `(r, k)`, `b` `(out, r)`, the scale `alpha / r`
-/// and the dropout of its input (mask seed, probability).
+/// and the dropout of its input (mask seed, probability), `x`'s first element being value
+/// `mask_from` of the mask stream (non-zero for a tile of a longer input).
 #[derive(Debug, Clone, Copy)]
 pub struct Adapter<'a> {
     pub a: &'a Tensor,
     pub b: &'a Tensor,
     pub scale: f64,
     pub dropout: Option<(u64, f64)>,
+    pub mask_from: usize,
 }
 
 /// `x·Wᵀ + scale·(dropout(x)·Aᵀ)·Bᵀ` for `x` `(..., k)`, a frozen `w` `(out, k)`, `a`
@@ -128,6 +140,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, lora: &Adapter) -> Result<Tensor> {
         b,
         scale,
         dropout,
+        mask_from,
     } = *lora;
     let dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&1);
@@ -139,6 +152,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, lora: &Adapter) -> Result<Tensor> {
             w: w.clone(),
             scale,
             dropout,
+            mask_from,
         },
     )?;
     let mut out = dims;
@@ -152,7 +166,8 @@ pub fn lora_linear_reference(x: &Tensor, w: &Tensor, lora: &Adapter) -> Result<T
     let w = w.to_dtype(x.dtype())?;
     let xd = match lora.dropout {
         Some((seed, p)) => {
-            let m = Tensor::from_vec(dropout_mask(seed, x.elem_count(), p), x.shape(), x.device())?;
+            let mask = dropout_mask_from(seed, lora.mask_from, x.elem_count(), p);
+            let m = Tensor::from_vec(mask, x.shape(), x.device())?;
             (x * m.to_dtype(x.dtype())?)?
         }
         None => x.clone(),

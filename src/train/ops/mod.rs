@@ -88,7 +88,7 @@ mod softmax;
 
 pub use attention::{attention_reference, chunked_attention};
 pub use cross_entropy::{chunked_cross_entropy, cross_entropy_reference, IGNORE};
-pub use lora::{dropout_mask, lora_linear, lora_linear_reference, Adapter};
+pub use lora::{dropout_mask, dropout_mask_from, lora_linear, lora_linear_reference, Adapter};
 pub use matmul::frozen_matmul;
 pub use rms_norm::{rms_norm, rms_norm_reference};
 pub use rope::rope;
