@@ -230,7 +230,7 @@ fn train(args: &BenchArgs, seq: usize, models_dir: &Path) -> Result<()> {
     m.checkpoint_layers = args.checkpoint_layers;
     m.attention_block = args.attention_block.max(1);
     m.mlp_tile = args.mlp_tile;
-    let text = "Lorem ipsum dolor sit amet, consectetur adipiscing elit. ".repeat(400);
+    let text = "Lorem ipsum dolor sit amet, consectetur adipiscing elit. ".repeat(400.max(seq / 8));
     let ids = loaded.tokenizer.encode(&text, true)?;
     if ids.len() < seq + 1 {
         bail!("could not build a {seq}-token row");

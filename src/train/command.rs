@@ -3,7 +3,7 @@
 //! pipeline makes too ([`crate::train::run::train`]).
 
 use crate::train::config::TrainConfig;
-use crate::train::plan::{available_cpu_memory_gib, fitting_settings, Plan, PlanDevice};
+use crate::train::plan::{available_cpu_memory_gib, refuse_unfit, Plan, PlanDevice};
 use crate::train::run::RunOptions;
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -29,20 +29,7 @@ pub fn plan(
     };
     print!("{}", plan.render(Some(memory)));
     println!("{}", serde_json::to_string(&plan)?);
-    if plan.peak_gib() > memory {
-        let fix = fitting_settings(&shape, cfg, device, memory);
-        if fix.is_empty() {
-            bail!(
-                "the plan needs {:.2} GiB, more than the {memory:.2} GiB available, and no setting tried fits",
-                plan.peak_gib()
-            );
-        }
-        bail!(
-            "the plan needs {:.2} GiB, more than the {memory:.2} GiB available; these settings fit: {}",
-            plan.peak_gib(),
-            fix.iter().map(|s| format!("--set {s}")).collect::<Vec<_>>().join(" ")
-        );
-    }
+    refuse_unfit(&shape, cfg, device, memory, "available")?;
     println!("fits: {:.2} of {memory:.2} GiB", plan.peak_gib());
     Ok(())
 }

@@ -279,6 +279,31 @@ pub fn fitting_settings(
     vec![]
 }
 
+/// Refuses `tc` when its plan exceeds `memory_gib` (`whence` names where that figure comes
+/// from), naming the `--set` settings that would fit.
+pub fn refuse_unfit(
+    c: &Config,
+    tc: &TrainConfig,
+    device: PlanDevice,
+    memory_gib: f64,
+    whence: &str,
+) -> Result<()> {
+    let need = Plan::estimate(c, tc, device).peak_gib();
+    if need <= memory_gib {
+        return Ok(());
+    }
+    let fix = fitting_settings(c, tc, device, memory_gib);
+    if fix.is_empty() {
+        anyhow::bail!(
+            "the plan needs {need:.2} GiB, more than the {memory_gib:.2} GiB {whence}, and no setting tried fits"
+        );
+    }
+    anyhow::bail!(
+        "the plan needs {need:.2} GiB, more than the {memory_gib:.2} GiB {whence}; these settings fit: {}",
+        fix.iter().map(|s| format!("--set {s}")).collect::<Vec<_>>().join(" ")
+    )
+}
+
 /// Memory this machine can give a CPU run: `MemAvailable` (Linux), in GiB.
 pub fn available_cpu_memory_gib() -> Result<f64> {
     let s = std::fs::read_to_string("/proc/meminfo")?;

@@ -477,6 +477,20 @@ pub fn train(cfg: &TrainConfig, run: &Path, opts: &RunOptions) -> Result<Summary
         #[cfg(feature = "cuda")]
         candle_core::cuda_backend::set_gemm_reduced_precision_f32(true);
     }
+    // The plan against the device's free memory, before any weight or data is read.
+    let shape = crate::models::model_config(&cfg.model, &opts.models_dir)?;
+    let kind = match device.is_cuda() {
+        true => crate::train::plan::PlanDevice::Cuda,
+        false => crate::train::plan::PlanDevice::Cpu,
+    };
+    if let Some(free) = crate::engine::memory::free_bytes(&device) {
+        let whence = match device.is_cpu() {
+            true => "available on this machine",
+            false => "free on the device",
+        };
+        let gib = free as f64 / (1u64 << 30) as f64;
+        crate::train::plan::refuse_unfit(&shape, cfg, kind, gib, whence)?;
+    }
     let out = crate::layout::RunLayout::new(run).train();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let files = data_files(cfg, run)?;

@@ -235,8 +235,13 @@ fn bad_training_data_is_counted_and_an_empty_input_is_a_clear_error() {
         ),
     )
     .unwrap();
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 4] = [
         (&[], "no usable training conversation"),
+        // A row no machine holds: refused by the plan before the model or data is read.
+        (
+            &["--set", "data.max_length=67108864"],
+            "GiB available on this machine; these settings fit: --set memory.checkpoint_layers=true",
+        ),
         (&["--set", "schedule.stepz=3"], "unknown field `stepz`"),
         (
             &["--set", "data.paths=[\"/nonexistent.jsonl\"]"],
@@ -316,17 +321,45 @@ fn the_gpu_recipes_parse_and_plan_to_fit_80_gib_with_published_parameter_counts(
         std::fs::write(d.path().join("config.json"), shape.to_string()).unwrap();
         let file = root().join("configs/train").join(format!("{recipe}.toml"));
         TrainConfig::load(Some(&file), &[]).unwrap();
-        let out = wildlong(&["train", "--plan", "--memory-gib", "80"])
-            .arg("--config")
-            .arg(&file)
-            .args(["--set", &format!("model=\"{}\"", d.path().display())])
-            .output()
-            .unwrap();
+        let model = format!("model=\"{}\"", d.path().display());
+        let plan = |sets: &[&str]| {
+            let mut c = wildlong(&["train", "--plan", "--device", "cuda", "--memory-gib", "80"]);
+            c.arg("--config").arg(&file).args(["--set", &model]);
+            for s in sets {
+                c.args(["--set", s]);
+            }
+            c.output().unwrap()
+        };
+        let json = |out: &std::process::Output| -> Value {
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            serde_json::from_str(text.lines().find(|l| l.starts_with('{')).unwrap()).unwrap()
+        };
+        // 128K-token rows fit one 80 GiB GPU with the checkpoints in host memory.
+        let out = plan(&[]);
         let text = ok(&out);
-        let json: Value =
-            serde_json::from_str(text.lines().find(|l| l.starts_with('{')).unwrap()).unwrap();
-        assert_eq!(json["parameters"], params, "{recipe}");
-        assert_eq!(json["tokens_per_micro_batch"], 32768);
+        let full = json(&out);
+        assert_eq!(full["parameters"], params, "{recipe}");
+        assert_eq!(full["tokens_per_micro_batch"], 131072);
+        assert_eq!(full["checkpoint_bytes"], 0.0);
+        assert_eq!(
+            full["host_checkpoint_bytes"],
+            32.0 * 4096.0 * 131072.0 * 4.0
+        );
         assert!(text.contains("fits:"), "{text}");
+        // At 32K rows: at most 0.6x HF + PEFT's measured 71 GiB (benches/peers/hf_gpu_baseline.py).
+        let short = json(&plan(&["data.max_length=32768"]));
+        let gib = short["peak_bytes"].as_f64().unwrap() / (1u64 << 30) as f64;
+        assert!(gib <= 0.6 * 71.0, "{recipe} at 32K: {gib} GiB");
+        // Untiled, the recomputed layer holds more; kept on the device, the checkpoints do
+        // not fit, and the refusal names the offload.
+        let untiled = json(&plan(&["memory.mlp_tile=0"]));
+        assert!(untiled["recompute_bytes"].as_f64() > full["recompute_bytes"].as_f64());
+        let out = plan(&["memory.offload_checkpoints=false"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("these settings fit: --set memory.offload_checkpoints=true"),
+            "{err}"
+        );
     }
 }
