@@ -54,7 +54,6 @@ pub fn weight_bytes(source: &WeightSource, cfg: &Config, t: Target) -> Result<u6
             .get(&g)
             .with_context(|| format!("no tensor `{g}` in this GGUF file"))
     };
-    // A linear's bytes and how it is held.
     // A linear's bytes, how it is held, and whether an embedding table held so reads the blocks.
     let linear = |prefix: &str| -> Result<(u64, Holding, bool)> {
         let i = info(&format!("{prefix}.weight"))?;
@@ -166,15 +165,18 @@ pub fn limit_bytes(e: &EngineConfig, device: &Device) -> Option<(u64, &'static s
             (g * GIB) as u64,
             "the limit set (engine.memory_gib, --memory-gib)",
         )),
-        None => free_bytes(device).map(|b| {
-            let whence = if device.is_cpu() {
-                "available on this machine"
-            } else {
-                "free on the device"
-            };
-            (b, whence)
-        }),
+        None => free_bytes_whence(device),
     }
+}
+
+/// [`free_bytes`] with the words that say where the figure comes from.
+pub fn free_bytes_whence(device: &Device) -> Option<(u64, &'static str)> {
+    let whence = if device.is_cpu() {
+        "available on this machine"
+    } else {
+        "free on the device"
+    };
+    free_bytes(device).map(|b| (b, whence))
 }
 
 fn gib(b: u64) -> f64 {

@@ -2,8 +2,9 @@
 //! (refusing, with settings that fit, a recipe that will not) or makes the library call the
 //! pipeline makes too ([`crate::train::run::train`]).
 
+use crate::engine::memory::free_bytes;
 use crate::train::config::TrainConfig;
-use crate::train::plan::{available_cpu_memory_gib, refuse_unfit, Plan, PlanDevice};
+use crate::train::plan::{refuse_unfit, Plan, PlanDevice};
 use crate::train::run::RunOptions;
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -22,7 +23,10 @@ pub fn plan(
     let plan = Plan::estimate(&shape, cfg, device);
     let memory = match (memory_gib, device) {
         (Some(m), _) => m,
-        (None, PlanDevice::Cpu) => available_cpu_memory_gib()?,
+        (None, PlanDevice::Cpu) => match free_bytes(&candle_core::Device::Cpu) {
+            Some(b) => b as f64 / (1u64 << 30) as f64,
+            None => bail!("/proc/meminfo has no MemAvailable: add --memory-gib"),
+        },
         (None, PlanDevice::Cuda) => {
             bail!("a CUDA plan needs the device's memory: add --memory-gib (80 for an H100)")
         }

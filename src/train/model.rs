@@ -513,10 +513,7 @@ impl TrainModel {
             .into_iter()
             .map(|(s, len)| Ok(self.mlp_half(l, &mid.narrow(0, s, len)?, p, s)?.detach()))
             .collect::<Result<Vec<_>>>()?;
-        Ok(match tiles.len() {
-            1 => tiles.into_iter().next().expect("one tile"),
-            _ => Tensor::cat(&tiles, 0)?,
-        })
+        Ok(Tensor::cat(&tiles, 0)?) // one tile: itself, no copy
     }
 
     /// Final hidden states `(b·t, hidden)` of `rows`.
@@ -630,12 +627,7 @@ impl TrainModel {
                         .detach(),
                 );
             }
-            drop(mid_value);
-            let dmid = match dmid.len() {
-                1 => dmid.pop().expect("one tile"),
-                _ => Tensor::cat(&dmid, 0)?,
-            };
-            let g = (mid * dmid)?.sum_all()?.backward()?;
+            let g = (mid * Tensor::cat(&dmid, 0)?)?.sum_all()?.backward()?;
             keep(&mut grads, &g)?;
             dy = g
                 .get(input.as_tensor())

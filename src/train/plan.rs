@@ -303,15 +303,3 @@ pub fn refuse_unfit(
         fix.iter().map(|s| format!("--set {s}")).collect::<Vec<_>>().join(" ")
     )
 }
-
-/// Memory this machine can give a CPU run: `MemAvailable` (Linux), in GiB.
-pub fn available_cpu_memory_gib() -> Result<f64> {
-    let s = std::fs::read_to_string("/proc/meminfo")?;
-    let kb: f64 = s
-        .lines()
-        .find(|l| l.starts_with("MemAvailable:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|x| x.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("/proc/meminfo has no MemAvailable"))?;
-    Ok(kb / (1024.0 * 1024.0))
-}

@@ -483,11 +483,7 @@ pub fn train(cfg: &TrainConfig, run: &Path, opts: &RunOptions) -> Result<Summary
         true => crate::train::plan::PlanDevice::Cuda,
         false => crate::train::plan::PlanDevice::Cpu,
     };
-    if let Some(free) = crate::engine::memory::free_bytes(&device) {
-        let whence = match device.is_cpu() {
-            true => "available on this machine",
-            false => "free on the device",
-        };
+    if let Some((free, whence)) = crate::engine::memory::free_bytes_whence(&device) {
         let gib = free as f64 / (1u64 << 30) as f64;
         crate::train::plan::refuse_unfit(&shape, cfg, kind, gib, whence)?;
     }
