@@ -1,6 +1,7 @@
 # HELMET's own data.py / utils.py on tests/fixtures/helmet: the prompts its loaders build and
 # its metrics, recorded as tests/fixtures/helmet/reference.json for tests/integration/helmet.rs.
 #   python3 scripts/helmet_reference.py HELMET_CHECKOUT tests/fixtures/helmet > tests/fixtures/helmet/reference.json
+# (the many_*.jsonl inputs are written by scripts/helmet_selection_fixtures.py)
 # HELMET at 4526dfb (princeton-nlp/HELMET), with datasets and transformers installed (made with
 # datasets 5.2.0, transformers 5.25.0); torch, rouge_score and pytrec_eval are stubbed (these code
 # paths do not use them).
@@ -38,4 +39,20 @@ cases = [("Answer: The Velmora.\nmore", ["Velmora"]), ("I think it is the city o
 out["metrics"] = [U.calculate_metrics(p, a)["substring_exact_match"] for p, a in cases]
 out["parse"] = [U.parse_output(p) for p, _ in cases] + [U.parse_output("Corresponding value: 3d5f", "corresponding value:")]
 out["normalize"] = [U.normalize_answer(s) for s in ["The  Eiffel-Tower!", "an apple, a day", "Thé café"]]
+# Which items max_test_samples keeps and which demonstrations each question gets, on the
+# many_*.jsonl files (scripts/helmet_selection_fixtures.py): random.seed(42) first, as eval.py's
+# run_test does before load_data; every selected item's prompt, in HELMET's order.
+import random
+def prompts(d):
+    return [d["prompt_template"].format(**x) for x in d["data"]]
+sel = {}
+random.seed(42)
+sel["kilt_nq"] = prompts(D.load_qa("kilt_nq", fx + "/many_kilt_nq.jsonl", fx + "/many_kilt_nq_demos.jsonl", max_test_samples=6, shots=2))
+random.seed(42)
+sel["kilt_popqa_3"] = prompts(D.load_qa("kilt_popqa_3", fx + "/many_kilt_popqa.jsonl", fx + "/many_kilt_popqa.jsonl", max_test_samples=4, popularity_threshold=3.0, shots=2))
+random.seed(42)
+sel["json_kv"] = prompts(D.load_json_kv(fx + "/many_json_kv.jsonl", shots=1, max_test_samples=5))
+random.seed(42)
+sel["ruler_niah_mk_2"] = prompts(D.load_ruler("ruler_niah_mk_2", fx + "/many_ruler_niah_mk_2.jsonl", max_test_samples=4))
+out["selection"] = sel
 json.dump(out, sys.stdout, ensure_ascii=False, indent=1)

@@ -273,9 +273,12 @@ pub struct HelmetArgs {
     /// Demonstrations per prompt (HELMET's configs: 2).
     #[arg(long, default_value_t = 2)]
     pub shots: usize,
-    /// The first N items of each task [default: all].
+    /// N items of each task, drawn as HELMET's max_test_samples draws them (its configs: 100) [default: all, in file order].
     #[arg(long)]
     pub limit: Option<usize>,
+    /// HELMET's --seed: which items --limit draws (demonstrations are drawn per question, seeded by its hash).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
     /// HELMET's input_max_length: prompt + generated tokens; longer contexts lose their tail.
     #[arg(long)]
     pub max_len: usize,
@@ -1003,6 +1006,7 @@ fn run_command(cli: Cli, pipeline: Option<PipelineConfig>) -> Result<()> {
                 tasks: a.tasks()?,
                 shots: a.shots,
                 limit: a.limit,
+                seed: a.seed,
                 max_len: a.max_len,
                 max_tokens: a.max_tokens,
                 out: a.out.clone(),

@@ -12,21 +12,23 @@
 //!   answer, in the output or after `Answer:`; `popqa_T` keeps questions with
 //!   log10(s_pop) < T; `--shots` demonstrations from the task's demo file.
 //!
-//! Not reproduced: HELMET's choice of which 100 questions (`max_test_samples` shuffles with
-//! HF datasets' generator; here the first `--limit`) and of which demonstrations (HF
-//! datasets' shuffle seeded by the question's hash; here the demos ordered by a hash of the
-//! question and the demo, duplicates dropped), so per-question prompts match HELMET's but
-//! subsets and demos differ.
+//!
+//! Which items (`--limit`, HELMET's `max_test_samples`, with its `--seed`) and which
+//! demonstrations are HELMET's too: HF datasets' `shuffle(seed)` is numpy's
+//! `default_rng(seed).permutation` ([`Pcg64`]) and `random.sample` is CPython's
+//! ([`PyRandom`]), both reproduced call for call (tests: `tests/fixtures/helmet/selection.json`,
+//! recorded by HELMET's own `data.py`).
 
 use super::Answerer;
 use crate::engine::config::{GenerationParams, SamplingParams};
 use crate::engine::tokenizer::Tokenizer;
+use crate::eval::ruler::pyrandom::{Pcg64, PyRandom};
 use crate::eval::ruler::tasks::format;
 use crate::records::append_line;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// What a dataset name selects (HELMET's `load_data` dispatch by substring).
@@ -247,10 +249,21 @@ fn passages(row: &Value) -> String {
         .unwrap_or_default()
 }
 
-fn row_key(row: &Value) -> String {
-    match &row["id"] {
+/// HELMET's key field: `id` when the data file has that column, else `question` (for the
+/// demo file too).
+fn key_field(rows: &[Value]) -> &'static str {
+    if rows.iter().any(|r| r.get("id").is_some()) {
+        "id"
+    } else {
+        "question"
+    }
+}
+
+/// A row's key as Python's `str()` writes it.
+fn row_key(row: &Value, field: &str) -> String {
+    match &row[field] {
         Value::String(s) => s.clone(),
-        Value::Null => row["question"].as_str().unwrap_or("").to_string(),
+        Value::Null => String::new(),
         other => other.to_string(),
     }
 }
@@ -262,14 +275,70 @@ fn popular_enough(row: &Value, threshold: Option<f64>) -> bool {
     }
 }
 
+/// The rows HELMET evaluates, in its order, from the rows that pass the popularity filter
+/// (`candidates`, file order): with `max_test_samples` (`limit`), `json_kv` and the RULER files
+/// take the first `limit` of HF datasets' `shuffle(seed=seed)` (numpy's
+/// `default_rng(seed).permutation`); the RAG sets draw `limit` keys with
+/// `random.sample(sorted(keys), limit)` after `random.seed(seed)` (eval.py's `run_test`) and
+/// keep, in file order, every row with a drawn key.
+fn select(
+    kind: Kind,
+    rows: &[Value],
+    field: &str,
+    candidates: Vec<usize>,
+    limit: Option<usize>,
+    seed: u64,
+) -> Result<Vec<usize>> {
+    let Some(n) = limit else {
+        return Ok(candidates);
+    };
+    Ok(match kind {
+        Kind::JsonKv | Kind::Ruler => {
+            let perm = Pcg64::new(seed as u128).permutation(candidates.len());
+            perm.into_iter().take(n).map(|j| candidates[j]).collect()
+        }
+        Kind::Rag { .. } => {
+            // Python sorts the keys as they are: all strings, or all integers.
+            let keys: Vec<&Value> = candidates.iter().map(|&i| &rows[i][field]).collect();
+            let sorted: Vec<String> = if keys.iter().all(|k| k.is_i64()) {
+                let mut v: Vec<i64> = keys.iter().filter_map(|k| k.as_i64()).collect();
+                v.sort_unstable();
+                v.dedup();
+                v.iter().map(i64::to_string).collect()
+            } else if keys.iter().all(|k| k.is_string()) {
+                let mut v: Vec<String> = keys
+                    .iter()
+                    .filter_map(|k| k.as_str().map(String::from))
+                    .collect();
+                v.sort_unstable();
+                v.dedup();
+                v
+            } else {
+                bail!("the items' keys (`id`, else `question`) must be all strings or all integers, as HELMET sorts them")
+            };
+            let k = n.min(sorted.len());
+            let drawn: HashSet<String> =
+                PyRandom::new(seed).sample(&sorted, k).into_iter().collect();
+            candidates
+                .into_iter()
+                .filter(|&i| drawn.contains(&row_key(&rows[i], field)))
+                .collect()
+        }
+    })
+}
+
 /// A task's items from its data file (and demo file), the template fields filled as
-/// `data.py` fills them.
+/// `data.py` fills them; `limit` is HELMET's `max_test_samples`, selected as [`select`] says
+/// with HELMET's `--seed` (42 by default); each RAG question's demonstrations are HELMET's:
+/// the demo file (less the question itself for popqa) shuffled by HF datasets with the seed
+/// `sha256(key) mod 2³¹`, duplicates dropped, the first `shots`.
 pub fn read(
     name: &str,
     data: &str,
     demos: Option<&str>,
     shots: usize,
     limit: Option<usize>,
+    seed: u64,
 ) -> Result<Vec<Item>> {
     use sha2::Digest;
     let kind = Kind::of(name)?;
@@ -281,8 +350,21 @@ pub fn read(
         }
         _ => Vec::new(),
     };
+    let popqa_threshold = match kind {
+        Kind::Rag { popqa_threshold } => popqa_threshold,
+        _ => None,
+    };
+    let candidates: Vec<usize> = (0..rows.len())
+        .filter(|&i| popular_enough(&rows[i], popqa_threshold))
+        .collect();
+    let demo_rows: Vec<&Value> = demo_rows
+        .iter()
+        .filter(|d| popular_enough(d, popqa_threshold))
+        .collect();
+    let field = key_field(&rows);
     let mut items = Vec::new();
-    for (i, row) in rows.iter().enumerate() {
+    for i in select(kind, &rows, field, candidates, limit, seed).with_context(|| file.clone())? {
+        let row = &rows[i];
         let at = || format!("{file}: item {i}");
         let mut fields = BTreeMap::new();
         let text = |k: &str| -> Option<String> {
@@ -340,32 +422,41 @@ pub fn read(
                 }
             }
             Kind::Rag { popqa_threshold } => {
-                if !popular_enough(row, popqa_threshold) {
-                    continue;
-                }
                 fields.insert("question".into(), text("question").with_context(at)?);
                 fields.insert("context".into(), passages(row));
-                let key = row_key(row);
+                let key = row_key(row, field);
+                // sha256(key) as an integer mod 2³¹: its last 31 bits.
                 let h = {
                     let d = sha2::Sha256::digest(key.as_bytes());
                     u32::from_be_bytes([d[28], d[29], d[30], d[31]]) % (1 << 31)
                 };
-                let mut cands: Vec<(String, &Value)> = demo_rows
+                let pool: Vec<&Value> = demo_rows
                     .iter()
-                    .filter(|d| popular_enough(d, popqa_threshold))
-                    .filter(|d| popqa_threshold.is_none() || row_key(d) != key)
-                    .map(|d| {
-                        let o = sha2::Sha256::digest(format!("{h}/{}", row_key(d)).as_bytes());
-                        (format!("{o:x}"), d)
-                    })
+                    .copied()
+                    .filter(|d| popqa_threshold.is_none() || row_key(d, field) != key)
                     .collect();
-                cands.sort_by(|a, b| a.0.cmp(&b.0));
                 let mut seen = HashSet::new();
-                let chosen: Vec<String> = cands
+                let chosen: Vec<&Value> = if shots == 0 {
+                    Vec::new()
+                } else {
+                    Pcg64::new(h as u128)
+                        .permutation(pool.len())
+                        .into_iter()
+                        .map(|j| pool[j])
+                        .filter(|d| seen.insert(row_key(d, field)))
+                        .take(shots)
+                        .collect()
+                };
+                if chosen.len() < shots {
+                    bail!(
+                        "{}: {shots} shots wanted, the demo file has {} distinct demonstrations for it",
+                        at(),
+                        chosen.len()
+                    );
+                }
+                let chosen: Vec<String> = chosen
                     .into_iter()
-                    .filter(|(_, d)| seen.insert(row_key(d)))
-                    .take(shots)
-                    .map(|(_, d)| {
+                    .map(|d| {
                         format!(
                             "{}\n\nQuestion: {}\nAnswer: {}",
                             passages(d),
@@ -390,13 +481,10 @@ pub fn read(
         }
         items.push(Item {
             index: i,
-            key: row_key(row),
+            key: row_key(row, field),
             fields,
             answers,
         });
-        if limit.is_some_and(|n| items.len() >= n) {
-            break;
-        }
     }
     if items.is_empty() {
         bail!("{file}: no items");
@@ -446,6 +534,14 @@ pub fn prompt(
     Ok(build(&fields))
 }
 
+/// What a prediction answers: the first 16 hex digits of the SHA-256 of the prompt and the
+/// generation length.
+pub fn prompt_hash(prompt: &str, max_tokens: usize) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(format!("{prompt}\0{max_tokens}").as_bytes());
+    format!("{d:x}")[..16].to_string()
+}
+
 /// One task's score of one output (HELMET's `post_process` for its dataset), in [0, 1].
 pub fn score(name: &str, output: &str, answers: &[String]) -> Result<f64> {
     Ok(match Kind::of(name)? {
@@ -480,6 +576,9 @@ pub struct Task {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Prediction {
     pub index: usize,
+    /// Of the prompt the output answers ([`prompt_hash`]).
+    #[serde(default)]
+    pub hash: String,
     pub output: String,
     pub answers: Vec<String>,
     pub score: f64,
@@ -518,7 +617,9 @@ impl Report {
 pub struct HelmetRun {
     pub tasks: Vec<Task>,
     pub shots: usize,
+    /// HELMET's `max_test_samples`, drawn with `seed` (its `--seed`).
     pub limit: Option<usize>,
+    pub seed: u64,
     /// HELMET's `input_max_length`: prompt + generation.
     pub max_len: usize,
     /// Overrides each dataset's generation length.
@@ -545,18 +646,31 @@ impl HelmetRun {
                 task.demos.as_deref(),
                 self.shots,
                 self.limit,
+                self.seed,
             )?;
             let max_tokens = self
                 .max_tokens
                 .unwrap_or(kind.default_max_tokens(&task.name));
             let dir = self.out.join(&task.name);
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            // A prediction stands for its item while its prompt and generation length are the
+            // same (another --shots, --max-len, --max-tokens or demo file asks again).
+            let prompts = items
+                .iter()
+                .map(|it| prompt(tok, &task.name, it, self.max_len, max_tokens))
+                .collect::<Result<Vec<_>>>()?;
+            let hashes: HashMap<usize, String> = items
+                .iter()
+                .zip(&prompts)
+                .map(|(it, p)| (it.index, prompt_hash(p, max_tokens)))
+                .collect();
             let mut preds: Vec<Prediction> = crate::shard::read_all(&dir, "pred")?;
+            preds.retain(|p| hashes.get(&p.index) == Some(&p.hash));
             let done: HashSet<usize> = preds.iter().map(|p| p.index).collect();
-            let mut todo: Vec<&Item> = Vec::new();
-            for it in &items {
+            let mut todo: Vec<usize> = Vec::new();
+            for (j, it) in items.iter().enumerate() {
                 if self.shard.owns(number) && !done.contains(&it.index) {
-                    todo.push(it);
+                    todo.push(j);
                 }
                 number += 1;
             }
@@ -568,10 +682,7 @@ impl HelmetRun {
                     dir.display()
                 );
             }
-            let prompts = todo
-                .iter()
-                .map(|it| prompt(tok, &task.name, it, self.max_len, max_tokens))
-                .collect::<Result<Vec<_>>>()?;
+            let prompts: Vec<String> = todo.iter().map(|&j| prompts[j].clone()).collect();
             let params = GenerationParams {
                 max_tokens,
                 sampling: SamplingParams {
@@ -592,9 +703,10 @@ impl HelmetRun {
             );
             let path = dir.join(format!("pred{}.jsonl", self.shard.suffix()));
             answerer.answer_all(&prompts, false, &params, |j, text, prompt_tokens| {
-                let it = todo[j];
+                let it = &items[todo[j]];
                 let p = Prediction {
                     index: it.index,
+                    hash: hashes[&it.index].clone(),
                     output: text.to_string(),
                     answers: it.answers.clone(),
                     score: score(&task.name, text, &it.answers)?,
@@ -606,8 +718,6 @@ impl HelmetRun {
                 Ok(())
             })?;
             bar.finish_and_clear();
-            let wanted: HashSet<usize> = items.iter().map(|i| i.index).collect();
-            preds.retain(|p| wanted.contains(&p.index));
             let mean = if preds.is_empty() {
                 0.0
             } else {

@@ -20,7 +20,7 @@ fn prompts_are_helmets() {
     let r = reference();
     let tok = &default_engine().tokenizer;
     let first = |name: &str, data: &str, shots: usize| {
-        let items = read(name, &file(data), None, shots, None).unwrap();
+        let items = read(name, &file(data), None, shots, None, 42).unwrap();
         prompt(tok, name, &items[0], 1 << 20, 20).unwrap()
     };
     assert_eq!(first("json_kv", "json_kv.jsonl", 2), r["json_kv"]);
@@ -30,7 +30,7 @@ fn prompts_are_helmets() {
     );
     assert_eq!(first("kilt_nq", "kilt_nq.jsonl", 0), r["kilt_nq_0shot"]);
     // popqa_3 keeps the questions with log10(s_pop) < 3.
-    let pop = read("kilt_popqa_3", &file("kilt_popqa.jsonl"), None, 0, None).unwrap();
+    let pop = read("kilt_popqa_3", &file("kilt_popqa.jsonl"), None, 0, None, 42).unwrap();
     let qs: Vec<&str> = pop.iter().map(|i| i.fields["question"].as_str()).collect();
     assert_eq!(serde_json::json!(qs), r["popqa_questions"]);
     // Demonstrations: HELMET's format, two distinct demos before the passages.
@@ -40,6 +40,7 @@ fn prompts_are_helmets() {
         Some(&file("kilt_nq_demos.jsonl")),
         2,
         None,
+        42,
     )
     .unwrap();
     let p = prompt(tok, "kilt_nq", &items[0], 1 << 20, 20).unwrap();
@@ -49,9 +50,67 @@ fn prompts_are_helmets() {
         || p.contains("Question: when was the Orlin observatory founded\nAnswer: 1911\n\n"), "{p}");
     let e = format!(
         "{:#}",
-        read("kilt_nq", &file("kilt_nq.jsonl"), None, 2, None).unwrap_err()
+        read("kilt_nq", &file("kilt_nq.jsonl"), None, 2, None, 42).unwrap_err()
     );
     assert!(e.contains("--demos kilt_nq="), "{e}");
+}
+
+#[test]
+fn the_items_and_demonstrations_drawn_are_helmets() {
+    // HELMET's data.py with max_test_samples and shots on the many_*.jsonl files: which items,
+    // in which order (numpy's permutation for json_kv and RULER files; CPython's
+    // random.sample over the sorted keys for RAG, duplicates of a drawn question kept), and
+    // each question's demonstrations (HF datasets' shuffle seeded by its hash, duplicates
+    // dropped; popqa's from its own file, less the question).
+    let r = reference();
+    let tok = &default_engine().tokenizer;
+    let cases = [
+        (
+            "kilt_nq",
+            "many_kilt_nq.jsonl",
+            Some("many_kilt_nq_demos.jsonl"),
+            2,
+            6,
+        ),
+        (
+            "kilt_popqa_3",
+            "many_kilt_popqa.jsonl",
+            Some("many_kilt_popqa.jsonl"),
+            2,
+            4,
+        ),
+        ("json_kv", "many_json_kv.jsonl", None, 1, 5),
+        ("ruler_niah_mk_2", "many_ruler_niah_mk_2.jsonl", None, 0, 4),
+    ];
+    for (name, data, demos, shots, limit) in cases {
+        let demos = demos.map(file);
+        let items = read(name, &file(data), demos.as_deref(), shots, Some(limit), 42).unwrap();
+        let got: Vec<String> = items
+            .iter()
+            .map(|it| prompt(tok, name, it, 1 << 20, 20).unwrap())
+            .collect();
+        assert_eq!(serde_json::json!(got), r["selection"][name], "{name}");
+    }
+    // Another seed draws other items; more shots than distinct demonstrations is an error.
+    let other = read("json_kv", &file("many_json_kv.jsonl"), None, 1, Some(5), 7).unwrap();
+    let first = read("json_kv", &file("many_json_kv.jsonl"), None, 1, Some(5), 42).unwrap();
+    assert_ne!(other, first);
+    let e = format!(
+        "{:#}",
+        read(
+            "kilt_nq",
+            &file("many_kilt_nq.jsonl"),
+            Some(&file("many_kilt_nq_demos.jsonl")),
+            9,
+            Some(1),
+            42
+        )
+        .unwrap_err()
+    );
+    assert!(
+        e.contains("9 shots wanted") && e.contains("8 distinct"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -120,6 +179,7 @@ fn long_contexts_lose_their_tail_to_fit_the_input_length() {
         None,
         0,
         None,
+        42,
     )
     .unwrap();
     let full = prompt(tok, "ruler_niah_mk_2", &items[0], 1 << 20, 50).unwrap();
@@ -138,29 +198,34 @@ fn runs_on_the_default_model_and_scores_what_it_saved() {
     let _limit = time_limit(10);
     let d = tempdir();
     let out = d.path().join("helmet");
-    let stdout = ok(&wildlong(&[
-        "eval",
-        "helmet",
-        "--model",
-        "default",
-        "--max-len",
-        "1024",
-        "--shots",
-        "1",
-        "--task",
-        &format!("json_kv={}", file("json_kv.jsonl")),
-        "--task",
-        &format!("ruler_niah_mk_2={}", file("ruler_niah_mk_2.jsonl")),
-        "--task",
-        &format!("kilt_nq={}", file("kilt_nq.jsonl")),
-        "--demos",
-        &format!("kilt_nq={}", file("kilt_nq_demos.jsonl")),
-        "--no-progress",
-        "--out",
-        out.to_str().unwrap(),
-    ])
-    .output()
-    .unwrap());
+    let run = |extra: &[String]| {
+        let mut a: Vec<String> = ["eval", "helmet", "--model", "default", "--max-len", "1024"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend([
+            "--no-progress".into(),
+            "--out".into(),
+            out.display().to_string(),
+        ]);
+        a.extend(extra.iter().cloned());
+        ok(&wildlong(&a.iter().map(String::as_str).collect::<Vec<_>>())
+            .output()
+            .unwrap())
+    };
+    let nq = [
+        format!("--task=kilt_nq={}", file("kilt_nq.jsonl")),
+        format!("--demos=kilt_nq={}", file("kilt_nq_demos.jsonl")),
+    ];
+    let stdout = run(&[
+        &[
+            "--shots=1".to_string(),
+            format!("--task=json_kv={}", file("json_kv.jsonl")),
+            format!("--task=ruler_niah_mk_2={}", file("ruler_niah_mk_2.jsonl")),
+        ][..],
+        &nq[..],
+    ]
+    .concat());
     let r: Report =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(r.counts.values().sum::<usize>(), 6);
@@ -182,6 +247,17 @@ fn runs_on_the_default_model_and_scores_what_it_saved() {
     assert!((r.categories["recall"] - (recall * 100.0).round() / 100.0).abs() < 1e-9);
     assert_eq!(r.categories["rag"], r.scores["kilt_nq"]);
     assert!(stdout.contains("| **recall** |"), "{stdout}");
+    // A rerun asks nothing; one with other shots asks again for the prompts that changed.
+    let lines = |t: &str| {
+        std::fs::read_to_string(out.join(t).join("pred.jsonl"))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    run(&[&nq[..], &["--shots=1".to_string()]].concat());
+    assert_eq!(lines("kilt_nq"), 2);
+    run(&[&nq[..], &["--shots=0".to_string(), "--limit=1".to_string()]].concat());
+    assert_eq!(lines("kilt_nq"), 3);
     // RAG stops at the first newline (HELMET's stop_new_line).
     let rag: Vec<Prediction> =
         wildlong::records::read_jsonl_resumable(&out.join("kilt_nq/pred.jsonl")).unwrap();

@@ -3,7 +3,9 @@
 //! depth and word from it, so its official samples are reproduced only by the same stream.
 //! Covered: `seed(int)`, `getrandbits`, `_randbelow`, `randint`, `choice`, `sample`,
 //! `shuffle`, `random`, `choices` (no weights) and `uuid.UUID(int=getrandbits(128),
-//! version=4)`; and numpy's legacy `seed`/`randint`, which RULER's variable tracking uses.
+//! version=4)`; numpy's legacy `seed`/`randint`, which RULER's variable tracking uses; and
+//! numpy's `default_rng(seed).permutation(n)` (PCG64 seeded through `SeedSequence`), which HF
+//! datasets' `shuffle(seed=…)` draws and HELMET selects its test items and demonstrations with.
 
 const N: usize = 624;
 const M: usize = 397;
@@ -244,6 +246,140 @@ impl PyRandom {
     }
 }
 
+/// numpy's `Generator(PCG64(seed))` (`np.random.default_rng(seed)`), as far as
+/// `permutation(n)` draws from it: the 128-bit LCG with the XSL-RR output, seeded from
+/// `SeedSequence(seed).generate_state(4, uint64)`, 32-bit draws taken from halves of a 64-bit
+/// one (`pcg64_next32`), bounded by masked rejection (`random_interval`).
+#[derive(Clone)]
+pub struct Pcg64 {
+    state: u128,
+    inc: u128,
+    /// The high half of the last 64-bit draw, not yet used.
+    spare: Option<u32>,
+}
+
+impl Pcg64 {
+    const MULT: u128 = (2549297995355413924u128 << 64) | 4865540595714422341;
+
+    /// `np.random.default_rng(seed)` for a non-negative integer seed.
+    pub fn new(seed: u128) -> Self {
+        let s = seed_sequence_state(seed);
+        let init = ((s[0] as u128) << 64) | s[1] as u128;
+        let seq = ((s[2] as u128) << 64) | s[3] as u128;
+        let mut r = Self {
+            state: 0,
+            inc: (seq << 1) | 1,
+            spare: None,
+        };
+        r.step();
+        r.state = r.state.wrapping_add(init);
+        r.step();
+        r
+    }
+
+    fn step(&mut self) {
+        self.state = self.state.wrapping_mul(Self::MULT).wrapping_add(self.inc);
+    }
+
+    /// `random_raw()`: one 64-bit output.
+    pub fn next_u64(&mut self) -> u64 {
+        self.step();
+        let v = ((self.state >> 64) as u64) ^ (self.state as u64);
+        v.rotate_right((self.state >> 122) as u32)
+    }
+
+    fn next_u32(&mut self) -> u32 {
+        if let Some(h) = self.spare.take() {
+            return h;
+        }
+        let n = self.next_u64();
+        self.spare = Some((n >> 32) as u32);
+        n as u32
+    }
+
+    /// A uniform integer in `0..=max` (`random_interval`).
+    fn interval(&mut self, max: u64) -> u64 {
+        if max == 0 {
+            return 0;
+        }
+        let mask = u64::MAX >> max.leading_zeros();
+        loop {
+            let v = if max <= u32::MAX as u64 {
+                (self.next_u32() as u64) & mask
+            } else {
+                self.next_u64() & mask
+            };
+            if v <= max {
+                return v;
+            }
+        }
+    }
+
+    /// `permutation(n)`: `arange(n)` shuffled by Fisher-Yates from the end.
+    pub fn permutation(&mut self, n: usize) -> Vec<usize> {
+        let mut a: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            let j = self.interval(i as u64) as usize;
+            a.swap(i, j);
+        }
+        a
+    }
+}
+
+/// `SeedSequence(seed).generate_state(4, np.uint64)`: the seed's 32-bit words (least
+/// significant first) hashed into a pool of four, the pool mixed, four 64-bit words drawn.
+fn seed_sequence_state(seed: u128) -> [u64; 4] {
+    const INIT_A: u32 = 0x43b0d7e5;
+    const MULT_A: u32 = 0x931e8875;
+    const INIT_B: u32 = 0x8b51f9dd;
+    const MULT_B: u32 = 0x58f38ded;
+    const MIX_L: u32 = 0xca01f9dd;
+    const MIX_R: u32 = 0x4973f715;
+    let mut entropy = vec![seed as u32];
+    let mut rest = seed >> 32;
+    while rest != 0 {
+        entropy.push(rest as u32);
+        rest >>= 32;
+    }
+    let mut hash_const = INIT_A;
+    let mut hashmix = |v: u32| {
+        let mut v = v ^ hash_const;
+        hash_const = hash_const.wrapping_mul(MULT_A);
+        v = v.wrapping_mul(hash_const);
+        v ^ (v >> 16)
+    };
+    let mix = |x: u32, y: u32| {
+        let r = MIX_L.wrapping_mul(x).wrapping_sub(MIX_R.wrapping_mul(y));
+        r ^ (r >> 16)
+    };
+    let mut pool = [0u32; 4];
+    for (i, p) in pool.iter_mut().enumerate() {
+        *p = hashmix(entropy.get(i).copied().unwrap_or(0));
+    }
+    for src in 0..4 {
+        for dst in 0..4 {
+            if src != dst {
+                let h = hashmix(pool[src]);
+                pool[dst] = mix(pool[dst], h);
+            }
+        }
+    }
+    for &e in entropy.iter().skip(4) {
+        for p in pool.iter_mut() {
+            *p = mix(*p, hashmix(e));
+        }
+    }
+    let mut h = INIT_B;
+    let mut words = [0u32; 8];
+    for (i, w) in words.iter_mut().enumerate() {
+        let mut v = pool[i % 4] ^ h;
+        h = h.wrapping_mul(MULT_B);
+        v = v.wrapping_mul(h);
+        *w = v ^ (v >> 16);
+    }
+    std::array::from_fn(|i| words[2 * i] as u64 | (words[2 * i + 1] as u64) << 32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,6 +431,39 @@ mod tests {
         let mut r = PyRandom::numpy_legacy(42);
         let v: Vec<i64> = (0..5).map(|_| r.numpy_randint(10000, 99999)).collect();
         assert_eq!(v, [25795, 10860, 86820, 64886, 16265]);
+    }
+
+    #[test]
+    fn numpy_default_rng_permutation_matches_numpy() {
+        // python3 -c "import numpy as np; print(np.random.PCG64(42).random_raw(3).tolist()); [print(np.random.default_rng(s).permutation(n).tolist()) for s, n in [(42, 20), (2**31-1, 7), (2**40+3, 12), (12345, 300)]]"  (numpy 2.4.6)
+        let mut r = Pcg64::new(42);
+        let raw: Vec<u64> = (0..3).map(|_| r.next_u64()).collect();
+        assert_eq!(
+            raw,
+            [
+                14276969152011380360,
+                8095878257575067585,
+                15838336090824644132
+            ]
+        );
+        assert_eq!(
+            Pcg64::new(42).permutation(20),
+            [15, 9, 14, 7, 12, 10, 6, 19, 3, 0, 16, 5, 11, 18, 2, 4, 17, 1, 13, 8]
+        );
+        assert_eq!(
+            Pcg64::new((1 << 31) - 1).permutation(7),
+            [6, 0, 4, 5, 3, 1, 2]
+        );
+        assert_eq!(
+            Pcg64::new((1 << 40) + 3).permutation(12),
+            [2, 4, 10, 9, 6, 5, 3, 7, 11, 0, 8, 1]
+        );
+        assert_eq!(
+            Pcg64::new(12345).permutation(300)[..8],
+            [92, 293, 226, 200, 258, 23, 160, 186]
+        );
+        assert_eq!(Pcg64::new(0).permutation(1), [0]);
+        assert!(Pcg64::new(0).permutation(0).is_empty());
     }
 
     const GETRANDBITS_32: u128 = 107420369;
