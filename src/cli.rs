@@ -117,7 +117,7 @@ pub enum EvalCommand {
     Ruler(Box<RulerArgs>),
     /// Short-context retention: MMLU, ARC and GSM8K as lm-evaluation-harness prompts and scores them.
     #[command(
-        after_help = "Examples:\n  wildlong eval short --model default --data mmlu=hf://datasets/cais/mmlu/all/test-00000-of-00001.parquet --limit 200\n  wildlong eval short --model default --data gsm8k=hf://datasets/openai/gsm8k/main/test-00000-of-00001.parquet --fewshot 5 --fewshot-data gsm8k=hf://datasets/openai/gsm8k/main/train-00000-of-00001.parquet\n  wildlong eval short --model default --adapter runs/demo/train/adapter --data arc_challenge=ARC-Challenge-test.jsonl --baseline runs/short/report.json --out runs/short-after\n\nData in the tasks' released formats (HF Parquet or JSONL): MMLU question/subject/choices/answer, ARC\nquestion/choices{text,label}/answerKey, GSM8K question/answer. Writes <out>/<task>/pred.jsonl (appended; a\nkilled run resumes) and <out>/report.{json,md}."
+        after_help = "Examples:\n  wildlong eval short --model default --data mmlu=hf://datasets/cais/mmlu/all/test-00000-of-00001.parquet --limit 200\n  wildlong eval short --model default --data gsm8k=hf://datasets/openai/gsm8k/main/test-00000-of-00001.parquet --fewshot 5 --fewshot-data gsm8k=hf://datasets/openai/gsm8k/main/train-00000-of-00001.parquet\n  wildlong eval short --model default --adapter runs/demo/train/adapter --data arc_challenge=ARC-Challenge-test.jsonl --baseline runs/short/report.json --out runs/short-after\n  wildlong eval short --server http://127.0.0.1:8000/v1 --model meta-llama/Llama-3.1-8B --data arc_easy=ARC-Easy-test.jsonl\n\nOn a server, options are scored as lm-eval's local-completions scores them: /v1/completions with echo and\nlogprobs (vLLM, SGLang; llama-cpp-python's echoed logprobs are shifted by one token for models without BOS).\n\nData in the tasks' released formats (HF Parquet or JSONL): MMLU question/subject/choices/answer, ARC\nquestion/choices{text,label}/answerKey, GSM8K question/answer. Writes <out>/<task>/pred.jsonl (appended; a\nkilled run resumes) and <out>/report.{json,md}."
     )]
     Short(Box<ShortArgs>),
     /// LongBench v2 as its pred.py runs it (0-shot prompt, head+tail truncation, chat template).
@@ -337,6 +337,11 @@ impl HelmetArgs {
 pub struct ShortArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// With --server: a local model whose tokenizer is read, as the other suites read one (a models spec); the options' log-likelihoods are summed over the server's own tokens of each continuation.
+    #[arg(long, default_value = "default")]
+    pub tokenizer: String,
     /// A PEFT LoRA adapter folder, merged at load.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -979,6 +984,8 @@ fn run_command(cli: Cli, pipeline: Option<PipelineConfig>) -> Result<()> {
                 shard: a.shards.shard,
                 merge: a.shards.merge,
             },
+            a.server.config(),
+            &a.tokenizer,
             &a.engine.engine_config(threads)?,
             models_dir,
             a.baseline.as_deref(),

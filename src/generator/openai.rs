@@ -255,7 +255,7 @@ impl OpenAiClient {
         &self,
         url: &str,
         body: &serde_json::Value,
-    ) -> std::result::Result<Completion, Failure> {
+    ) -> std::result::Result<serde_json::Value, Failure> {
         let mut req = self.agent.post(url);
         if let Some(k) = &self.api_key {
             req = req.set("Authorization", &format!("Bearer {k}"));
@@ -284,48 +284,43 @@ impl OpenAiClient {
                 })
             }
         };
-        let v: serde_json::Value = resp.into_json().map_err(|e| Failure::Retry {
+        resp.into_json().map_err(|e| Failure::Retry {
             msg: format!("reading the response: {e}"),
             overloaded: false,
-        })?;
-        let choice = &v["choices"][0];
-        // A chat completion's message, or a text completion's text.
-        let text = choice["message"]["content"]
-            .as_str()
-            .or_else(|| choice["text"].as_str())
-            .ok_or_else(|| {
-                Failure::Fatal(format!(
-                    "no choices[0].message.content or choices[0].text in {v}"
-                ))
-            })?
-            .to_string();
-        let finish_reason = match choice["finish_reason"].as_str() {
-            Some("length") => FinishReason::Length,
-            Some("stop") | None => FinishReason::Eos,
-            Some(_) => FinishReason::Stop,
-        };
-        Ok(Completion {
-            text,
-            tokens: Vec::new(),
-            prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize,
-            cached_tokens: v["usage"]["prompt_tokens_details"]["cached_tokens"]
-                .as_u64()
-                .unwrap_or(0) as usize,
-            finish_reason,
         })
     }
 
-    /// One chat completion, retried as configured.
+    /// One chat completion, retried as configured.    /// One chat completion, retried as configured.
     pub fn chat(&self, messages: &[Message], params: &GenerationParams) -> Result<Completion> {
-        self.request("chat/completions", &self.body(messages, params))
+        completion_of(&self.request("chat/completions", &self.body(messages, params))?)
     }
 
     /// One text completion of a rendered prompt, retried as configured.
     pub fn complete(&self, prompt: &str, params: &GenerationParams) -> Result<Completion> {
-        self.request("completions", &self.completion_body(prompt, params))
+        completion_of(&self.request("completions", &self.completion_body(prompt, params))?)
     }
 
-    fn request(&self, endpoint: &str, body: &serde_json::Value) -> Result<Completion> {
+    /// The log-likelihood of `continuation` after `context`, as lm-evaluation-harness's
+    /// `local-completions` asks it: `context + continuation` as the prompt, echoed with
+    /// `logprobs`, one greedy token generated (and ignored).
+    pub fn loglikelihood(&self, context: &str, continuation: &str) -> Result<f64> {
+        let params = GenerationParams {
+            max_tokens: 1,
+            sampling: crate::engine::config::SamplingParams {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut body = self.completion_body(&format!("{context}{continuation}"), &params);
+        body["echo"] = json!(true);
+        body["logprobs"] = json!(1);
+        let v = self.request("completions", &body)?;
+        let c = context.chars().count();
+        continuation_logprob(&v, c, c + continuation.chars().count())
+    }
+
+    fn request(&self, endpoint: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
         let url = self.url(endpoint);
         let mut wait = self.config.retry_backoff_s;
         let mut last = String::new();
@@ -367,15 +362,15 @@ impl OpenAiClient {
     /// `on_done(index, completion)` on the calling thread as each finishes. The first error
     /// (of a request, or of `on_done`) stops new requests and is returned once those in
     /// flight end.
-    pub fn each<T: Sync>(
+    pub fn each<T: Sync, R: Send>(
         &self,
         items: &[T],
-        run: impl Fn(&T) -> Result<Completion> + Sync,
-        mut on_done: impl FnMut(usize, Completion) -> Result<()>,
+        run: impl Fn(&T) -> Result<R> + Sync,
+        mut on_done: impl FnMut(usize, R) -> Result<()>,
     ) -> Result<()> {
         let next = std::sync::atomic::AtomicUsize::new(0);
         let stop = std::sync::atomic::AtomicBool::new(false);
-        let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<Completion>)>();
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<R>)>();
         std::thread::scope(|s| {
             for _ in 0..self.config.concurrency.min(items.len()) {
                 let tx = tx.clone();
@@ -435,4 +430,76 @@ impl OpenAiClient {
             })
             .collect()
     }
+}
+
+/// A chat completion's message, or a text completion's text, from a response.
+fn completion_of(v: &serde_json::Value) -> Result<Completion> {
+    let choice = &v["choices"][0];
+    let text = choice["message"]["content"]
+        .as_str()
+        .or_else(|| choice["text"].as_str())
+        .with_context(|| format!("no choices[0].message.content or choices[0].text in {v}"))?
+        .to_string();
+    let finish_reason = match choice["finish_reason"].as_str() {
+        Some("length") => FinishReason::Length,
+        Some("stop") | None => FinishReason::Eos,
+        Some(_) => FinishReason::Stop,
+    };
+    Ok(Completion {
+        text,
+        tokens: Vec::new(),
+        prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize,
+        cached_tokens: v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0) as usize,
+        finish_reason,
+    })
+}
+
+/// The log-probability of `prompt[context_chars..]` from an echoed completion's
+/// `logprobs` (`text_offset` in characters, `token_logprobs`): the sum over the prompt's
+/// tokens that end after the context, as lm-evaluation-harness sums the continuation's.
+pub fn continuation_logprob(
+    v: &serde_json::Value,
+    context_chars: usize,
+    prompt_chars: usize,
+) -> Result<f64> {
+    let lp = &v["choices"][0]["logprobs"];
+    let (Some(offsets), Some(logprobs)) = (
+        lp["text_offset"].as_array(),
+        lp["token_logprobs"].as_array(),
+    ) else {
+        bail!("the server returned no logprobs.text_offset / logprobs.token_logprobs for an echoed prompt: it must support `echo` with `logprobs` on /v1/completions (vLLM and SGLang do)");
+    };
+    let offsets: Vec<usize> = offsets
+        .iter()
+        .map(|o| o.as_u64().map(|o| o as usize))
+        .collect::<Option<_>>()
+        .context("logprobs.text_offset: not a list of integers")?;
+    if offsets.len() != logprobs.len() {
+        bail!(
+            "logprobs: {} text offsets for {} token log-probabilities",
+            offsets.len(),
+            logprobs.len()
+        );
+    }
+    let mut sum = 0.0;
+    let mut n = 0;
+    for (i, &start) in offsets.iter().enumerate() {
+        let end = offsets.get(i + 1).copied().unwrap_or(usize::MAX).max(start);
+        if start >= prompt_chars || end <= context_chars {
+            continue;
+        }
+        sum += logprobs[i].as_f64().with_context(|| {
+            format!("logprobs.token_logprobs[{i}] is {} for a token of the continuation (an empty context has no log-probability for its first token)", logprobs[i])
+        })?;
+        n += 1;
+    }
+    if n == 0 {
+        bail!(
+            "no token of the echoed prompt lies in its last {} characters (the continuation)",
+            prompt_chars - context_chars
+        );
+    }
+    Ok(sum)
 }

@@ -446,7 +446,7 @@ pub fn run(cfg: &PipelineConfig, opts: &Options) -> Result<Outcome> {
                         shard: crate::shard::Shard::whole(),
                         merge: false,
                     }
-                    .run(&engine)?
+                    .run(&crate::eval::Answerer::Local(&engine))?
                     .context("the short-context check wrote no report")?;
                     let first = s.results.first().and_then(|r| {
                         r.metrics

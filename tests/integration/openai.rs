@@ -867,3 +867,115 @@ fn longbench_runs_on_a_server_as_pred_py_calls_one() {
         .iter()
         .all(|p| p.pred.is_none() && !p.judge && p.response.starts_with("echo: Please read")));
 }
+
+#[test]
+fn a_continuation_s_logprob_sums_the_echoed_tokens_after_its_context() {
+    use wildlong::generator::openai::continuation_logprob;
+    let v = serde_json::json!({"choices": [{"logprobs": {
+        "tokens": ["Hello", " wor", "ld", "!"],
+        "text_offset": [0, 5, 9, 11],
+        "token_logprobs": [null, -1.0, -2.0, -4.0]}}]});
+    // "Hello wo" + "rld": the token straddling the boundary counts, the generated "!" not.
+    assert_eq!(continuation_logprob(&v, 8, 11).unwrap(), -3.0);
+    assert_eq!(continuation_logprob(&v, 9, 11).unwrap(), -2.0);
+    // An empty context: the first token has no log-probability.
+    let e = format!("{:#}", continuation_logprob(&v, 0, 11).unwrap_err());
+    assert!(e.contains("token_logprobs[0] is null"), "{e}");
+    let e = format!(
+        "{:#}",
+        continuation_logprob(&serde_json::json!({"choices": [{"text": "x"}]}), 1, 2).unwrap_err()
+    );
+    assert!(e.contains("echo"), "{e}");
+}
+
+#[test]
+fn eval_short_runs_on_a_server_and_resumes() {
+    use wildlong::eval::short::run::{ShortPrediction, ShortReport};
+    use wildlong::records::read_jsonl_resumable;
+    let _limit = time_limit(3);
+    let stub = Stub::start();
+    let url = stub.url("ok");
+    let d = tempdir();
+    let out = d.path().join("short");
+    let f = |p: &str| fixture(p).display().to_string();
+    let args = [
+        "eval".to_string(),
+        "short".into(),
+        "--server".into(),
+        url.clone(),
+        "--model".into(),
+        "stub-model".into(),
+        format!("--data=arc_easy={}", f("short/arc_easy.jsonl")),
+        format!("--data=gsm8k={}", f("short/gsm8k.jsonl")),
+        "--max-gen-tokens=48".into(),
+        "--no-progress".into(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    let run = |extra: &[&str]| {
+        let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+        a.extend_from_slice(extra);
+        wildlong(&a).output().unwrap()
+    };
+    ok(&run(&[]));
+    let reqs = stub.requests("ok");
+    // ARC: one echoed completion per option (4 + 2), the prompt the context and the option;
+    // GSM8K: one greedy completion per item (2) with lm-eval's stop strings.
+    let (scored, generated): (Vec<_>, Vec<_>) = reqs
+        .iter()
+        .partition(|b| b["echo"] == serde_json::json!(true));
+    assert_eq!((scored.len(), generated.len()), (6, 2));
+    for b in &scored {
+        assert_eq!(
+            (b["logprobs"].as_u64(), b["max_tokens"].as_u64()),
+            (Some(1), Some(1))
+        );
+        assert!(b["prompt"].as_str().unwrap().contains("\nAnswer: "), "{b}");
+    }
+    for b in &generated {
+        assert_eq!(b["max_tokens"], 48);
+        assert_eq!(b["temperature"], 0.0);
+        assert!(
+            b["stop"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s == "Question:"),
+            "{b}"
+        );
+    }
+    // Each option's log-likelihood is the stub's over the option's words (minus each word's
+    // length): the context's tokens and the generated token are left out.
+    let preds: Vec<ShortPrediction> =
+        read_jsonl_resumable(&out.join("arc_easy/pred.jsonl")).unwrap();
+    let items = wildlong::eval::short::data::read(
+        wildlong::eval::short::data::Task::ArcEasy,
+        &f("short/arc_easy.jsonl"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(preds.len(), 2);
+    for p in &preds {
+        let want: Vec<f64> = items[p.index]
+            .choices
+            .iter()
+            .map(|c| {
+                -(c.split_whitespace()
+                    .map(|w| w.chars().count())
+                    .sum::<usize>() as f64)
+            })
+            .collect();
+        assert_eq!(p.loglik, want, "item {}", p.index);
+    }
+    let r = ShortReport::load(&out.join("report.json")).unwrap();
+    assert_eq!(r.results.len(), 2);
+    let run_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run_json["weights"], format!("server {url}"));
+    // A rerun asks the server nothing; an adapter is refused.
+    ok(&run(&[]));
+    assert_eq!(stub.requests("ok").len(), 8);
+    let o = run(&["--adapter", "somewhere"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("serves its own weights"));
+}

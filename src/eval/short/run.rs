@@ -6,6 +6,7 @@ use crate::engine::config::{GenerationParams, SamplingParams};
 use crate::engine::generate::{Engine, Request};
 use crate::eval::short::data::{self, Gold, Item, Task, GSM8K_UNTIL, TARGET_DELIMITER};
 use crate::eval::short::score;
+use crate::eval::Answerer;
 use crate::records::{append_line, write_atomic};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -309,16 +310,27 @@ fn item_hash(context: &str, item: &Item) -> Result<String> {
 
 impl ShortRun {
     /// Runs and writes the report; `None` for a shard of several (no report).
-    pub fn run(&self, engine: &Engine) -> Result<Option<ShortReport>> {
+    pub fn run(&self, answerer: &Answerer) -> Result<Option<ShortReport>> {
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("creating {}", self.out.display()))?;
+        let (weights, dtype) = match answerer {
+            Answerer::Local(e) => (
+                format!("{:?}", e.config.weight_format),
+                e.config.dtype.clone(),
+            ),
+            // The server's weights are its own: the URL and model name stand for them.
+            Answerer::Server { client, .. } => (
+                format!("server {}", client.config.base_url),
+                "server".into(),
+            ),
+        };
         crate::records::check_identity(
             &self.out.join("run.json"),
             &RunIdentity {
                 model: self.model.clone(),
                 adapter: self.adapter.clone(),
-                weights: format!("{:?}", engine.config.weight_format),
-                dtype: engine.config.dtype.clone(),
+                weights,
+                dtype,
                 max_gen_tokens: self.max_gen_tokens,
             },
         )?;
@@ -383,41 +395,54 @@ impl ShortRun {
                 "items",
             );
             bar.set_message(td.task.name());
+            let mut record = |i: usize, loglik: Vec<f64>, output: String| -> Result<()> {
+                let p = ShortPrediction {
+                    index: i,
+                    hash: hashes[i].clone(),
+                    loglik,
+                    output,
+                };
+                append_line(&pred_path, &p)?;
+                have.insert(i, p);
+                bar.inc(1);
+                Ok(())
+            };
             if td.task.generates() {
-                let reqs = todo
-                    .iter()
-                    .map(|&i| {
-                        Ok(Request {
-                            prompt: engine.tokenizer.encode(&contexts[i], false)?,
-                            params: GenerationParams {
-                                max_tokens: self.max_gen_tokens,
-                                sampling: SamplingParams {
-                                    temperature: 0.0,
-                                    ..Default::default()
-                                },
-                                stop: GSM8K_UNTIL.map(String::from).to_vec(),
-                                ..Default::default()
-                            },
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let mut err = None;
-                engine.generate(&reqs, |j, c| {
-                    let i = todo[j];
-                    let p = ShortPrediction {
-                        index: i,
-                        hash: hashes[i].clone(),
-                        loglik: Vec::new(),
-                        output: c.text.clone(),
-                    };
-                    if let Err(e) = append_line(&pred_path, &p) {
-                        err.get_or_insert(e);
+                let params = GenerationParams {
+                    max_tokens: self.max_gen_tokens,
+                    sampling: SamplingParams {
+                        temperature: 0.0,
+                        ..Default::default()
+                    },
+                    stop: GSM8K_UNTIL.map(String::from).to_vec(),
+                    ..Default::default()
+                };
+                match answerer {
+                    Answerer::Local(engine) => {
+                        let reqs = todo
+                            .iter()
+                            .map(|&i| {
+                                Ok(Request {
+                                    prompt: engine.tokenizer.encode(&contexts[i], false)?,
+                                    params: params.clone(),
+                                })
+                            })
+                            .collect::<Result<Vec<_>>>()?;
+                        let mut err = None;
+                        engine.generate(&reqs, |j, c| {
+                            if let Err(e) = record(todo[j], Vec::new(), c.text.clone()) {
+                                err.get_or_insert(e);
+                            }
+                        })?;
+                        if let Some(e) = err {
+                            return Err(e);
+                        }
                     }
-                    have.insert(i, p);
-                    bar.inc(1);
-                })?;
-                if let Some(e) = err {
-                    return Err(e);
+                    Answerer::Server { client, .. } => client.each(
+                        &todo,
+                        |&i| client.complete(&contexts[i], &params),
+                        |j, c| record(todo[j], Vec::new(), c.text),
+                    )?,
                 }
             } else {
                 // A few items at a time, so that a kill loses little.
@@ -425,27 +450,45 @@ impl ShortRun {
                     let mut pairs = Vec::new();
                     for &i in chunk {
                         for c in &items[i].choices {
-                            pairs.push(encode_pair(
-                                engine,
-                                &contexts[i],
-                                &format!("{TARGET_DELIMITER}{c}"),
-                            )?);
+                            pairs.push((i, format!("{TARGET_DELIMITER}{c}")));
                         }
                     }
-                    let lls = engine.loglikelihood(&pairs)?;
+                    let lls: Vec<f64> = match answerer {
+                        Answerer::Local(engine) => {
+                            let enc = pairs
+                                .iter()
+                                .map(|(i, c)| encode_pair(engine, &contexts[*i], c))
+                                .collect::<Result<Vec<_>>>()?;
+                            engine
+                                .loglikelihood(&enc)?
+                                .iter()
+                                .map(|l| l.logprob)
+                                .collect()
+                        }
+                        Answerer::Server { client, .. } => {
+                            let mut out = vec![0.0; pairs.len()];
+                            client.each(
+                                &pairs,
+                                |(i, c)| {
+                                    // The context's trailing spaces move to the continuation,
+                                    // as in encode_pair.
+                                    let ctx = contexts[*i].trim_end();
+                                    let moved = &contexts[*i][ctx.len()..];
+                                    client.loglikelihood(ctx, &format!("{moved}{c}"))
+                                },
+                                |j, l| {
+                                    out[j] = l;
+                                    Ok(())
+                                },
+                            )?;
+                            out
+                        }
+                    };
                     let mut k = 0;
                     for &i in chunk {
                         let n = items[i].choices.len();
-                        let p = ShortPrediction {
-                            index: i,
-                            hash: hashes[i].clone(),
-                            loglik: lls[k..k + n].iter().map(|l| l.logprob).collect(),
-                            output: String::new(),
-                        };
+                        record(i, lls[k..k + n].to_vec(), String::new())?;
                         k += n;
-                        append_line(&pred_path, &p)?;
-                        have.insert(i, p);
-                        bar.inc(1);
                     }
                 }
             }
@@ -489,18 +532,33 @@ impl ShortRun {
 /// against `baseline`, also written as `<out>/delta.md`).
 pub fn command(
     run: &ShortRun,
+    server: Option<crate::generator::openai::OpenAiConfig>,
+    tokenizer: &str,
     engine: &crate::engine::config::EngineConfig,
     models_dir: &std::path::Path,
     baseline: Option<&std::path::Path>,
 ) -> Result<()> {
     let base = baseline.map(ShortReport::load).transpose()?;
-    let e = crate::models::load_engine_with_adapter(
-        &run.model,
-        run.adapter.as_deref().map(std::path::Path::new),
-        models_dir,
-        engine,
-    )?;
-    let Some(report) = run.run(&e)? else {
+    let report = match server {
+        Some(s) => {
+            if run.adapter.is_some() {
+                bail!("--adapter with --server: a server serves its own weights (load the adapter there, or drop --server)");
+            }
+            crate::eval::with_answerer(&run.model, Some(s), tokenizer, engine, models_dir, |a| {
+                run.run(a)
+            })?
+        }
+        None => {
+            let e = crate::models::load_engine_with_adapter(
+                &run.model,
+                run.adapter.as_deref().map(std::path::Path::new),
+                models_dir,
+                engine,
+            )?;
+            run.run(&Answerer::Local(&e))?
+        }
+    };
+    let Some(report) = report else {
         println!(
             "shard {}/{}: predictions written under {} (pred{}.jsonl per task); when every shard has finished, the same command with --merge (no --shard) scores them all",
             run.shard.index,
