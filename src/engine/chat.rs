@@ -26,8 +26,15 @@ impl Message {
     }
 }
 
+/// Marks where a `{% generation %}` block's output starts and ends in a raw rendering
+/// (private-use characters; [`ChatTemplate::render_json`] removes them).
+const GENERATION_START: char = '\u{F8F0}';
+const GENERATION_END: char = '\u{F8F1}';
+
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// The template marks assistant output with `{% generation %}` blocks.
+    has_generation: bool,
     pub source: String,
     bos_token: String,
     eos_token: String,
@@ -281,10 +288,28 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned("chat", source.to_string())
+        // HF's `{% generation %}…{% endgeneration %}` (the assistant tokens of
+        // `return_assistant_tokens_mask`): a filter block that wraps its output in markers,
+        // so block whitespace rules apply as to HF's extension tag.
+        let generation = regex::Regex::new(r"\{%([-+]?)\s*(end)?generation\s*([-+]?)%\}")
+            .expect("a valid regex");
+        let has_generation = generation.is_match(source);
+        let rewritten = generation.replace_all(source, |c: &regex::Captures| {
+            let tag = if c.get(2).is_some() {
+                "endfilter"
+            } else {
+                "filter wildlong_generation"
+            };
+            format!("{{%{} {tag} {}%}}", &c[1], &c[3])
+        });
+        env.add_filter("wildlong_generation", |s: String| {
+            format!("{GENERATION_START}{s}{GENERATION_END}")
+        });
+        env.add_template_owned("chat", rewritten.into_owned())
             .map_err(|e| anyhow!("chat template does not parse: {e}"))?;
         Ok(Self {
             env,
+            has_generation,
             source: source.to_string(),
             bos_token: bos_token.unwrap_or_default().to_string(),
             eos_token: eos_token.unwrap_or_default().to_string(),
@@ -359,7 +384,51 @@ impl ChatTemplate {
         vars.insert("bos_token".into(), self.bos_token.clone().into());
         vars.insert("eos_token".into(), self.eos_token.clone().into());
         let tmpl = self.env.get_template("chat")?;
-        tmpl.render(Value::from(minijinja::value::Serde(&vars)))
-            .map_err(|e| anyhow!("rendering the chat template: {e}"))
+        let out = tmpl
+            .render(Value::from(minijinja::value::Serde(&vars)))
+            .map_err(|e| anyhow!("rendering the chat template: {e}"))?;
+        Ok(if self.has_generation {
+            out.replace([GENERATION_START, GENERATION_END], "")
+        } else {
+            out
+        })
+    }
+
+    /// The rendering of a whole conversation and the byte spans of its `{% generation %}`
+    /// blocks (HF's `return_assistant_tokens_mask`); `None` when the template has none.
+    pub fn render_generation_spans(
+        &self,
+        messages: &[Message],
+    ) -> Result<Option<(String, Vec<(usize, usize)>)>> {
+        if !self.has_generation {
+            return Ok(None);
+        }
+        let mut vars = self.kwargs.clone();
+        vars.insert("messages".into(), serde_json::to_value(messages)?);
+        vars.insert("add_generation_prompt".into(), false.into());
+        vars.insert("bos_token".into(), self.bos_token.clone().into());
+        vars.insert("eos_token".into(), self.eos_token.clone().into());
+        let raw = self
+            .env
+            .get_template("chat")?
+            .render(Value::from(minijinja::value::Serde(&vars)))
+            .map_err(|e| anyhow!("rendering the chat template: {e}"))?;
+        let mut text = String::with_capacity(raw.len());
+        let mut spans = Vec::new();
+        let mut open = None;
+        for c in raw.chars() {
+            match c {
+                GENERATION_START if open.is_none() => open = Some(text.len()),
+                GENERATION_END => {
+                    let start = open
+                        .take()
+                        .context("the chat template closes a generation block it did not open")?;
+                    spans.push((start, text.len()));
+                }
+                GENERATION_START => bail!("the chat template nests generation blocks"),
+                c => text.push(c),
+            }
+        }
+        Ok(Some((text, spans)))
     }
 }

@@ -12,7 +12,7 @@
 use crate::engine::chat::{ChatTemplate, Message};
 use crate::engine::tokenizer::Tokenizer;
 use crate::train::ops::IGNORE;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 /// One tokenized conversation: `targets[j]` is the token after `tokens[j]` where that token
 /// is an assistant token, else [`IGNORE`].
@@ -29,11 +29,24 @@ impl Example {
     }
 }
 
-/// Byte spans of the assistant replies in the rendered text of `messages`.
+/// Byte spans of the assistant replies in the rendered text of `messages`: the template's
+/// `{% generation %}` blocks where it has them (HF's assistant mask), else each reply as
+/// the module's header says — or, where the template renders a turn differently once later
+/// turns follow (Qwen3 drops the empty `<think>` block of earlier replies), the reply's
+/// text as rendered in the whole conversation and the turn's end-of-turn marker.
 pub fn assistant_spans(
     template: &ChatTemplate,
     messages: &[Message],
 ) -> Result<(String, Vec<(usize, usize)>)> {
+    if let Some((full, spans)) = template.render_generation_spans(messages)? {
+        if !messages.iter().any(|m| m.role == "assistant") {
+            bail!("no assistant turn: nothing to learn");
+        }
+        if spans.is_empty() {
+            bail!("the chat template's generation blocks mark no text in this conversation");
+        }
+        return Ok((full, spans));
+    }
     let full = template.render(messages, false)?;
     let mut spans = Vec::new();
     for (i, m) in messages.iter().enumerate() {
@@ -45,19 +58,56 @@ pub fn assistant_spans(
         }
         let before = template.render(&messages[..i], true)?;
         let with = template.render(&messages[..=i], false)?;
-        if !with.starts_with(&before) || !full.starts_with(&with) {
-            bail!(
-                "the chat template does not render turn {} as an extension of the turns before it; assistant tokens cannot be located",
-                i + 1
-            );
+        if with.starts_with(&before) && full.starts_with(&with) {
+            let reply = with[before.len()..].trim_end();
+            spans.push((before.len(), before.len() + reply.len()));
+        } else {
+            spans.push(reply_in_context(template, messages, i, &full).with_context(|| {
+                format!("the chat template does not render turn {} as an extension of the turns before it, nor its reply verbatim; assistant tokens cannot be located (a template with {{% generation %}} blocks can mark them)", i + 1)
+            })?);
         }
-        let reply = with[before.len()..].trim_end();
-        spans.push((before.len(), before.len() + reply.len()));
     }
     if spans.is_empty() {
         bail!("no assistant turn: nothing to learn");
     }
     Ok((full, spans))
+}
+
+/// The span of reply `i` in `full`: the conversation rendered with that reply's content
+/// replaced by a marker gives the text before and after it; the reply is what `full` has
+/// between them, followed by the end-of-turn marker the turn ends with when it is last.
+fn reply_in_context(
+    template: &ChatTemplate,
+    messages: &[Message],
+    i: usize,
+    full: &str,
+) -> Result<(usize, usize)> {
+    const MARK: &str = "\u{F8FF}wildlong-reply\u{F8FF}";
+    let mut marked = messages.to_vec();
+    marked[i].content = MARK.into();
+    let split = |text: &str| -> Result<(usize, usize)> {
+        match text.match_indices(MARK).collect::<Vec<_>>()[..] {
+            [(at, _)] => Ok((at, text.len() - at - MARK.len())),
+            _ => bail!("the reply is not rendered exactly once"),
+        }
+    };
+    let whole = template.render(&marked, false)?;
+    let (pre, post) = split(&whole)?;
+    if pre + post > full.len()
+        || whole[..pre] != full[..pre]
+        || whole[whole.len() - post..] != full[full.len() - post..]
+    {
+        bail!("the text around the reply changes with its content");
+    }
+    let last = template.render(&marked[..=i], false)?;
+    let (_, tail) = split(&last)?;
+    let end_of_turn = last[last.len() - tail..].trim_end();
+    let after = &full[full.len() - post..];
+    if !after.starts_with(end_of_turn) {
+        bail!("the turn's end-of-turn marker {end_of_turn:?} does not follow the reply");
+    }
+    let reply = full[pre..full.len() - post].len();
+    Ok((pre, pre + reply + end_of_turn.len()))
 }
 
 /// Renders and tokenizes one conversation with its loss targets.

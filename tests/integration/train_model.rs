@@ -310,6 +310,59 @@ fn the_loss_falls_on_exactly_the_assistant_replies() {
 }
 
 #[test]
+fn generation_blocks_mark_the_loss_as_hf_s_assistant_masks_and_qwen3_replies_are_found() {
+    use wildlong::engine::chat::{ChatTemplate, Message};
+    use wildlong::engine::tokenizer::Tokenizer;
+    use wildlong::train::data::{assistant_spans, tokenize};
+    // tests/fixtures/train/masks/reference.json: scripts/assistant_masks_reference.py.
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("train/masks/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let chat: Vec<Message> = serde_json::from_value(r["chat"].clone()).unwrap();
+    let tok = Tokenizer::from_file(&fixture("arch/qwen3/tokenizer.json"), &[]).unwrap();
+    let read = |p: &str| std::fs::read_to_string(fixture(p)).unwrap();
+    let gen = ChatTemplate::new(
+        &read("train/masks/generation_template.jinja"),
+        None,
+        Some("<|im_end|>"),
+    )
+    .unwrap();
+    let ex = tokenize(&tok, &gen, &chat).unwrap();
+    let ids: Vec<u32> = serde_json::from_value(r["input_ids"].clone()).unwrap();
+    let mask: Vec<u8> = serde_json::from_value(r["assistant_masks"].clone()).unwrap();
+    assert_eq!(ex.tokens, ids);
+    assert_eq!(mask[0], 0);
+    let learned: Vec<u8> = std::iter::once(0)
+        .chain(
+            ex.targets[..ex.targets.len() - 1]
+                .iter()
+                .map(|&t| (t != IGNORE) as u8),
+        )
+        .collect();
+    assert_eq!(learned, mask, "the loss on exactly HF's assistant tokens");
+    // Renderings for the engine carry no block markers.
+    let text = gen.render(&chat, true).unwrap();
+    assert!(
+        text.ends_with("<|im_start|>assistant\n") && text.is_ascii(),
+        "{text:?}"
+    );
+    // Qwen3's own template renders an earlier reply without the `<think>` block the last
+    // turn has: each reply is found in the whole rendering, with its end-of-turn marker.
+    let qwen3 = ChatTemplate::new(&read("arch/qwen3/chat_template.jinja"), None, None).unwrap();
+    let (full, spans) = assistant_spans(&qwen3, &chat).unwrap();
+    assert_eq!(full, r["qwen3_text"].as_str().unwrap());
+    let replies: Vec<&str> = spans.iter().map(|&(a, b)| &full[a..b]).collect();
+    assert_eq!(
+        replies,
+        [
+            "Blue.<|im_end|>",
+            "<think>\n\n</think>\n\nA ripe pear, sliced.<|im_end|>"
+        ]
+    );
+}
+
+#[test]
 fn packing_restarts_positions_and_separates_conversations() {
     use wildlong::train::data::{pack, pad_batch, Example};
     let ex = |n: usize, base: u32| Example {
