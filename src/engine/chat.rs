@@ -26,6 +26,9 @@ impl Message {
     }
 }
 
+/// A rendering and byte spans in it.
+pub type Marked = (String, Vec<(usize, usize)>);
+
 /// Marks where a `{% generation %}` block's output starts and ends in a raw rendering
 /// (private-use characters; [`ChatTemplate::render_json`] removes them).
 const GENERATION_START: char = '\u{F8F0}';
@@ -399,7 +402,7 @@ impl ChatTemplate {
     pub fn render_generation_spans(
         &self,
         messages: &[Message],
-    ) -> Result<Option<(String, Vec<(usize, usize)>)>> {
+    ) -> Result<Option<Marked>> {
         if !self.has_generation {
             return Ok(None);
         }
