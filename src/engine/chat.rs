@@ -399,10 +399,7 @@ impl ChatTemplate {
 
     /// The rendering of a whole conversation and the byte spans of its `{% generation %}`
     /// blocks (HF's `return_assistant_tokens_mask`); `None` when the template has none.
-    pub fn render_generation_spans(
-        &self,
-        messages: &[Message],
-    ) -> Result<Option<Marked>> {
+    pub fn render_generation_spans(&self, messages: &[Message]) -> Result<Option<Marked>> {
         if !self.has_generation {
             return Ok(None);
         }

@@ -182,7 +182,8 @@ pub fn parse_output(output: &str, prefix: &str) -> Option<String> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Item {
     pub index: usize,
-    /// `id`, else the question (HELMET's key for demos and duplicates).
+    /// The `id` when the file has that column, else the question (HELMET's key for the
+    /// items drawn, demos and duplicates).
     pub key: String,
     /// Template fields (context, question, query, type_needle_v, example, num_v, demos).
     pub fields: BTreeMap<String, String>,
