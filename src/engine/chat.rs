@@ -374,6 +374,22 @@ impl ChatTemplate {
         kwargs: &serde_json::Map<String, serde_json::Value>,
         add_generation_prompt: bool,
     ) -> Result<String> {
+        let out = self.render_raw(messages, tools, kwargs, add_generation_prompt)?;
+        Ok(if self.has_generation {
+            out.replace([GENERATION_START, GENERATION_END], "")
+        } else {
+            out
+        })
+    }
+
+    /// [`Self::render_json`] with the generation blocks' markers left in.
+    fn render_raw(
+        &self,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
+        kwargs: &serde_json::Map<String, serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         if messages.as_array().is_none_or(Vec::is_empty) {
             bail!("a chat needs at least one message");
         }
@@ -387,14 +403,8 @@ impl ChatTemplate {
         vars.insert("bos_token".into(), self.bos_token.clone().into());
         vars.insert("eos_token".into(), self.eos_token.clone().into());
         let tmpl = self.env.get_template("chat")?;
-        let out = tmpl
-            .render(Value::from(minijinja::value::Serde(&vars)))
-            .map_err(|e| anyhow!("rendering the chat template: {e}"))?;
-        Ok(if self.has_generation {
-            out.replace([GENERATION_START, GENERATION_END], "")
-        } else {
-            out
-        })
+        tmpl.render(Value::from(minijinja::value::Serde(&vars)))
+            .map_err(|e| anyhow!("rendering the chat template: {e}"))
     }
 
     /// The rendering of a whole conversation and the byte spans of its `{% generation %}`
@@ -403,16 +413,12 @@ impl ChatTemplate {
         if !self.has_generation {
             return Ok(None);
         }
-        let mut vars = self.kwargs.clone();
-        vars.insert("messages".into(), serde_json::to_value(messages)?);
-        vars.insert("add_generation_prompt".into(), false.into());
-        vars.insert("bos_token".into(), self.bos_token.clone().into());
-        vars.insert("eos_token".into(), self.eos_token.clone().into());
-        let raw = self
-            .env
-            .get_template("chat")?
-            .render(Value::from(minijinja::value::Serde(&vars)))
-            .map_err(|e| anyhow!("rendering the chat template: {e}"))?;
+        let raw = self.render_raw(
+            &serde_json::to_value(messages)?,
+            None,
+            &serde_json::Map::new(),
+            false,
+        )?;
         let mut text = String::with_capacity(raw.len());
         let mut spans = Vec::new();
         let mut open = None;

@@ -12,12 +12,11 @@
 //!   answer, in the output or after `Answer:`; `popqa_T` keeps questions with
 //!   log10(s_pop) < T; `--shots` demonstrations from the task's demo file.
 //!
-//!
 //! Which items (`--limit`, HELMET's `max_test_samples`, with its `--seed`) and which
 //! demonstrations are HELMET's too: HF datasets' `shuffle(seed)` is numpy's
 //! `default_rng(seed).permutation` ([`Pcg64`]) and `random.sample` is CPython's
-//! ([`PyRandom`]), both reproduced call for call (tests: `tests/fixtures/helmet/selection.json`,
-//! recorded by HELMET's own `data.py`).
+//! ([`PyRandom`]), both reproduced call for call (tests: `selection` in
+//! `tests/fixtures/helmet/reference.json`, recorded from HELMET's own `data.py`).
 
 use super::Answerer;
 use crate::engine::config::{GenerationParams, SamplingParams};

@@ -290,7 +290,7 @@ impl OpenAiClient {
         })
     }
 
-    /// One chat completion, retried as configured.    /// One chat completion, retried as configured.
+    /// One chat completion, retried as configured.
     pub fn chat(&self, messages: &[Message], params: &GenerationParams) -> Result<Completion> {
         completion_of(&self.request("chat/completions", &self.body(messages, params))?)
     }

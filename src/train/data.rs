@@ -106,8 +106,7 @@ fn reply_in_context(
     if !after.starts_with(end_of_turn) {
         bail!("the turn's end-of-turn marker {end_of_turn:?} does not follow the reply");
     }
-    let reply = full[pre..full.len() - post].len();
-    Ok((pre, pre + reply + end_of_turn.len()))
+    Ok((pre, full.len() - post + end_of_turn.len()))
 }
 
 /// Renders and tokenizes one conversation with its loss targets.

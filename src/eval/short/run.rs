@@ -258,8 +258,7 @@ pub fn encode_pair(
     context: &str,
     continuation: &str,
 ) -> Result<(Vec<u32>, Vec<u32>)> {
-    let trimmed = context.trim_end();
-    let moved = &context[trimmed.len()..];
+    let (trimmed, moved) = split_context(context);
     let whole = engine
         .tokenizer
         .encode(&format!("{trimmed}{moved}{continuation}"), false)?;
@@ -269,6 +268,13 @@ pub fn encode_pair(
     }
     let cont = whole[ctx.len()..].to_vec();
     Ok((ctx, cont))
+}
+
+/// lm-eval's `_encode_pair` split: the context without its trailing whitespace, and that
+/// whitespace (which goes to the continuation).
+fn split_context(context: &str) -> (&str, &str) {
+    let trimmed = context.trim_end();
+    (trimmed, &context[trimmed.len()..])
 }
 
 /// Each item's full prompt with `shots` examples from `pool`: the first of the item's own
@@ -470,10 +476,7 @@ impl ShortRun {
                             client.each(
                                 &pairs,
                                 |(i, c)| {
-                                    // The context's trailing spaces move to the continuation,
-                                    // as in encode_pair.
-                                    let ctx = contexts[*i].trim_end();
-                                    let moved = &contexts[*i][ctx.len()..];
+                                    let (ctx, moved) = split_context(&contexts[*i]);
                                     client.loglikelihood(ctx, &format!("{moved}{c}"))
                                 },
                                 |j, l| {
