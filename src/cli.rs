@@ -791,7 +791,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub checkpoint_layers: bool,
     /// With --train-seq: query rows per attention block.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 128)]
     pub attention_block: usize,
     /// With --train-seq --checkpoint-layers: tokens per MLP tile (0: the whole row).
     #[arg(long, default_value_t = 4096)]

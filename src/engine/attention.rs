@@ -281,6 +281,34 @@ pub fn exp_sub_sum(xs: &mut [f32], max: f32) -> f32 {
     exp_sub_sum_portable(xs, max)
 }
 
+/// `x ← scale · x` over a row and returns the row's maximum (−∞ for an empty row).
+pub fn scale_max(xs: &mut [f32], scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked above).
+            return unsafe { scale_max_avx512(xs, scale) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            return unsafe { scale_max_avx2(xs, scale) };
+        }
+    }
+    scale_max_portable(xs, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scale_max_avx512(xs: &mut [f32], scale: f32) -> f32 {
+    scale_max_portable(xs, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scale_max_avx2(xs: &mut [f32], scale: f32) -> f32 {
+    scale_max_portable(xs, scale)
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn softmax_row_avx512(row: &mut [f32], mask: &[f32]) {
@@ -333,6 +361,26 @@ fn softmax_row_portable(row: &mut [f32], mask: &[f32]) {
     for x in row.iter_mut() {
         *x *= inv;
     }
+}
+
+#[inline(always)]
+fn scale_max_portable(xs: &mut [f32], scale: f32) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = xs.chunks_exact_mut(16);
+    for c in &mut chunks {
+        for (x, l) in c.iter_mut().zip(lanes.iter_mut()) {
+            *x *= scale;
+            *l = if *x > *l { *x } else { *l };
+        }
+    }
+    let mut max = f32::NEG_INFINITY;
+    for x in chunks.into_remainder() {
+        *x *= scale;
+        max = if *x > max { *x } else { max };
+    }
+    lanes
+        .into_iter()
+        .fold(max, |m, l| if l > m { l } else { m })
 }
 
 #[inline(always)]

@@ -229,7 +229,7 @@ impl Default for MemoryConfig {
     fn default() -> Self {
         Self {
             checkpoint_layers: false,
-            attention_block: 256,
+            attention_block: 128,
             loss_chunk: 512,
             mlp_tile: 4096,
             offload_checkpoints: false,

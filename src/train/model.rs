@@ -324,7 +324,7 @@ impl TrainModel {
             lm_head,
             device,
             options: opts.clone(),
-            attention_block: 256,
+            attention_block: 128,
             loss_chunk: 512,
             checkpoint_layers: false,
             mlp_tile: 4096,
@@ -490,7 +490,7 @@ impl TrainModel {
             self.cfg.rms_norm_eps,
         )?;
         let gate = blk.gate.forward(&h2, seed(4), first_row)?;
-        let m = (gate.silu()? * blk.up.forward(&h2, seed(5), first_row)?)?;
+        let m = ops::silu_mul(&gate, &blk.up.forward(&h2, seed(5), first_row)?)?;
         Ok((x + blk.down.forward(&m, seed(6), first_row)?)?)
     }
 

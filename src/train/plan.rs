@@ -129,9 +129,9 @@ impl Plan {
         // copies and RoPE outputs, the attention output and its transposed copy, o's output
         // and the residual sum.
         let attention_per_token = 4.0 * h + 5.0 * nh * hd + 5.0 * kvh * hd;
-        // The MLP half: its norm, gate and up outputs, SiLU and the gated product, down's
-        // output and the residual sum.
-        let mlp_per_token = 3.0 * h + 4.0 * i;
+        // The MLP half: its norm, gate and up outputs, the gated product (one fused op: no
+        // SiLU output is kept), down's output and the residual sum.
+        let mlp_per_token = 3.0 * h + 3.0 * i;
         let t = tc.data.max_length as f64;
         let tokens = tc.schedule.micro_batch as f64 * t;
         let layer = (attention_per_token + mlp_per_token) * 4.0 * tokens;
@@ -161,8 +161,8 @@ impl Plan {
         let attention = match cuda {
             // Flash attention: bf16 copies of q, k, v and the output, and their gradients.
             true => mb * t * (nh + kvh) * hd * 2.0 * 2.0 * 2.0,
-            // A block's scores, probabilities and their gradient, f32.
-            false => mb * nh * (tc.memory.attention_block as f64).min(t) * t * 4.0 * 3.0,
+            // A block's probabilities (the scores normalised in place) and their gradient, f32.
+            false => mb * nh * (tc.memory.attention_block as f64).min(t) * t * 4.0 * 2.0,
         };
         let loss = (tc.memory.loss_chunk as f64).min(tokens) * v * 4.0 * 2.0;
         let transient_bytes = attention.max(loss);

@@ -299,15 +299,54 @@ fn chunked_attention_matches_the_full_one_with_gqa_and_segments() {
     let k = randn(&[2, 2, 7, 4], 12);
     let v = randn(&[2, 2, 7, 4], 13);
     let segments = vec![vec![0, 0, 0, 1, 1, 1, 1], vec![5; 7]];
-    for block in [1, 3, 7, 64] {
+    check_attention(&[q, k, v], &segments, &[1, 3, 7, 64]);
+}
+
+/// [`ops::chunked_attention`] at each block size against the full reference (forward,
+/// gradients, finite differences).
+fn check_attention(qkv: &[Tensor; 3], segments: &[Vec<u32>], blocks: &[usize]) {
+    for &block in blocks {
         check(
-            &[q.clone(), k.clone(), v.clone()],
+            qkv,
             &[true, true, true],
-            |t| ops::chunked_attention(&t[0], &t[1], &t[2], &segments, block).unwrap(),
-            |t| ops::attention_reference(&t[0], &t[1], &t[2], &segments).unwrap(),
+            |t| ops::chunked_attention(&t[0], &t[1], &t[2], segments, block).unwrap(),
+            |t| ops::attention_reference(&t[0], &t[1], &t[2], segments).unwrap(),
             1e-5,
         );
     }
+}
+
+#[test]
+fn chunked_attention_matches_the_full_one_over_long_rows_and_returning_segment_ids() {
+    // Rows long enough for the vectorised row kernels (16 lanes and a remainder); row 0 packs
+    // three documents, row 1 brings id 0 back after id 1 (key-by-key masking, where id 0's
+    // second run still sees its first).
+    let (t, d) = (45, 8);
+    let q = randn(&[2, 6, t, d], 31);
+    let k = randn(&[2, 3, t, d], 32);
+    let v = randn(&[2, 3, t, d], 33);
+    let packed: Vec<u32> = (0..t as u32)
+        .map(|i| (i >= 17) as u32 + (i >= 40) as u32)
+        .collect();
+    let returning: Vec<u32> = (0..t as u32)
+        .map(|i| (10..30).contains(&i) as u32)
+        .collect();
+    check_attention(&[q, k, v], &[packed, returning], &[16, 45]);
+}
+
+#[test]
+fn silu_mul_backward_matches_the_reference_and_finite_differences() {
+    // Gates out to ±8 (σ saturating both ways); 3 × 37 elements cover the vector lanes and a
+    // remainder.
+    let g = (randn(&[3, 37], 41) * 8.0).unwrap();
+    let u = randn(&[3, 37], 42);
+    check(
+        &[g, u],
+        &[true, true],
+        |t| ops::silu_mul(&t[0], &t[1]).unwrap(),
+        |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+        1e-5,
+    );
 }
 
 #[test]

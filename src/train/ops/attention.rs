@@ -1,10 +1,11 @@
 //! Segment-causal grouped-query attention `block` query rows at a time, with the
 //! FlashAttention-2 backward, and its composed reference.
 
-use super::{to_tensor, CpuInputs, CpuOutput, Grads};
+use super::{f32s, to_tensor, CpuInputs, CpuOutput, Grads};
+use crate::engine::attention::{exp_sub_sum, scale_max};
 #[cfg(feature = "cuda")]
 use crate::kernels::cuda;
-use candle_core::{CpuStorage, Result, Tensor, D};
+use candle_core::{CpuStorage, Layout, Result, Tensor, D};
 use rayon::prelude::*;
 
 /// Causal attention inside segments: query `i` of a row sees key `j` when `j ≤ i` and both
@@ -12,6 +13,9 @@ use rayon::prelude::*;
 struct ChunkedAttention {
     /// (b, t) segment ids.
     segments: std::sync::Arc<Vec<Vec<u32>>>,
+    /// Per batch row, when each segment id is one run of positions (packed rows are): the
+    /// first position of each position's run, so query `i` sees keys `runs[b][i]..=i`.
+    runs: Vec<Option<Vec<usize>>>,
     block: usize,
     scale: f64,
     /// On CUDA: the forward's log-sum-exp `(b, h, t)`, for the backward kernel.
@@ -20,6 +24,16 @@ struct ChunkedAttention {
 }
 
 impl ChunkedAttention {
+    fn new(segments: &[Vec<u32>], block: usize, scale: f64) -> Self {
+        ChunkedAttention {
+            segments: std::sync::Arc::new(segments.to_vec()),
+            runs: segments.iter().map(|s| segment_runs(s)).collect(),
+            block: block.max(1),
+            scale,
+            lse: std::sync::Mutex::new(None),
+        }
+    }
+
     /// Query rows `t0..t0 + n` of every head as `(b, kvh, g·n, d)`.
     fn rows(x: &Tensor, kvh: usize, t0: usize, n: usize) -> Result<Tensor> {
         let (b, h, _, d) = x.dims4()?;
@@ -35,62 +49,163 @@ impl ChunkedAttention {
             .reshape((b, h, gn / (h / kvh), d))
     }
 
-    /// Softmax probabilities of the block, `(b, kvh, g·n, t0 + n)` flattened: the scores
-    /// `(scale·q)·kᵀ` masked (causal, same segment) and normalised in one pass per row, in
-    /// place (a row with no visible key is all zeros).
-    fn probs(&self, q: &Tensor, k: &Tensor, t0: usize, n: usize) -> Result<Vec<f32>> {
+    /// Softmax probabilities of the block `(b, kvh, g·n, t0 + n)`: the scores `q·kᵀ` made in
+    /// one product, then scaled, masked (causal, same segment) and normalised in place, row by
+    /// row (masked keys 0).
+    fn probs(&self, q: &Tensor, k: &Tensor, t0: usize, n: usize) -> Result<Tensor> {
         let kvh = k.dim(1)?;
-        let keys = t0 + n;
-        let qb = (Self::rows(q, kvh, t0, n)? * self.scale)?;
-        let kb = k.narrow(2, 0, keys)?;
-        let s = qb.matmul(&kb.t()?)?;
-        let per_batch = s.dim(1)? * s.dim(2)?;
-        let mut p = s.flatten_all()?.to_vec1::<f32>()?;
-        p.par_chunks_mut(keys).enumerate().for_each(|(r, row)| {
-            let seg = &self.segments[r / per_batch];
-            let i = t0 + r % n;
-            let mut max = f32::NEG_INFINITY;
-            for (j, x) in row.iter_mut().enumerate() {
-                if j > i || seg[j] != seg[i] {
-                    *x = f32::NEG_INFINITY;
-                } else if *x > max {
-                    max = *x;
+        let s = Self::rows(q, kvh, t0, n)?.matmul(&k.narrow(2, 0, t0 + n)?.t()?)?;
+        in_place_on_host(s, &BlockSoftmax { att: self, t0, n })
+    }
+
+    /// `row ← softmax(scale · row)` over the keys query `i` of batch row `bi` sees, 0 elsewhere.
+    fn softmax_row(&self, row: &mut [f32], bi: usize, i: usize) {
+        let scale = self.scale as f32;
+        let visible = match &self.runs[bi] {
+            Some(runs) => {
+                let lo = runs[i];
+                row[..lo].fill(0.0);
+                row[i + 1..].fill(0.0);
+                &mut row[lo..=i]
+            }
+            None => {
+                let seg = &self.segments[bi];
+                for (j, x) in row.iter_mut().enumerate() {
+                    if j > i || seg[j] != seg[i] {
+                        *x = f32::NEG_INFINITY;
+                    }
                 }
+                row
             }
-            if max == f32::NEG_INFINITY {
-                row.iter_mut().for_each(|x| *x = 0.0);
-                return;
-            }
-            let mut sum = 0f32;
-            for x in row.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
-            row.iter_mut().for_each(|x| *x *= inv);
-        });
-        Ok(p)
+        };
+        let max = scale_max(visible, scale);
+        if max == f32::NEG_INFINITY {
+            visible.fill(0.0);
+            return;
+        }
+        let inv = 1.0 / exp_sub_sum(visible, max);
+        visible.iter_mut().for_each(|x| *x *= inv);
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (b, h, t, _) = q.dims4()?;
-        let kvh = k.dim(1)?;
-        let g = h / kvh;
+        let (_, h, t, _) = q.dims4()?;
         let mut out = Vec::new();
         let mut t0 = 0;
         while t0 < t {
             let n = self.block.min(t - t0);
-            let p = Tensor::from_vec(
-                self.probs(q, k, t0, n)?,
-                (b, kvh, g * n, t0 + n),
-                q.device(),
-            )?;
-            let o = p.matmul(&v.narrow(2, 0, t0 + n)?.contiguous()?)?; // (b, kvh, g·n, d)
+            let p = self.probs(q, k, t0, n)?;
+            let o = p.matmul(&v.narrow(2, 0, t0 + n)?)?; // (b, kvh, g·n, d)
             out.push(Self::heads(&o, h)?);
             t0 += n;
         }
         Tensor::cat(&out, 2)
     }
+}
+
+/// The first position of each position's run of equal ids, when every id is one run; `None`
+/// when an id comes back after another (attention then masks key by key).
+fn segment_runs(seg: &[u32]) -> Option<Vec<usize>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut runs = Vec::with_capacity(seg.len());
+    let mut lo = 0;
+    for (i, &s) in seg.iter().enumerate() {
+        if i > 0 && s != seg[i - 1] {
+            lo = i;
+            if !seen.insert(seg[i - 1]) || seen.contains(&s) {
+                return None;
+            }
+        }
+        runs.push(lo);
+    }
+    Some(runs)
+}
+
+/// [`ChunkedAttention::softmax_row`] over a block's scores `(b, kvh, g·n, t0 + n)`, in place.
+struct BlockSoftmax<'a> {
+    att: &'a ChunkedAttention,
+    t0: usize,
+    n: usize,
+}
+
+impl candle_core::InplaceOp1 for BlockSoftmax<'_> {
+    fn name(&self) -> &'static str {
+        "wildlong-block-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let (_, kvh, gn, keys) = l.shape().dims4()?;
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("attention: f32 scores only")
+        };
+        let Some((a, z)) = l.contiguous_offsets() else {
+            candle_core::bail!("attention: contiguous scores only")
+        };
+        let (t0, n) = (self.t0, self.n);
+        data[a..z]
+            .par_chunks_mut(keys)
+            .enumerate()
+            .for_each(|(r, row)| self.att.softmax_row(row, r / (kvh * gn), t0 + r % n));
+        Ok(())
+    }
+}
+
+/// `dP ← scale · P ⊙ (dP − rowsum(dO ⊙ O))` in place over a block `(b, kvh, g·n, keys)`: the
+/// scores' gradient, with the softmax scale folded in for `dQ = dS·K` and `dK = dSᵀ·Q`.
+struct ScoreGrad<'a> {
+    p: &'a Tensor,
+    dsum: &'a [f32],
+    scale: f32,
+}
+
+impl candle_core::InplaceOp1 for ScoreGrad<'_> {
+    fn name(&self) -> &'static str {
+        "wildlong-score-grad"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let keys = l.dims().last().copied().unwrap_or(1);
+        let (CpuStorage::F32(data), Some((a, z))) = (s, l.contiguous_offsets()) else {
+            candle_core::bail!("attention: contiguous f32 score gradients only")
+        };
+        let (ps, pl) = self.p.storage_and_layout();
+        let candle_core::Storage::Cpu(pc) = &*ps else {
+            candle_core::bail!("attention: CPU probabilities only")
+        };
+        let p = f32s(pc, pl, "attention")?;
+        let scale = self.scale;
+        data[a..z]
+            .par_chunks_mut(keys)
+            .zip(p.par_chunks(keys))
+            .zip(self.dsum.par_iter())
+            .for_each(|((d, p), &s)| {
+                d.iter_mut()
+                    .zip(p)
+                    .for_each(|(d, &p)| *d = scale * p * (*d - s));
+            });
+        Ok(())
+    }
+}
+
+/// `op` applied to `x` in place; on another device (the CUDA path's head sizes without a
+/// flash kernel) through a host copy.
+fn in_place_on_host(x: Tensor, op: &impl candle_core::InplaceOp1) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        x.inplace_op1(op)?;
+        return Ok(x);
+    }
+    let h = x.to_device(&candle_core::Device::Cpu)?;
+    h.inplace_op1(op)?;
+    h.to_device(x.device())
+}
+
+/// `acc[.., ..keys, ..] += x` for `acc` `(b, kvh, t, d)` and `x` `(b, kvh, keys, d)`.
+fn add_leading_rows(acc: &mut [f32], x: &Tensor, t: usize) -> Result<()> {
+    let (_, _, keys, d) = x.dims4()?;
+    let x = x.flatten_all()?.to_vec1::<f32>()?;
+    acc.par_chunks_mut(t * d)
+        .zip(x.par_chunks(keys * d))
+        .for_each(|(a, x)| a.iter_mut().zip(x).for_each(|(a, x)| *a += x));
+    Ok(())
 }
 
 impl ChunkedAttention {
@@ -142,53 +257,48 @@ impl ChunkedAttention {
                 Some(dv.contiguous()?),
             ]);
         }
-        let (b, h, t, _) = q.dims4()?;
+        let (_, h, t, d) = q.dims4()?;
         let kvh = k.dim(1)?;
         let mut dq = Vec::new();
-        let mut dk = k.zeros_like()?;
-        let mut dv = v.zeros_like()?;
+        let mut dk = vec![0f32; k.elem_count()];
+        let mut dv = vec![0f32; v.elem_count()];
         let mut t0 = 0;
         while t0 < t {
             let n = self.block.min(t - t0);
             let keys = t0 + n;
             // Recomputed probabilities of this query block: (b, kvh, g·n, keys).
-            let pv = self.probs(&q, &k, t0, n)?;
+            let p = self.probs(&q, &k, t0, n)?;
             let dob = ChunkedAttention::rows(&d_o, kvh, t0, n)?;
             let ob = ChunkedAttention::rows(&o, kvh, t0, n)?;
-            let vb = v.narrow(2, 0, keys)?.contiguous()?;
-            let kb = k.narrow(2, 0, keys)?.contiguous()?;
-            let shape = (b, kvh, (h / kvh) * n, keys);
-            // dV += Pᵀ dO; dP = dO Vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ O)), the last in one pass.
+            let vb = v.narrow(2, 0, keys)?;
+            let kb = k.narrow(2, 0, keys)?;
+            // dV += Pᵀ dO; dP = dO Vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ O)), the last in place.
             let dsum = (&dob * &ob)?
                 .sum_keepdim(D::Minus1)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
-            let mut ds = dob.matmul(&vb.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-            ds.par_chunks_mut(keys)
-                .zip(pv.par_chunks(keys))
-                .zip(dsum.par_iter())
-                .for_each(|((d, p), s)| {
-                    d.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - s));
-                });
-            let p = Tensor::from_vec(pv, shape, q.device())?;
-            let ds = Tensor::from_vec(ds, shape, q.device())?;
-            let dv_b = p.t()?.matmul(&dob)?; // (b, kvh, keys, d)
-            let dq_b = (ds.matmul(&kb)? * self.scale)?;
-            let dk_b = (ds.t()?.matmul(&ChunkedAttention::rows(&q, kvh, t0, n)?)? * self.scale)?;
-            let pad = |x: Tensor| -> Result<Tensor> {
-                if keys == t {
-                    return Ok(x);
-                }
-                let (b, kh, _, d) = x.dims4()?;
-                let zeros = Tensor::zeros((b, kh, t - keys, d), x.dtype(), x.device())?;
-                Tensor::cat(&[x, zeros], 2)
+            let p_host = p.to_device(&candle_core::Device::Cpu)?;
+            let grad = ScoreGrad {
+                p: &p_host,
+                dsum: &dsum,
+                scale: self.scale as f32,
             };
-            dv = (dv + pad(dv_b)?)?;
-            dk = (dk + pad(dk_b)?)?;
-            dq.push(ChunkedAttention::heads(&dq_b, h)?);
+            let ds = in_place_on_host(dob.matmul(&vb.t()?)?, &grad)?;
+            add_leading_rows(&mut dv, &p.t()?.matmul(&dob)?, t)?; // (b, kvh, keys, d)
+            add_leading_rows(
+                &mut dk,
+                &ds.t()?.matmul(&ChunkedAttention::rows(&q, kvh, t0, n)?)?,
+                t,
+            )?;
+            dq.push(ChunkedAttention::heads(&ds.matmul(&kb)?, h)?);
             t0 += n;
         }
-        Ok([Some(Tensor::cat(&dq, 2)?), Some(dk), Some(dv)])
+        let (dev, shape) = (q.device(), (k.dim(0)?, kvh, t, d));
+        Ok([
+            Some(Tensor::cat(&dq, 2)?),
+            Some(Tensor::from_vec(dk, shape, dev)?),
+            Some(Tensor::from_vec(dv, shape, dev)?),
+        ])
     }
 }
 
@@ -221,12 +331,7 @@ pub fn chunked_attention(
     q.contiguous()?.apply_op3(
         &k.contiguous()?,
         &v.contiguous()?,
-        ChunkedAttention {
-            segments: std::sync::Arc::new(segments.to_vec()),
-            block: block.max(1),
-            scale: 1.0 / (d as f64).sqrt(),
-            lse: std::sync::Mutex::new(None),
-        },
+        ChunkedAttention::new(segments, block, 1.0 / (d as f64).sqrt()),
     )
 }
 

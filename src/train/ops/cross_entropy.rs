@@ -3,6 +3,7 @@
 #[cfg(feature = "cuda")]
 use super::frozen_product;
 use super::{f32s, product_dims, CpuInputs, CpuOutput, Grads};
+use crate::engine::attention::{exp_sub_sum, scale_max};
 #[cfg(feature = "cuda")]
 use crate::kernels::cuda;
 use candle_core::backend::BackendStorage;
@@ -77,16 +78,17 @@ impl ChunkedCrossEntropy {
                 .zip(part.par_iter())
                 .map(|(row, &i)| {
                     let t = self.targets[i] as usize;
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
-                    let loss = max as f64 + sum.ln() - row[t] as f64;
+                    let target = row[t];
+                    // One vectorised pass each: the maximum, then exp(z − max) in place.
+                    let max = scale_max(row, 1.0);
+                    let sum = exp_sub_sum(row, max);
                     if grad {
                         // d loss / d logits = softmax − one-hot.
-                        let inv = (1.0 / sum) as f32;
-                        row.iter_mut().for_each(|x| *x = (*x - max).exp() * inv);
+                        let inv = 1.0 / sum;
+                        row.iter_mut().for_each(|x| *x *= inv);
                         row[t] -= 1.0;
                     }
-                    loss
+                    max as f64 + (sum as f64).ln() - target as f64
                 })
                 .sum::<f64>();
             if !grad {

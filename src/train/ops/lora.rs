@@ -1,8 +1,9 @@
 //! The fused LoRA linear `x·Wᵀ + s·(d(x)·Aᵀ)·Bᵀ` with seeded dropout, and its reference.
 
-use super::{f32s, frozen_product, CpuInputs, CpuOutput, Grads};
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Layout, Result, Tensor};
+use super::{
+    f32s, frozen_product, gemm_into, gemm_new, host_f32s, CpuInputs, CpuOutput, Grads, Mat,
+};
+use candle_core::{CpuStorage, Result, Tensor};
 use rayon::prelude::*;
 
 /// The dropout mask of an adapter input: `n` values, 0 with probability `p`, else `1/(1−p)`,
@@ -52,38 +53,91 @@ impl LoraLinear {
                 "lora linear: x (.., {k}), A ({r}, {k2}), B ({out}, {r2}), W ({wo}, {wk})"
             );
         }
-        let w = self.w.to_dtype(candle_core::DType::F32)?;
+        let what = "lora linear";
+        let (x, a, b) = (
+            f32s(sx, lx, what)?,
+            f32s(sa, la, what)?,
+            f32s(sb, lb, what)?,
+        );
+        let w = self.w.to_dtype(candle_core::DType::F32)?.contiguous()?;
         let (ws, wl) = w.storage_and_layout();
-        let candle_core::Storage::Cpu(wc) = &*ws else {
-            candle_core::bail!("lora linear: CPU tensors only")
-        };
-        let y = sx.matmul(wc, (1, m, out, k), lx, &wl.transpose(0, 1)?)?;
-        let CpuStorage::F32(mut y) = y else {
-            candle_core::bail!("lora linear: f32 tensors only")
-        };
-        let lc = Layout::contiguous((m, k));
-        let xa = match self.mask(m * k) {
-            Some(mask) => {
-                let x = f32s(sx, lx, "lora linear")?;
-                let xd: Vec<f32> = x.iter().zip(&mask).map(|(a, b)| a * b).collect();
-                CpuStorage::F32(xd).matmul(sa, (1, m, r, k), &lc, &la.transpose(0, 1)?)?
-            }
-            None => sx.matmul(sa, (1, m, r, k), lx, &la.transpose(0, 1)?)?,
-        }; // (m, r)
-        let z = xa.matmul(
-            sb,
-            (1, m, out, r),
-            &Layout::contiguous((m, r)),
-            &lb.transpose(0, 1)?,
-        )?;
-        let CpuStorage::F32(z) = z else {
-            candle_core::bail!("lora linear: f32 tensors only")
-        };
+        let w = host_f32s(&ws, wl, what)?;
+        // y = x·Wᵀ, then y += s · (d(x)·Aᵀ)·Bᵀ accumulated by the second product itself.
+        let mut y = gemm_new(Mat::new(x, m, k)?, Mat::new(w, out, k)?.t(), 1.0)?;
+        let xd = self.dropped(x);
+        let xa = gemm_new(Mat::new(&xd, m, k)?, Mat::new(a, r, k)?.t(), 1.0)?; // (m, r)
         let s = self.scale as f32;
-        y.par_iter_mut()
-            .zip(z.par_iter())
-            .for_each(|(a, b)| *a += s * b);
+        gemm_into(
+            &mut y,
+            Mat::new(&xa, m, r)?,
+            Mat::new(b, out, r)?.t(),
+            s,
+            true,
+        )?;
         Ok((CpuStorage::F32(y), (m, out).into()))
+    }
+
+    /// `d(x)`: `x` times its dropout mask (`x` itself without dropout).
+    fn dropped<'x>(&self, x: &'x [f32]) -> std::borrow::Cow<'x, [f32]> {
+        match self.mask(x.len()) {
+            Some(mask) => x.iter().zip(&mask).map(|(a, b)| a * b).collect(),
+            None => std::borrow::Cow::Borrowed(x),
+        }
+    }
+
+    /// The backward pass on the CPU, each product straight into its result: `dx = dy·W +
+    /// s·d(dy·B·A)` (the second accumulated onto the first without dropout), `dA = s·(dy·B)ᵀ·
+    /// d(x)`, `dB = s·dyᵀ·(d(x)·Aᵀ)`.
+    fn backward_cpu(&self, x: &Tensor, a: &Tensor, b: &Tensor, dy: &Tensor) -> Grads<3> {
+        let what = "lora linear";
+        let (m, k) = x.dims2()?;
+        let (r, out) = (a.dim(0)?, b.dim(0)?);
+        let (x, a, b, dy) = (
+            x.contiguous()?,
+            a.contiguous()?,
+            b.contiguous()?,
+            dy.contiguous()?,
+        );
+        let w = self.w.to_dtype(candle_core::DType::F32)?.contiguous()?;
+        let ((xs, xl), (as_, al), (bs, bl), (ds, dl), (ws, wl)) = (
+            x.storage_and_layout(),
+            a.storage_and_layout(),
+            b.storage_and_layout(),
+            dy.storage_and_layout(),
+            w.storage_and_layout(),
+        );
+        let (xv, av, bv, dv, wv) = (
+            host_f32s(&xs, xl, what)?,
+            host_f32s(&as_, al, what)?,
+            host_f32s(&bs, bl, what)?,
+            host_f32s(&ds, dl, what)?,
+            host_f32s(&ws, wl, what)?,
+        );
+        let s = self.scale as f32;
+        let (dym, am) = (Mat::new(dv, m, out)?, Mat::new(av, r, k)?);
+        let dyb = gemm_new(dym, Mat::new(bv, out, r)?, 1.0)?; // (m, r)
+        let dybm = Mat::new(&dyb, m, r)?;
+        let mut dx = gemm_new(dym, Mat::new(wv, out, k)?, 1.0)?; // (m, k)
+        match self.mask(m * k) {
+            Some(mask) => {
+                let lora = gemm_new(dybm, am, s)?;
+                dx.par_iter_mut()
+                    .zip(lora.par_iter().zip(mask.par_iter()))
+                    .for_each(|(d, (l, mk))| *d += l * mk);
+            }
+            None => gemm_into(&mut dx, dybm, am, s, true)?,
+        }
+        let xd = self.dropped(xv);
+        let xdm = Mat::new(&xd, m, k)?;
+        let da = gemm_new(dybm.t(), xdm, s)?; // (r, k)
+        let xa = gemm_new(xdm, am.t(), 1.0)?; // (m, r)
+        let db = gemm_new(dym.t(), Mat::new(&xa, m, r)?, s)?; // (out, r)
+        let dev = candle_core::Device::Cpu;
+        Ok([
+            Some(Tensor::from_vec(dx, (m, k), &dev)?),
+            Some(Tensor::from_vec(da, (r, k), &dev)?),
+            Some(Tensor::from_vec(db, (out, r), &dev)?),
+        ])
     }
 
     #[cfg(feature = "cuda")]
@@ -97,6 +151,9 @@ impl LoraLinear {
 
     fn backward(&self, [x, a, b]: [&Tensor; 3], _y: &Tensor, dy: &Tensor) -> Grads<3> {
         let (x, a, b, dy) = (x.detach(), a.detach(), b.detach(), dy.detach());
+        if x.device().is_cpu() {
+            return self.backward_cpu(&x, &a, &b, &dy);
+        }
         let mask = match self.mask(x.elem_count()) {
             Some(m) => Some(Tensor::from_vec(m, x.shape(), x.device())?),
             None => None,

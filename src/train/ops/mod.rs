@@ -12,6 +12,7 @@
 //! - [`chunked_cross_entropy`]: the summed token loss of `h · wᵀ` against targets, computed
 //!   `chunk` rows at a time so the `(tokens, vocabulary)` logits never exist whole; its
 //!   backward recomputes each chunk;
+//! - [`silu_mul`]: the MLP's `silu(g) · u`, forward and backward one pass each;
 //! - [`chunked_attention`]: causal grouped-query attention isolated per packed document,
 //!   `block` query rows at a time (memory linear in the sequence), the backward recomputing
 //!   each block's probabilities (FlashAttention-2's formulas).
@@ -84,6 +85,7 @@ mod lora;
 mod matmul;
 mod rms_norm;
 mod rope;
+mod silu_mul;
 mod softmax;
 
 pub use attention::{attention_reference, chunked_attention};
@@ -92,6 +94,7 @@ pub use lora::{dropout_mask, dropout_mask_from, lora_linear, lora_linear_referen
 pub use matmul::frozen_matmul;
 pub use rms_norm::{rms_norm, rms_norm_reference};
 pub use rope::rope;
+pub use silu_mul::silu_mul;
 pub use softmax::softmax_last_dim;
 
 use candle_core::backend::BackendStorage;
@@ -141,4 +144,139 @@ fn product_dims(
 /// A contiguous f32 tensor on the CPU from a storage (the op's inputs, copied once: O(s)).
 fn to_tensor(s: &CpuStorage, l: &Layout, what: &str) -> Result<Tensor> {
     Tensor::from_slice(f32s(s, l, what)?, l.shape(), &candle_core::Device::Cpu)
+}
+
+/// The f32 values of a contiguous tensor's storage on the CPU.
+fn host_f32s<'a>(s: &'a candle_core::Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(c) => f32s(c, l, what),
+        _ => candle_core::bail!("{what}: CPU tensors only"),
+    }
+}
+
+/// A read-only f32 matrix over a slice: `rows × cols`, element `(i, j)` at `i·rs + j·cs`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major `rows × cols` matrix.
+    fn new(data: &'a [f32], rows: usize, cols: usize) -> Result<Self> {
+        Mat {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+        .checked()
+    }
+
+    fn t(self) -> Self {
+        Mat {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    /// The matrix when every element lies inside its slice.
+    fn checked(self) -> Result<Self> {
+        let last = (self.rows.max(1) - 1) * self.rs + (self.cols.max(1) - 1) * self.cs;
+        if self.rows > 0 && self.cols > 0 && last >= self.data.len() {
+            candle_core::bail!(
+                "matmul: a {}×{} view past its {} values",
+                self.rows,
+                self.cols,
+                self.data.len()
+            );
+        }
+        Ok(self)
+    }
+}
+
+/// `dst ← beta · a·b`, or `dst + beta · a·b` when `accumulate`, for a row-major `dst`
+/// `(a.rows, b.cols)`: gemm's kernels straight into the caller's buffer (no zeroed output,
+/// no separate sum pass), on the rayon pool.
+fn gemm_into(dst: &mut [f32], a: Mat, b: Mat, beta: f32, accumulate: bool) -> Result<()> {
+    // SAFETY: `dst` holds `dst.len()` initialised values.
+    unsafe { gemm_raw(dst.as_mut_ptr(), dst.len(), a, b, beta, accumulate) }
+}
+
+/// `beta · a·b` as a fresh row-major `(a.rows, b.cols)` buffer, never zeroed first.
+fn gemm_new(a: Mat, b: Mat, beta: f32) -> Result<Vec<f32>> {
+    let len = a.rows * b.cols;
+    let mut dst = Vec::with_capacity(len);
+    // SAFETY: without `accumulate` gemm writes every one of the `len` values (a zero inner
+    // size is filled by `gemm_raw` itself) and reads none; the length is set after.
+    unsafe {
+        gemm_raw(dst.as_mut_ptr(), len, a, b, beta, false)?;
+        dst.set_len(len);
+    }
+    Ok(dst)
+}
+
+/// [`gemm_into`] over `len` values at `dst`.
+///
+/// # Safety
+/// `dst` must be valid for `len` writes, and for reads when `accumulate`; it must not
+/// overlap `a` or `b`.
+unsafe fn gemm_raw(
+    dst: *mut f32,
+    len: usize,
+    a: Mat,
+    b: Mat,
+    beta: f32,
+    accumulate: bool,
+) -> Result<()> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k || len != m * n {
+        candle_core::bail!("matmul: ({m}×{k}) · ({}×{n}) into {len} values", b.rows);
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            std::ptr::write_bytes(dst, 0, len);
+        }
+        return Ok(());
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: `a` and `b` were checked to lie inside their slices for these extents; `dst`
+    // is the caller's m·n row-major values.
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        accumulate,
+        a.data.as_ptr(),
+        a.cs as isize,
+        a.rs as isize,
+        b.data.as_ptr(),
+        b.cs as isize,
+        b.rs as isize,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+    Ok(())
 }
