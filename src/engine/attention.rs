@@ -249,93 +249,56 @@ impl candle_core::InplaceOp1 for MaskedSoftmax {
     }
 }
 
-/// `row ← softmax(row + mask)`.
-pub fn softmax_row(row: &mut [f32], mask: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked above).
-            return unsafe { softmax_row_avx512(row, mask) };
+/// Defines `$vis fn $name(args) -> ret` running the `#[inline(always)]` function `$portable`
+/// (same arguments) compiled for AVX-512F or AVX2 + FMA where the CPU has them, portable
+/// code elsewhere: the compiler vectorises the portable body for the wider registers.
+macro_rules! vectorised {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $portable:ident;) => {
+        $(#[$doc])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $portable($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $portable($($arg),*)
+                }
+                if is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports AVX-512F (checked above).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $portable($($arg),*)
         }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked above).
-            return unsafe { softmax_row_avx2(row, mask) };
-        }
-    }
-    softmax_row_portable(row, mask)
+    };
+}
+pub(crate) use vectorised;
+
+vectorised! {
+    /// `row ← softmax(row + mask)`.
+    pub fn softmax_row(row: &mut [f32], mask: &[f32]) = softmax_row_portable;
 }
 
-/// `x ← exp(x − max)` over a row (−∞ ↦ 0) and returns the sum.
-pub fn exp_sub_sum(xs: &mut [f32], max: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked above).
-            return unsafe { exp_sub_sum_avx512(xs, max) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked above).
-            return unsafe { exp_sub_sum_avx2(xs, max) };
-        }
-    }
-    exp_sub_sum_portable(xs, max)
+vectorised! {
+    /// `x ← exp(x − max)` over a row (−∞ ↦ 0) and returns the sum.
+    pub fn exp_sub_sum(xs: &mut [f32], max: f32) -> f32 = exp_sub_sum_portable;
 }
 
-/// `x ← scale · x` over a row and returns the row's maximum (−∞ for an empty row).
-pub fn scale_max(xs: &mut [f32], scale: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked above).
-            return unsafe { scale_max_avx512(xs, scale) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked above).
-            return unsafe { scale_max_avx2(xs, scale) };
-        }
-    }
-    scale_max_portable(xs, scale)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn scale_max_avx512(xs: &mut [f32], scale: f32) -> f32 {
-    scale_max_portable(xs, scale)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn scale_max_avx2(xs: &mut [f32], scale: f32) -> f32 {
-    scale_max_portable(xs, scale)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn softmax_row_avx512(row: &mut [f32], mask: &[f32]) {
-    softmax_row_portable(row, mask)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_row_avx2(row: &mut [f32], mask: &[f32]) {
-    softmax_row_portable(row, mask)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp_sub_sum_avx512(xs: &mut [f32], max: f32) -> f32 {
-    exp_sub_sum_portable(xs, max)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_sub_sum_avx2(xs: &mut [f32], max: f32) -> f32 {
-    exp_sub_sum_portable(xs, max)
+vectorised! {
+    /// `x ← scale · x` over a row and returns the row's maximum (−∞ for an empty row).
+    pub fn scale_max(xs: &mut [f32], scale: f32) -> f32 = scale_max_portable;
 }
 
 /// The kernels below are written so that the compiler vectorises them (no branches,
-/// lane-wise ops, reductions in 16 lanes); the `target_feature` wrappers above compile them
-/// for wider registers.
+/// lane-wise ops, reductions in 16 lanes); [`vectorised`] above compiles them for wider
+/// registers.
 #[inline(always)]
 fn softmax_row_portable(row: &mut [f32], mask: &[f32]) {
     let mut lanes = [f32::NEG_INFINITY; 16];

@@ -1,7 +1,7 @@
 //! Segment-causal grouped-query attention `block` query rows at a time, with the
 //! FlashAttention-2 backward, and its composed reference.
 
-use super::{f32s, to_tensor, CpuInputs, CpuOutput, Grads};
+use super::{host_f32s, to_tensor, CpuInputs, CpuOutput, Grads};
 use crate::engine::attention::{exp_sub_sum, scale_max};
 #[cfg(feature = "cuda")]
 use crate::kernels::cuda;
@@ -168,10 +168,7 @@ impl candle_core::InplaceOp1 for ScoreGrad<'_> {
             candle_core::bail!("attention: contiguous f32 score gradients only")
         };
         let (ps, pl) = self.p.storage_and_layout();
-        let candle_core::Storage::Cpu(pc) = &*ps else {
-            candle_core::bail!("attention: CPU probabilities only")
-        };
-        let p = f32s(pc, pl, "attention")?;
+        let p = host_f32s(&ps, pl, "attention")?;
         let scale = self.scale;
         data[a..z]
             .par_chunks_mut(keys)

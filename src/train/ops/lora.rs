@@ -64,7 +64,7 @@ impl LoraLinear {
         let w = host_f32s(&ws, wl, what)?;
         // y = x·Wᵀ, then y += s · (d(x)·Aᵀ)·Bᵀ accumulated by the second product itself.
         let mut y = gemm_new(Mat::new(x, m, k)?, Mat::new(w, out, k)?.t(), 1.0)?;
-        let xd = self.dropped(x);
+        let xd = dropped(x, self.mask(m * k).as_deref());
         let xa = gemm_new(Mat::new(&xd, m, k)?, Mat::new(a, r, k)?.t(), 1.0)?; // (m, r)
         let s = self.scale as f32;
         gemm_into(
@@ -75,14 +75,6 @@ impl LoraLinear {
             true,
         )?;
         Ok((CpuStorage::F32(y), (m, out).into()))
-    }
-
-    /// `d(x)`: `x` times its dropout mask (`x` itself without dropout).
-    fn dropped<'x>(&self, x: &'x [f32]) -> std::borrow::Cow<'x, [f32]> {
-        match self.mask(x.len()) {
-            Some(mask) => x.iter().zip(&mask).map(|(a, b)| a * b).collect(),
-            None => std::borrow::Cow::Borrowed(x),
-        }
     }
 
     /// The backward pass on the CPU, each product straight into its result: `dx = dy·W +
@@ -118,7 +110,8 @@ impl LoraLinear {
         let dyb = gemm_new(dym, Mat::new(bv, out, r)?, 1.0)?; // (m, r)
         let dybm = Mat::new(&dyb, m, r)?;
         let mut dx = gemm_new(dym, Mat::new(wv, out, k)?, 1.0)?; // (m, k)
-        match self.mask(m * k) {
+        let mask = self.mask(m * k);
+        match &mask {
             Some(mask) => {
                 let lora = gemm_new(dybm, am, s)?;
                 dx.par_iter_mut()
@@ -127,7 +120,7 @@ impl LoraLinear {
             }
             None => gemm_into(&mut dx, dybm, am, s, true)?,
         }
-        let xd = self.dropped(xv);
+        let xd = dropped(xv, mask.as_deref());
         let xdm = Mat::new(&xd, m, k)?;
         let da = gemm_new(dybm.t(), xdm, s)?; // (r, k)
         let xa = gemm_new(xdm, am.t(), 1.0)?; // (m, r)
@@ -175,6 +168,14 @@ impl LoraLinear {
 }
 
 custom_op!(LoraLinear, "wildlong-lora-linear", CustomOp3);
+
+/// `d(x)`: `x` times its dropout mask (`x` itself without dropout).
+fn dropped<'x>(x: &'x [f32], mask: Option<&[f32]>) -> std::borrow::Cow<'x, [f32]> {
+    match mask {
+        Some(mask) => x.iter().zip(mask).map(|(a, b)| a * b).collect(),
+        None => std::borrow::Cow::Borrowed(x),
+    }
+}
 
 /// A LoRA adapter on one projection: `a` `(r, k)`, `b` `(out, r)`, the scale `alpha / r`
 /// and the dropout of its input (mask seed, probability), `x`'s first element being value

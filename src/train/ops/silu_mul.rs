@@ -2,7 +2,7 @@
 //! candle's `silu` and product (and their six-op composed backward) over `(tokens,
 //! intermediate)` tensors.
 
-use super::{f32s, CpuInputs, CpuOutput, Grads};
+use super::{f32s, host_f32s, CpuInputs, CpuOutput, Grads};
 use crate::engine::attention::exp_approx;
 use candle_core::{CpuStorage, Result, Tensor};
 use rayon::prelude::*;
@@ -39,21 +39,15 @@ impl SiluMul {
             return Ok([Some((&dy * &u)?.mul(&dsilu)?), Some((&dy * g.silu()?)?)]);
         }
         let (g, u, dy) = (g.contiguous()?, u.contiguous()?, dy.contiguous()?);
-        let (gs, gl) = g.storage_and_layout();
-        let (us, ul) = u.storage_and_layout();
-        let (ds, dl) = dy.storage_and_layout();
-        let (
-            candle_core::Storage::Cpu(gs),
-            candle_core::Storage::Cpu(us),
-            candle_core::Storage::Cpu(ds),
-        ) = (&*gs, &*us, &*ds)
-        else {
-            candle_core::bail!("silu·up: CPU tensors only")
-        };
+        let ((gs, gl), (us, ul), (ds, dl)) = (
+            g.storage_and_layout(),
+            u.storage_and_layout(),
+            dy.storage_and_layout(),
+        );
         let (gv, uv, dyv) = (
-            f32s(gs, gl, "silu·up")?,
-            f32s(us, ul, "silu·up")?,
-            f32s(ds, dl, "silu·up")?,
+            host_f32s(&gs, gl, "silu·up")?,
+            host_f32s(&us, ul, "silu·up")?,
+            host_f32s(&ds, dl, "silu·up")?,
         );
         let mut dg = vec![0f32; gv.len()];
         let mut du = vec![0f32; gv.len()];
@@ -81,6 +75,7 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 /// vectorises the portable bodies; σ comes from the engine's branch-free exp).
 mod kernels {
     use super::exp_approx;
+    use crate::engine::attention::vectorised;
 
     /// σ(x) from e^(−|x|) ∈ (0, 1], so that nothing overflows.
     #[inline(always)]
@@ -110,57 +105,17 @@ mod kernels {
         }
     }
 
-    pub fn forward(y: &mut [f32], g: &[f32], u: &[f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU supports AVX-512F (checked above).
-                return unsafe { forward_avx512(y, g, u) };
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports AVX2 and FMA (checked above).
-                return unsafe { forward_avx2(y, g, u) };
-            }
-        }
-        forward_portable(y, g, u)
+    vectorised! {
+        pub fn forward(y: &mut [f32], g: &[f32], u: &[f32]) = forward_portable;
     }
 
-    pub fn backward(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU supports AVX-512F (checked above).
-                return unsafe { backward_avx512(dg, du, g, u, dy) };
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports AVX2 and FMA (checked above).
-                return unsafe { backward_avx2(dg, du, g, u, dy) };
-            }
-        }
-        backward_portable(dg, du, g, u, dy)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn forward_avx512(y: &mut [f32], g: &[f32], u: &[f32]) {
-        forward_portable(y, g, u)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn forward_avx2(y: &mut [f32], g: &[f32], u: &[f32]) {
-        forward_portable(y, g, u)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn backward_avx512(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
-        backward_portable(dg, du, g, u, dy)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn backward_avx2(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
-        backward_portable(dg, du, g, u, dy)
+    vectorised! {
+        pub fn backward(
+            dg: &mut [f32],
+            du: &mut [f32],
+            g: &[f32],
+            u: &[f32],
+            dy: &[f32],
+        ) = backward_portable;
     }
 }
