@@ -1,8 +1,8 @@
 //! Segment-causal grouped-query attention `block` query rows at a time, with the
 //! FlashAttention-2 backward, and its composed reference.
 
-use super::{host_f32s, to_tensor, CpuInputs, CpuOutput, Grads};
-use crate::engine::attention::{exp_sub_sum, scale_max};
+use super::{f32s, gemm_into, host_f32s, CpuInputs, CpuOutput, Grads, Mat};
+use crate::engine::attention::{exp_approx, exp_sub_sum, scale_max, vectorised};
 #[cfg(feature = "cuda")]
 use crate::kernels::cuda;
 use candle_core::{CpuStorage, Layout, Result, Tensor, D};
@@ -21,6 +21,8 @@ struct ChunkedAttention {
     /// On CUDA: the forward's log-sum-exp `(b, h, t)`, for the backward kernel.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     lse: std::sync::Mutex<Option<Tensor>>,
+    /// On the CPU: the same, for the backward's one-pass probabilities.
+    host_lse: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 impl ChunkedAttention {
@@ -31,6 +33,7 @@ impl ChunkedAttention {
             block: block.max(1),
             scale,
             lse: std::sync::Mutex::new(None),
+            host_lse: std::sync::Mutex::new(None),
         }
     }
 
@@ -58,35 +61,53 @@ impl ChunkedAttention {
         in_place_on_host(s, &BlockSoftmax { att: self, t0, n })
     }
 
-    /// `row ← softmax(scale · row)` over the keys query `i` of batch row `bi` sees, 0 elsewhere.
-    fn softmax_row(&self, row: &mut [f32], bi: usize, i: usize) {
-        let scale = self.scale as f32;
-        let visible = match &self.runs[bi] {
+    /// The part of a row of scores over keys `k0..k0 + row.len()` that query `i` of batch
+    /// row `bi` sees; the rest is set to 0 (one run per id) or −∞ (masked key by key).
+    fn visible<'r>(&self, row: &'r mut [f32], bi: usize, i: usize, k0: usize) -> &'r mut [f32] {
+        match &self.runs[bi] {
             Some(runs) => {
-                let lo = runs[i];
+                let (lo, hi) = (runs[i] - k0, i + 1 - k0);
                 row[..lo].fill(0.0);
-                row[i + 1..].fill(0.0);
-                &mut row[lo..=i]
+                row[hi..].fill(0.0);
+                &mut row[lo..hi]
             }
             None => {
                 let seg = &self.segments[bi];
                 for (j, x) in row.iter_mut().enumerate() {
-                    if j > i || seg[j] != seg[i] {
+                    if j + k0 > i || seg[j + k0] != seg[i] {
                         *x = f32::NEG_INFINITY;
                     }
                 }
                 row
             }
-        };
-        let max = scale_max(visible, scale);
-        if max == f32::NEG_INFINITY {
-            visible.fill(0.0);
-            return;
         }
-        let inv = 1.0 / exp_sub_sum(visible, max);
-        visible.iter_mut().for_each(|x| *x *= inv);
     }
 
+    /// `row ← softmax(scale · row)` over the keys query `i` of batch row `bi` sees, 0
+    /// elsewhere, for a row over keys `k0..`; returns the visible scaled scores'
+    /// log-sum-exp.
+    fn softmax_row(&self, row: &mut [f32], bi: usize, i: usize, k0: usize) -> f32 {
+        let visible = self.visible(row, bi, i, k0);
+        let max = scale_max(visible, self.scale as f32);
+        if max == f32::NEG_INFINITY {
+            visible.fill(0.0);
+            return max;
+        }
+        let sum = exp_sub_sum(visible, max);
+        let inv = 1.0 / sum;
+        visible.iter_mut().for_each(|x| *x *= inv);
+        max + sum.ln()
+    }
+
+    /// [`Self::softmax_row`] again from the forward's log-sum-exp, in one pass:
+    /// `row ← exp(scale · row − lse)` where visible.
+    fn probs_row(&self, row: &mut [f32], bi: usize, i: usize, k0: usize, lse: f32) {
+        exp_affine(self.visible(row, bi, i, k0), self.scale as f32, lse);
+    }
+
+    /// The blockwise forward in tensor ops, on a device without a flash kernel for the
+    /// head size (the CPU runs [`Self::forward_host`]).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (_, h, t, _) = q.dims4()?;
         let mut out = Vec::new();
@@ -144,7 +165,9 @@ impl candle_core::InplaceOp1 for BlockSoftmax<'_> {
         data[a..z]
             .par_chunks_mut(keys)
             .enumerate()
-            .for_each(|(r, row)| self.att.softmax_row(row, r / (kvh * gn), t0 + r % n));
+            .for_each(|(r, row)| {
+                self.att.softmax_row(row, r / (kvh * gn), t0 + r % n, 0);
+            });
         Ok(())
     }
 }
@@ -205,14 +228,284 @@ fn add_leading_rows(acc: &mut [f32], x: &Tensor, t: usize) -> Result<()> {
     Ok(())
 }
 
+/// The shapes of one attention call: `q` `(b, h, t, d)`, `k`/`v` `(b, kvh, t, d)`.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    h: usize,
+    kvh: usize,
+    t: usize,
+    d: usize,
+}
+
+impl Dims {
+    fn of(q: &candle_core::Shape, k: &candle_core::Shape) -> Result<Self> {
+        let (b, h, t, d) = q.dims4()?;
+        Ok(Dims {
+            b,
+            h,
+            kvh: k.dims4()?.1,
+            t,
+            d,
+        })
+    }
+
+    /// Query heads per KV head.
+    fn g(&self) -> usize {
+        self.h / self.kvh
+    }
+
+    /// Where keys `lo..hi` of KV head `kh` of batch row `bi` lie in a `(b, kvh, t, d)`
+    /// tensor.
+    fn keys(&self, bi: usize, kh: usize, lo: usize, hi: usize) -> std::ops::Range<usize> {
+        let at = (bi * self.kvh + kh) * self.t;
+        (at + lo) * self.d..(at + hi) * self.d
+    }
+}
+
+vectorised! {
+    /// `x ← exp(scale · x − shift)` over a row (−∞ ↦ 0).
+    fn exp_affine(xs: &mut [f32], scale: f32, shift: f32) = exp_affine_portable;
+}
+
+#[inline(always)]
+fn exp_affine_portable(xs: &mut [f32], scale: f32, shift: f32) {
+    for x in xs.iter_mut() {
+        *x = exp_approx(*x * scale - shift);
+    }
+}
+
+/// One query block's buffers, reused block after block (`g·block` rows of `t` keys at most).
+struct Scratch {
+    qb: Vec<f32>,
+    ob: Vec<f32>,
+    s: Vec<f32>,
+    lse: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(dims: Dims, block: usize) -> Self {
+        let rows = dims.g() * block.min(dims.t);
+        Scratch {
+            qb: vec![0.0; rows * dims.d],
+            ob: vec![0.0; rows * dims.d],
+            s: vec![0.0; rows * dims.t],
+            lse: vec![0.0; rows],
+        }
+    }
+}
+
+/// A query block: batch row, KV head, first query row, rows.
+type Block = (usize, usize, usize, usize);
+
+/// Where a block's rows of each of its KV head's `g` query heads lie, in head order, in a
+/// `(b, h, t, width)` tensor (`width` = d for rows of vectors, 1 for per-query values).
+fn head_rows(
+    dims: Dims,
+    (bi, kh, t0, n): Block,
+    width: usize,
+) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let g = dims.g();
+    (0..g).map(move |j| {
+        let at = ((bi * dims.h + kh * g + j) * dims.t + t0) * width;
+        at..at + n * width
+    })
+}
+
+/// Copies a block's rows of `x` `(b, h, t, width)` into `dst` `(g·n, width)`.
+fn gather_rows(dst: &mut [f32], x: &[f32], dims: Dims, at: Block, width: usize) {
+    let rows = head_rows(dims, at, width);
+    for (r, dst) in rows.zip(dst.chunks_exact_mut(at.3 * width)) {
+        dst.copy_from_slice(&x[r]);
+    }
+}
+
+/// The inverse of [`gather_rows`]: `src` `(g·n, width)` into its rows of `x`.
+fn scatter_rows(x: &mut [f32], src: &[f32], dims: Dims, at: Block, width: usize) {
+    for (r, src) in head_rows(dims, at, width).zip(src.chunks_exact(at.3 * width)) {
+        x[r].copy_from_slice(src);
+    }
+}
+
+impl ChunkedAttention {
+    /// The keys `lo..hi` the queries `t0..t0 + n` of batch row `bi` can see: from the start
+    /// of the first query's run (0 when ids are masked key by key) to the last query.
+    fn key_range(&self, bi: usize, t0: usize, n: usize) -> (usize, usize) {
+        let lo = self.runs[bi].as_ref().map_or(0, |runs| runs[t0]);
+        (lo, t0 + n)
+    }
+
+    /// Every query block of a call in order (batch row, KV head, rows), with the keys
+    /// `lo..hi` it sees.
+    fn blocks(&self, dims: Dims) -> impl Iterator<Item = (Block, (usize, usize))> + '_ {
+        let Dims { b, kvh, t, .. } = dims;
+        let rows = move |bi, kh| {
+            (0..t).step_by(self.block).map(move |t0| {
+                let n = self.block.min(t - t0);
+                ((bi, kh, t0, n), self.key_range(bi, t0, n))
+            })
+        };
+        (0..b).flat_map(move |bi| (0..kvh).flat_map(move |kh| rows(bi, kh)))
+    }
+
+    /// The forward on host slices: `o` `(b, h, t, d)` and the log-sum-exp of every query's
+    /// scaled scores `(b, h, t)`. Per batch row, KV head and query block: the `g` heads'
+    /// rows `(g·n, d)` times the visible keys `(w, d)`ᵀ straight into a reused score buffer,
+    /// normalised in place, times the visible values.
+    fn forward_host(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dims: Dims,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let d = dims.d;
+        let g = dims.g();
+        let mut o = vec![0f32; q.len()];
+        let mut lse = vec![0f32; q.len() / d];
+        let mut sc = Scratch::new(dims, self.block);
+        for (at, (lo, hi)) in self.blocks(dims) {
+            let (bi, kh, t0, n) = at;
+            let span = dims.keys(bi, kh, lo, hi);
+            let (gn, w) = (g * n, hi - lo);
+            gather_rows(&mut sc.qb, q, dims, at, d);
+            let (keys, values) = (&k[span.clone()], &v[span]);
+            let s = &mut sc.s[..gn * w];
+            gemm_into(
+                s,
+                Mat::new(&sc.qb[..gn * d], gn, d)?,
+                Mat::new(keys, w, d)?.t(),
+                1.0,
+                false,
+            )?;
+            s.par_chunks_mut(w)
+                .zip(sc.lse[..gn].par_iter_mut())
+                .enumerate()
+                .for_each(|(r, (row, lse))| *lse = self.softmax_row(row, bi, t0 + r % n, lo));
+            gemm_into(
+                &mut sc.ob[..gn * d],
+                Mat::new(s, gn, w)?,
+                Mat::new(values, w, d)?,
+                1.0,
+                false,
+            )?;
+            scatter_rows(&mut o, &sc.ob[..gn * d], dims, at, d);
+            scatter_rows(&mut lse, &sc.lse[..gn], dims, at, 1);
+        }
+        Ok((o, lse))
+    }
+
+    /// [`Self::backward_host`] over the op's CPU tensors, with the forward's log-sum-exp
+    /// (recomputed when this op's forward left none).
+    fn backward_on_host(&self, [q, k, v]: [&Tensor; 3], o: &Tensor, d_o: &Tensor) -> Grads<3> {
+        let (q, k, v, o, d_o) = (
+            q.contiguous()?,
+            k.contiguous()?,
+            v.contiguous()?,
+            o.contiguous()?,
+            d_o.contiguous()?,
+        );
+        let guards = [&q, &k, &v, &o, &d_o].map(|x| x.storage_and_layout());
+        let [q_, k_, v_, o_, do_] =
+            [0, 1, 2, 3, 4].map(|i| host_f32s(&guards[i].0, guards[i].1, "attention"));
+        let (qs, ks, vs) = (q_?, k_?, v_?);
+        let dims = Dims::of(q.shape(), k.shape())?;
+        let saved = self.host_lse.lock().expect("not poisoned").take();
+        let lse = match saved {
+            Some(lse) => lse,
+            None => self.forward_host(qs, ks, vs, dims)?.1,
+        };
+        let [dq, dk, dv] = self.backward_host([qs, ks, vs], o_?, do_?, &lse, dims)?;
+        let dev = q.device();
+        Ok([
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ])
+    }
+
+    /// The FlashAttention-2 backward on host slices, block by block as the forward: each
+    /// block's probabilities recomputed from the forward's log-sum-exp in one pass, then
+    /// `dV += Pᵀ·dO`, `dS = scale · P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O))`, `dK += dSᵀ·Q` (both
+    /// accumulated by the products themselves) and `dQ = dS·K`.
+    fn backward_host(
+        &self,
+        [q, k, v]: [&[f32]; 3],
+        o: &[f32],
+        d_o: &[f32],
+        lse: &[f32],
+        dims: Dims,
+    ) -> Result<[Vec<f32>; 3]> {
+        let d = dims.d;
+        let g = dims.g();
+        let scale = self.scale as f32;
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; q.len()],
+            vec![0f32; k.len()],
+            vec![0f32; v.len()],
+        );
+        let mut sc = Scratch::new(dims, self.block);
+        let mut dob_buf = sc.qb.clone();
+        let mut ds = sc.s.clone();
+        let mut dsum = sc.lse.clone();
+        for (at, (lo, hi)) in self.blocks(dims) {
+            let (bi, kh, t0, n) = at;
+            let span = dims.keys(bi, kh, lo, hi);
+            let (gn, w) = (g * n, hi - lo);
+            gather_rows(&mut sc.qb, q, dims, at, d);
+            gather_rows(&mut dob_buf, d_o, dims, at, d);
+            gather_rows(&mut sc.ob, o, dims, at, d);
+            gather_rows(&mut sc.lse, lse, dims, at, 1);
+            // rowsum(dO ⊙ O) per query row.
+            let rows = dob_buf.chunks_exact(d).zip(sc.ob.chunks_exact(d));
+            for (s, (a, b)) in dsum[..gn].iter_mut().zip(rows) {
+                *s = a.iter().zip(b).map(|(a, b)| a * b).sum();
+            }
+            let (qb, dob) = (
+                Mat::new(&sc.qb[..gn * d], gn, d)?,
+                Mat::new(&dob_buf[..gn * d], gn, d)?,
+            );
+            let (keys, values) = (
+                Mat::new(&k[span.clone()], w, d)?,
+                Mat::new(&v[span.clone()], w, d)?,
+            );
+            let p = &mut sc.s[..gn * w];
+            gemm_into(p, qb, keys.t(), 1.0, false)?;
+            p.par_chunks_mut(w)
+                .zip(sc.lse[..gn].par_iter())
+                .enumerate()
+                .for_each(|(r, (row, &l))| self.probs_row(row, bi, t0 + r % n, lo, l));
+            let p = Mat::new(p, gn, w)?;
+            gemm_into(&mut dv[span.clone()], p.t(), dob, 1.0, true)?;
+            let dsb = &mut ds[..gn * w];
+            gemm_into(dsb, dob, values.t(), 1.0, false)?;
+            dsb.par_chunks_mut(w)
+                .zip(p.data.par_chunks(w))
+                .zip(dsum[..gn].par_iter())
+                .for_each(|((ds, p), &s)| {
+                    ds.iter_mut()
+                        .zip(p)
+                        .for_each(|(ds, &p)| *ds = scale * p * (*ds - s));
+                });
+            let dsb = Mat::new(dsb, gn, w)?;
+            gemm_into(&mut dk[span], dsb.t(), qb, 1.0, true)?;
+            gemm_into(&mut sc.ob[..gn * d], dsb, keys, 1.0, false)?;
+            scatter_rows(&mut dq, &sc.ob[..gn * d], dims, at, d);
+        }
+        Ok([dq, dk, dv])
+    }
+}
+
 impl ChunkedAttention {
     fn cpu(&self, [(s1, l1), (s2, l2), (s3, l3)]: CpuInputs<3>) -> CpuOutput {
+        const NAME: &str = "wildlong-chunked-attention";
         let (q, k, v) = (
-            to_tensor(s1, l1, "wildlong-chunked-attention")?,
-            to_tensor(s2, l2, "wildlong-chunked-attention")?,
-            to_tensor(s3, l3, "wildlong-chunked-attention")?,
+            f32s(s1, l1, NAME)?,
+            f32s(s2, l2, NAME)?,
+            f32s(s3, l3, NAME)?,
         );
-        let o = self.forward(&q, &k, &v)?.flatten_all()?.to_vec1::<f32>()?;
+        let (o, lse) = self.forward_host(q, k, v, Dims::of(l1.shape(), l2.shape())?)?;
+        *self.host_lse.lock().expect("not poisoned") = Some(lse);
         Ok((CpuStorage::F32(o), l1.shape().clone()))
     }
 
@@ -253,6 +546,9 @@ impl ChunkedAttention {
                 Some(dk.contiguous()?),
                 Some(dv.contiguous()?),
             ]);
+        }
+        if q.device().is_cpu() {
+            return self.backward_on_host([&q, &k, &v], &o, &d_o);
         }
         let (_, h, t, d) = q.dims4()?;
         let kvh = k.dim(1)?;

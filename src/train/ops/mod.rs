@@ -10,12 +10,13 @@
 //! - [`frozen_matmul`]: `x · wᵀ` with a gradient for `x` only (no weight gradient is
 //!   allocated or computed);
 //! - [`chunked_cross_entropy`]: the summed token loss of `h · wᵀ` against targets, computed
-//!   `chunk` rows at a time so the `(tokens, vocabulary)` logits never exist whole; its
-//!   backward recomputes each chunk;
+//!   `chunk` rows at a time so the `(tokens, vocabulary)` logits never exist whole; the
+//!   gradients come from the same chunks in the forward pass (the backward scales them);
 //! - [`silu_mul`]: the MLP's `silu(g) · u`, forward and backward one pass each;
 //! - [`chunked_attention`]: causal grouped-query attention isolated per packed document,
-//!   `block` query rows at a time (memory linear in the sequence), the backward recomputing
-//!   each block's probabilities (FlashAttention-2's formulas).
+//!   `block` query rows at a time over the keys the block can see (memory linear in the
+//!   sequence), the backward recomputing each block's probabilities from the forward's
+//!   log-sum-exp (FlashAttention-2's formulas).
 //!
 //! With the `cuda` feature each op also runs on a CUDA device through wildlong's kernels
 //! (`crate::kernels::cuda`: fused RMSNorm and RoPE with backward, flash attention forward
@@ -139,11 +140,6 @@ fn product_dims(
         candle_core::bail!("{x_name} (.., {k}) with {w_name} ({n}, {k2})");
     }
     Ok((m, k, n))
-}
-
-/// A contiguous f32 tensor on the CPU from a storage (the op's inputs, copied once: O(s)).
-fn to_tensor(s: &CpuStorage, l: &Layout, what: &str) -> Result<Tensor> {
-    Tensor::from_slice(f32s(s, l, what)?, l.shape(), &candle_core::Device::Cpu)
 }
 
 /// The f32 values of a contiguous tensor's storage on the CPU.
