@@ -161,8 +161,9 @@ impl Plan {
         let attention = match cuda {
             // Flash attention: bf16 copies of q, k, v and the output, and their gradients.
             true => mb * t * (nh + kvh) * hd * 2.0 * 2.0 * 2.0,
-            // A block's probabilities (the scores normalised in place) and their gradient, f32.
-            false => mb * nh * (tc.memory.attention_block as f64).min(t) * t * 4.0 * 2.0,
+            // One KV head's block of probabilities (the scores normalised in place) and their
+            // gradient, f32: the op runs one batch row and KV head at a time.
+            false => (nh / kvh) * (tc.memory.attention_block as f64).min(t) * t * 4.0 * 2.0,
         };
         let loss = (tc.memory.loss_chunk as f64).min(tokens) * v * 4.0 * 2.0;
         let transient_bytes = attention.max(loss);
