@@ -5,8 +5,9 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `mi_option_purge_delay` in mimalloc 2's `mi_option_e` (libmimalloc-sys names no constant
-/// for it); -1 turns purging off.
+/// `mi_option_purge_delay` in mimalloc's `mi_option_e`: 15 in both the v2 and the v3 sources
+/// libmimalloc-sys ships (it builds v3; it names no constant for this one); -1 turns purging
+/// off.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 fn main() {

@@ -406,16 +406,15 @@ impl ChunkedAttention {
             d_o.contiguous()?,
         );
         let guards = [&q, &k, &v, &o, &d_o].map(|x| x.storage_and_layout());
-        let [q_, k_, v_, o_, do_] =
-            [0, 1, 2, 3, 4].map(|i| host_f32s(&guards[i].0, guards[i].1, "attention"));
-        let (qs, ks, vs) = (q_?, k_?, v_?);
+        let host = |i: usize| host_f32s(&guards[i].0, guards[i].1, "attention");
+        let (qs, ks, vs) = (host(0)?, host(1)?, host(2)?);
         let dims = Dims::of(q.shape(), k.shape())?;
         let saved = self.host_lse.lock().expect("not poisoned").take();
         let lse = match saved {
             Some(lse) => lse,
             None => self.forward_host(qs, ks, vs, dims)?.1,
         };
-        let [dq, dk, dv] = self.backward_host([qs, ks, vs], o_?, do_?, &lse, dims)?;
+        let [dq, dk, dv] = self.backward_host([qs, ks, vs], host(3)?, host(4)?, &lse, dims)?;
         let dev = q.device();
         Ok([
             Some(Tensor::from_vec(dq, q.shape(), dev)?),
